@@ -112,7 +112,7 @@ def log(msg):
 
 
 # ----------------------------------------------------------------------------
-# sources: each returns (docs, single_file) where docs is a list of raw strings
+# sources: each returns (docs, single_file, complete), docs a list of raw strings
 
 class FetchError(RuntimeError):
     pass
@@ -284,6 +284,7 @@ def collect_wikipedia(cfg: DataConfig, out_dir: Path):
     Each finished article is appended (and flushed) at once, so an interrupted
     run loses at most the article in flight; a rerun skips every title and page
     id already stored, and the raw text never exceeds cfg.max_bytes.
+    Returns (articles, complete); complete is False when --max_articles stopped us.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     cache = out_dir / "articles.jsonl"
@@ -305,14 +306,14 @@ def collect_wikipedia(cfg: DataConfig, out_dir: Path):
             for title in tqdm(todo, desc=f"{cat:>16}", unit="article"):
                 if cfg.max_articles and new >= cfg.max_articles:
                     log(f"stopping after {new} new articles (--max_articles); rerun to continue")
-                    return articles
+                    return articles, False
                 art = fetch_extract(client, title)
                 if art is None or art["pageid"] in have_ids:
                     continue   # missing page, or a redirect to an article we already have
                 size = len(art["text"].encode())
                 if total_bytes + size > cfg.max_bytes:
                     log(f"size cap reached: {total_bytes / 1e6:.1f} MB of {cfg.max_bytes / 1e6:.1f} MB")
-                    return articles
+                    return articles, True
                 art = {**art, "asked": title, "category": cat}
                 f.write(json.dumps(art, ensure_ascii=False) + "\n")
                 f.flush()
@@ -321,12 +322,12 @@ def collect_wikipedia(cfg: DataConfig, out_dir: Path):
                 have_titles.update((title, art["title"]))
                 total_bytes += size
                 new += 1
-    return articles
+    return articles, True
 
 
 def wikipedia_docs(cfg, out_dir):
-    articles = collect_wikipedia(cfg, out_dir)
-    return [a["title"] + "\n\n" + a["text"] for a in articles], False
+    articles, complete = collect_wikipedia(cfg, out_dir)
+    return [a["title"] + "\n\n" + a["text"] for a in articles], False, complete
 
 
 # --- shakespeare -------------------------------------------------------------
@@ -340,7 +341,7 @@ def shakespeare_docs(cfg, out_dir):
         tmp = raw.with_suffix(".part")
         tmp.write_bytes(data)
         os.replace(tmp, raw)
-    return [raw.read_text(encoding="utf-8")], True
+    return [raw.read_text(encoding="utf-8")], True, True
 
 
 # --- files:PATH --------------------------------------------------------------
@@ -395,7 +396,7 @@ def files_docs(path: Path):
     for p in files:
         docs += read_jsonl(p) if p.suffix.lower() == ".jsonl" else [read_text_file(p)]
     single = len(files) == 1 and files[0].suffix.lower() != ".jsonl"
-    return docs, single
+    return docs, single, True
 
 
 def files_fingerprint(path: Path):
@@ -470,6 +471,8 @@ def module_document(name, seen):
 
     Objects are named, not signed: a signature can print default values that
     contain memory addresses, which would make the corpus differ between runs.
+    For the same reason *hook attributes (sys.excepthook, threading.excepthook,
+    ...) are left out: test runners and IDEs swap them at run time.
     Docstrings already used by another object (inherited boilerplate) are skipped.
     """
     mod = sys.modules[name]
@@ -484,7 +487,7 @@ def module_document(name, seen):
     add(f"Module {name}", mod)
     for attr in sorted(vars(mod)):
         obj = vars(mod)[attr]
-        if attr.startswith("_") or getattr(obj, "__module__", None) != name:
+        if attr.startswith("_") or attr.endswith("hook") or getattr(obj, "__module__", None) != name:
             continue
         if inspect.isclass(obj):
             add(f"class {name}.{attr}", obj)
@@ -504,7 +507,7 @@ def builtin_docs(cfg, out_dir):
     seen = set()
     for name in stdlib_module_names():
         docs.append(module_document(name, seen))
-    return docs, False
+    return docs, False, True
 
 
 # ----------------------------------------------------------------------------
@@ -541,10 +544,10 @@ MARKUP_RULES = [
     # wiki: [[target|label]] -> label, [[target]] -> target, '''bold''' / ''italic'' -> text
     (re.compile(r"\[\[(?:[^\]|]*\|)?([^\]]*)\]\]"), r"\1"),
     (re.compile(r"'{2,5}([^'\n]+)'{2,5}"), r"\1"),
-    (re.compile(r"\{\{[^{}]*\}\}"), ""),                           # {{templates}}
+    (re.compile(r" *\{\{[^{}]*\}\}"), ""),                         # {{templates}}
     (re.compile(r"^(={2,6}) *(.+?) *\1 *$", re.M), r"\2"),          # == Heading == -> Heading
     # html tags and comments; entities are decoded separately
-    (re.compile(r"<!--.*?-->", re.S), ""),
+    (re.compile(r" *<!--.*?-->", re.S), ""),
     (re.compile(r"</?[A-Za-z][A-Za-z0-9]*(?:\s[^<>]*)?/?>"), ""),
     # reST: :role:`text` -> text, ``literal`` -> literal, `text <url>`_ -> text, directives
     (re.compile(r":[a-z]+(?::[a-z]+)?:`~?([^`]+)`"), r"\1"),
@@ -561,7 +564,7 @@ def strip_displaystyle(text):
     """Drop '{\\displaystyle ...}' LaTeX that Wikipedia's plain-text extracts leave behind."""
     out, i = [], 0
     while (j := text.find("{\\displaystyle", i)) != -1:
-        out.append(text[i:j])
+        out.append(text[i:j].rstrip(" "))
         depth, k = 0, j
         while k < len(text):               # find the matching closing brace
             depth += {"{": 1, "}": -1}.get(text[k], 0)
@@ -586,12 +589,12 @@ CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u200b\ufeff]")
 
 
 def normalize_whitespace(text):
-    """Unix newlines, no control characters, no trailing spaces, at most one blank line in a row.
+    """No control characters, tabs or trailing spaces, at most one blank line in a row.
 
     Spaces inside a line are left alone: docstrings hold indented code and
     aligned tables, and TinyShakespeare should stay (almost) byte for byte.
     """
-    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\u00a0", " ").expandtabs(4)
+    text = text.replace("\u00a0", " ").expandtabs(4)
     text = CONTROL.sub("", text)
     text = "\n".join(line.rstrip() for line in text.split("\n"))
     return re.sub(r"\n{3,}", "\n\n", text).strip("\n")
@@ -600,7 +603,7 @@ def normalize_whitespace(text):
 def clean_document(text, cfg, banned):
     """Normalise, strip markup, drop paragraphs with a banned word. Returns (text, n_dropped)."""
     text = unicodedata.normalize(cfg.unicode_form, text)
-    text = normalize_whitespace(strip_markup(text))
+    text = normalize_whitespace(strip_markup(text.replace("\r\n", "\n").replace("\r", "\n")))
     if banned is None:
         return text, 0
     paragraphs = text.split("\n\n")
@@ -735,7 +738,7 @@ def settings_of(cfg: DataConfig, source):
 def is_up_to_date(out_dir: Path, settings):
     try:
         meta = json.loads((out_dir / "meta.json").read_text(encoding="utf-8"))
-        return meta["settings"] == settings and all(
+        return meta["complete"] and meta["settings"] == settings and all(
             sha256_file(out_dir / name) == digest for name, digest in meta["sha256"].items())
     except (OSError, ValueError, KeyError, TypeError):
         return False
@@ -773,7 +776,7 @@ def run(cfg: DataConfig) -> Path:
     if not cfg.force and is_up_to_date(out_dir, settings):
         log(f"{out_dir} is up to date (same settings, files unchanged): nothing to do")
         return out_dir
-    docs, single_file = collect(source, cfg, out_dir)
+    docs, single_file, complete = collect(source, cfg, out_dir)
     docs, stats = clean_corpus(docs, cfg, single_file)
     if single_file:
         train_text, val_text = split_single_text(docs[0], cfg.val_fraction)
@@ -784,10 +787,12 @@ def run(cfg: DataConfig) -> Path:
         val_text = DOC_SEPARATOR.join(val) + "\n" if val else ""
         n_train, n_val = len(train), len(val)
     meta = {"stage": "1_data", "format": 1, "source": source, "name": out_dir.name,
-            "settings": settings, "single_file": single_file,
+            "settings": settings, "complete": complete, "single_file": single_file,
             "doc_separator": None if single_file else DOC_SEPARATOR, "dropped": stats}
     meta = write_dataset(out_dir, train_text, val_text, n_train, n_val, meta)
     print_summary(out_dir, meta, time.time() - t0)
+    if not complete:
+        log("collection incomplete: these files hold what is there so far; rerun to continue")
     return out_dir
 
 
