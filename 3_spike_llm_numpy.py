@@ -1,0 +1,585 @@
+"""Stage 3: a spiking transformer language model in NumPy, every gradient derived by hand.
+
+The reference model of the project. Tokens are embedded into a real-valued residual stream
+that is carried over T spike timesteps, shape (T, B, L, D). Inside each block every linear
+layer is fed binary (or ternary) spikes from spiking neurons; attention is a causal,
+spike-driven linear attention with a per-head decay, trained in its parallel form
+(Q K^T * D) V and decoded in its recurrent form with a constant-size state. The readout
+averages the residual stream over T. Backward passes are written next to their forwards and
+checked against finite differences (tests/test_stage3.py).
+
+    python 3_spike_llm_numpy.py                       # quick start: builtin data, `small`, minutes
+    python 3_spike_llm_numpy.py --preset seed --source files:path/to/text.txt
+    python 3_spike_llm_numpy.py --resume 1            # continue exactly where a run stopped
+    python 3_spike_llm_numpy.py --generate "To be"    # stream text from out/numpy/ckpt.npz
+
+Command-line overrides use the field names: `--n_layer 6 --neuron alif --spiking 0 --lr 1e-3`.
+"""
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from spikelib.checkpoint import CheckpointError, check_shapes, load_checkpoint, save_checkpoint  # noqa: E402
+from spikelib.stages import load_stage  # noqa: E402
+
+# ----------------------------------------------------------------------------- config
+
+NEURONS = ("lif", "plif", "alif", "ternary")
+SURROGATES = ("arctan", "sigmoid", "fast_sigmoid", "triangle")
+SITES = ("sn1", "attn.sn_q", "attn.sn_k", "attn.sn_v", "attn.sn_o", "sn2", "mlp.sn_h")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 2000
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 128
+    d_ff: int = 512
+    T: int = 4                    # spike timesteps
+    context: int = 128            # training context (positions); decoding is not capped by it
+    neuron: str = "lif"           # lif | plif | alif | ternary
+    surrogate: str = "arctan"     # arctan | sigmoid | fast_sigmoid | triangle
+    alpha: float = 2.0            # surrogate sharpness
+    beta: float = 0.5             # membrane leak (PLIF: initial value)
+    theta: float = 1.0            # threshold (PLIF: initial value)
+    reset: str = "soft"           # soft (subtract) | hard (to zero)
+    detach_reset: bool = False    # backward treats the spike in the reset term as a constant
+    alif_rho: float = 0.9         # ALIF adaptation decay
+    alif_kappa: float = 0.5       # ALIF threshold increase per spike
+    attention: str = "linear"     # linear | hadamard
+    spiking: bool = True          # False: the ANN twin (relu instead of spikes, one timestep)
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        choices = {"neuron": NEURONS, "surrogate": SURROGATES, "reset": ("soft", "hard"),
+                   "attention": ("linear", "hadamard")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r}; choose one of {allowed}")
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
+        if min(self.vocab_size, self.n_layer, self.n_head, self.d_ff, self.T, self.context) < 1:
+            raise ValueError("sizes must be positive")
+
+
+@dataclass
+class TrainConfig:
+    source: str = "builtin"       # dataset for stage 1: builtin | shakespeare | wikipedia | files:PATH
+    data_root: str = "data"
+    out_dir: str = "out/numpy"    # the checkpoint is out_dir/ckpt.npz
+    batch_size: int = 16
+    max_steps: int = 400
+    max_minutes: float = 0.0      # stop (and save) after this wall time; 0 = no limit
+    lr: float = 2e-3
+    min_lr: float = 2e-4
+    warmup: int = 30
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    layer_lr_decay: float = 1.0   # < 1: lower learning rates for layers nearer the input
+    seed: int = 1337
+    eval_interval: int = 100
+    eval_tokens: int = 16384      # validation tokens per evaluation (a fixed slice from the start)
+
+
+PRESETS = {
+    "tiny": {"model": dict(vocab_size=64, n_layer=2, n_head=2, d_model=32, d_ff=64, T=4, context=32),
+             "train": dict(batch_size=4, max_steps=200, lr=3e-3, min_lr=3e-4, warmup=10,
+                           eval_interval=50, eval_tokens=2048)},
+    "small": {"model": dict(n_layer=4, n_head=4, d_model=128, d_ff=512, T=4, context=64),
+              "train": dict(batch_size=16, max_steps=500, lr=3e-3, min_lr=3e-4, warmup=30,
+                            max_minutes=5.0, eval_interval=100)},
+    "seed": {"model": dict(n_layer=12, n_head=8, d_model=256, d_ff=1024, T=4, context=256),
+             "train": dict(batch_size=16, max_steps=20000, lr=1e-3, min_lr=1e-4, warmup=500,
+                           eval_interval=500, layer_lr_decay=0.9)},
+    "base": {"model": dict(n_layer=12, n_head=8, d_model=512, d_ff=2048, T=4, context=512),
+             "train": dict(batch_size=32, max_steps=50000, lr=6e-4, min_lr=6e-5, warmup=1000,
+                           eval_interval=1000)},
+}
+
+
+def make_configs(preset="small", **overrides):
+    """(ModelConfig, TrainConfig) for a preset, with any field of either overridden by name."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {list(PRESETS)}")
+    model_names = {f.name for f in fields(ModelConfig)}
+    train_names = {f.name for f in fields(TrainConfig)}
+    unknown = set(overrides) - model_names - train_names
+    if unknown:
+        raise ValueError(f"unknown config fields {sorted(unknown)}")
+    m = dict(PRESETS[preset]["model"], **{k: v for k, v in overrides.items() if k in model_names})
+    t = dict(PRESETS[preset]["train"], **{k: v for k, v in overrides.items() if k in train_names})
+    return ModelConfig(**m), TrainConfig(**t)
+
+
+def param_shapes(cfg):
+    """Every parameter name -> shape (the checkpoint contract; README has the table)."""
+    D, F, V = cfg.d_model, cfg.d_ff, cfg.vocab_size
+    shapes = {"embed.weight": (V, D)}
+    for i in range(cfg.n_layer):
+        b = f"blocks.{i}."
+        shapes[b + "norm1.weight"] = (D,)
+        for w in ("wq", "wk", "wv", "wo"):
+            shapes[b + "attn." + w] = (D, D)
+        shapes[b + "attn.norm.weight"] = (D,)
+        shapes[b + "norm2.weight"] = (D,)
+        shapes[b + "mlp.w1"] = (D, F)
+        shapes[b + "mlp.w2"] = (F, D)
+        if cfg.neuron == "plif":
+            for site in SITES:
+                C = F if site == "mlp.sn_h" else D
+                shapes[b + site + ".w"] = (C,)
+                shapes[b + site + ".theta"] = (C,)
+    shapes["norm_f.weight"] = (D,)
+    if not cfg.tie_embeddings:
+        shapes["head.weight"] = (D, V)
+    return shapes
+
+
+def init_params(cfg, seed=0, dtype=np.float32):
+    """Random initial parameters.
+
+    Layers fed by spikes (wq, wk, wv, w1) get std 2/sqrt(fan_in): with input spike rates near
+    1/4 the pre-activations then have unit scale, so the neurons fire from the first step.
+    Residual projections (wo, w2) get the GPT-2 std 0.02/sqrt(2 n_layer); norms start at 1.
+    """
+    rng = np.random.default_rng(seed)
+    params = {}
+    for name, shape in param_shapes(cfg).items():
+        if name.endswith("norm1.weight") or name.endswith("norm.weight") or name.endswith("norm2.weight") \
+                or name == "norm_f.weight":
+            p = np.ones(shape)
+        elif name.endswith(".w"):       # PLIF leak logit: sigmoid(w) = beta
+            p = np.full(shape, math.log(cfg.beta / (1 - cfg.beta)))
+        elif name.endswith(".theta"):
+            p = np.full(shape, cfg.theta)
+        elif name.endswith(("wq", "wk", "wv", "w1")):
+            p = rng.normal(0.0, 2.0 / math.sqrt(shape[0]), shape)
+        elif name.endswith(("wo", "w2")):
+            p = rng.normal(0.0, 0.02 / math.sqrt(2 * cfg.n_layer), shape)
+        else:                           # embed.weight, head.weight
+            p = rng.normal(0.0, 0.02, shape)
+        params[name] = p.astype(dtype)
+    return params
+
+
+def timesteps(cfg):
+    """The ANN twin has no dynamics, so its T copies would be identical: it runs one step."""
+    return cfg.T if cfg.spiking else 1
+
+# ----------------------------------------------------------------------------- neurons
+
+
+def surrogate(u, cfg):
+    """The smooth spike S(u), u = v - threshold (used as the spike in the gradient check)."""
+    a = cfg.alpha
+    if cfg.surrogate == "arctan":
+        return np.arctan((math.pi / 2 * a) * u) / math.pi + 0.5
+    if cfg.surrogate == "sigmoid":
+        return 0.5 * (1 + np.tanh(0.5 * a * u))            # = sigmoid(a u), without overflow
+    if cfg.surrogate == "fast_sigmoid":
+        return 0.5 + a * u / (2 * (1 + a * np.abs(u)))
+    g = 1.0 / a                                            # triangle of half-width g
+    return np.where(u < 0, np.maximum(u + g, 0) ** 2 / (2 * g * g),
+                    1 - np.maximum(g - u, 0) ** 2 / (2 * g * g))
+
+
+def surrogate_grad(u, cfg):
+    """S'(u), the gradient used for the step H(u) in the backward pass (SPEC formulas)."""
+    a = cfg.alpha
+    if cfg.surrogate == "arctan":
+        z = (math.pi / 2 * a) * u
+        return (a / 2) / (1 + z * z)
+    if cfg.surrogate == "sigmoid":
+        sig = 0.5 * (1 + np.tanh(0.5 * a * u))
+        return a * sig * (1 - sig)
+    if cfg.surrogate == "fast_sigmoid":
+        d = 1 + a * np.abs(u)
+        return a / (2 * d * d)
+    g = 1.0 / a
+    return np.maximum(0, 1 - np.abs(u) / g) / g
+
+
+def step_fn(u, cfg, smooth):
+    """The spike: Heaviside H(u) = [u > 0], or S(u) in smooth (gradient-check) mode."""
+    return surrogate(u, cfg) if smooth else (u > 0).astype(u.dtype)
+
+
+def fire(v, thr, cfg, smooth):
+    """Spikes s and the reset amount r for membrane v and threshold thr.
+
+    binary: s = H(v - thr), r = s.  ternary: s = H(v - thr) - H(-v - thr) in {-1, 0, 1};
+    its soft reset subtracts thr*s (r = s), its hard reset zeroes v if either side fired.
+    """
+    if cfg.neuron != "ternary":
+        s = step_fn(v - thr, cfg, smooth)
+        return s, s
+    sp, sn = step_fn(v - thr, cfg, smooth), step_fn(-v - thr, cfg, smooth)
+    return sp - sn, (sp - sn if cfg.reset == "soft" else sp + sn)
+
+
+def reset_membrane(v, r, thr, reset):
+    """v+ = v - thr*r (soft)  or  v+ = v*(1 - r) (hard)."""
+    return v - thr * r if reset == "soft" else v * (1 - r)
+
+
+def sigmoid(x):
+    return 0.5 * (1 + np.tanh(0.5 * x))
+
+
+def neuron_forward(x, cfg, smooth=False, w=None, th=None):
+    """Multi-step neuron over axis 0 (T) of x (T, ..., C); C = channels (last axis).
+
+    v_t = beta*v+_{t-1} + x_t,  s_t = H(v_t - thr_t),  v+_t = reset(v_t, s_t),  v+_0 = 0.
+    LIF: beta, thr fixed. PLIF: beta = sigmoid(w), thr = th per channel (learned).
+    ALIF: thr_t = theta + a_t, a_{t+1} = rho*a_t + kappa*s_t, a_1 = 0.
+    ANN twin (cfg.spiking False): relu(x).
+    """
+    if not cfg.spiking:
+        return np.maximum(x, 0), {"x": x}
+    beta = sigmoid(w) if cfg.neuron == "plif" else cfg.beta
+    theta = th if cfg.neuron == "plif" else cfg.theta
+    v, s = np.empty_like(x), np.empty_like(x)
+    vp, a = 0.0, 0.0
+    for t in range(x.shape[0]):
+        v[t] = beta * vp + x[t]
+        thr = theta + a
+        s[t], r = fire(v[t], thr, cfg, smooth)
+        vp = reset_membrane(v[t], r, thr, cfg.reset)
+        if cfg.neuron == "alif":
+            a = cfg.alif_rho * a + cfg.alif_kappa * s[t]
+    return s, {"v": v, "s": s, "beta": beta, "theta": theta, "smooth": smooth}
+
+
+def thresholds(s, theta, cfg):
+    """thr_t for every t (ALIF recomputes its adaptation a_t from the spikes)."""
+    if cfg.neuron != "alif":
+        return [theta] * s.shape[0]
+    thr, a = [], 0.0
+    for t in range(s.shape[0]):
+        thr.append(theta + a)
+        a = cfg.alif_rho * a + cfg.alif_kappa * s[t]
+    return thr
+
+
+def neuron_backward(ds, cache, cfg):
+    """Backprop through time of neuron_forward: returns (dx, dw, dth); dw, dth only for PLIF.
+
+    Going backwards, g_v = dL/dv_{t+1} and g_a = dL/da_{t+1} carry the recurrence:
+      dL/dv+_t = beta*g_v;  soft: dv += dL/dv+, dthr -= dL/dv+ * r, dr = -dL/dv+ * thr
+                            hard: dv += dL/dv+ * (1 - r),           dr = -dL/dv+ * v
+      (detach_reset: dr = 0);  ds_t += kappa*g_a (ALIF);  du = (ds + dr) S'(u), dv += du, dthr -= du
+      ALIF: g_a = rho*g_a + dthr.  PLIF: dbeta += g_v * v+_t, dtheta += dthr.
+    """
+    if not cfg.spiking:
+        return ds * (cache["x"] > 0), None, None
+    v, s, beta, theta, smooth = cache["v"], cache["s"], cache["beta"], cache["theta"], cache["smooth"]
+    C = v.shape[-1]
+    thrs = thresholds(s, theta, cfg)
+    dx = np.empty_like(v)
+    g_v, g_a, dbeta, dtheta = 0.0, 0.0, 0.0, 0.0
+    for t in reversed(range(v.shape[0])):
+        thr = thrs[t]
+        _, r = fire(v[t], thr, cfg, smooth)
+        g_vp = beta * g_v
+        if cfg.neuron == "plif":
+            dbeta = dbeta + (g_v * reset_membrane(v[t], r, thr, cfg.reset)).reshape(-1, C).sum(0)
+        dst = ds[t] + cfg.alif_kappa * g_a if cfg.neuron == "alif" else ds[t]
+        if cfg.reset == "soft":
+            dv, dthr, dr = g_vp, -g_vp * r, -g_vp * thr
+        else:
+            dv, dthr, dr = g_vp * (1 - r), 0.0, -g_vp * v[t]
+        if cfg.detach_reset:
+            dr = 0.0
+        if cfg.neuron == "ternary":
+            dsp, dsn = (dst + dr, -dst - dr) if cfg.reset == "soft" else (dst + dr, dr - dst)
+            dv = dv + dsp * surrogate_grad(v[t] - thr, cfg) - dsn * surrogate_grad(-v[t] - thr, cfg)
+        else:
+            du = (dst + dr) * surrogate_grad(v[t] - thr, cfg)
+            dv, dthr = dv + du, dthr - du
+        if cfg.neuron == "alif":
+            g_a = cfg.alif_rho * g_a + dthr
+        if cfg.neuron == "plif":
+            dtheta = dtheta + np.broadcast_to(dthr, v[t].shape).reshape(-1, C).sum(0)
+        dx[t] = dv
+        g_v = dv
+    if cfg.neuron != "plif":
+        return dx, None, None
+    return dx, dbeta * beta * (1 - beta), dtheta
+
+# ----------------------------------------------------------------------------- layers
+
+
+def linear(x, W):
+    """y = x @ W over the last axis, x (..., in), W (in, out)."""
+    return (x.reshape(-1, x.shape[-1]) @ W).reshape(x.shape[:-1] + (W.shape[1],))
+
+
+def linear_backward(dy, x, W):
+    """dx = dy @ W^T, dW = x^T dy (summed over every leading axis)."""
+    dy2 = dy.reshape(-1, dy.shape[-1])
+    return (dy2 @ W.T).reshape(x.shape), x.reshape(-1, x.shape[-1]).T @ dy2
+
+
+def rmsnorm(x, g, eps):
+    """y = x / sqrt(mean(x^2) + eps) * g over the last axis."""
+    r = 1.0 / np.sqrt((x * x).mean(-1, keepdims=True) + eps)
+    xhat = x * r
+    return xhat * g, (xhat, r, g)
+
+
+def rmsnorm_backward(dy, cache):
+    """dx = r (dxhat - xhat mean(dxhat xhat)), dxhat = dy g;  dg = sum dy xhat."""
+    xhat, r, g = cache
+    dxhat = dy * g
+    dx = r * (dxhat - xhat * (dxhat * xhat).mean(-1, keepdims=True))
+    return dx, (dy * xhat).reshape((-1,) + g.shape).sum(0)
+
+
+def split_heads(x, H):
+    """(T, B, L, D) -> (T, B, H, L, dh)."""
+    T, B, L, D = x.shape
+    return x.reshape(T, B, L, H, D // H).transpose(0, 1, 3, 2, 4)
+
+
+def merge_heads(y):
+    """(T, B, H, L, dh) -> (T, B, L, D)."""
+    T, B, H, L, dh = y.shape
+    return y.transpose(0, 1, 3, 2, 4).reshape(T, B, L, H * dh)
+
+
+def headnorm(y, g, eps):
+    """RMS-normalise each head's dh channels, then scale by the gain g (D,): y (T,B,H,L,dh)."""
+    H, dh = y.shape[2], y.shape[4]
+    n, cache = rmsnorm(y.transpose(0, 1, 3, 2, 4), g.reshape(H, dh), eps)   # (T, B, L, H, dh)
+    return n.reshape(n.shape[:3] + (H * dh,)), cache
+
+
+def headnorm_backward(dn, cache):
+    """Returns dy (T, B, H, L, dh) and dg (D,)."""
+    xhat = cache[0]
+    dy, dg = rmsnorm_backward(dn.reshape(xhat.shape), cache)
+    return dy.transpose(0, 1, 3, 2, 4), dg.reshape(-1)
+
+
+def head_decays(H):
+    """gamma_h = 1 - 2^(-5-h): head h remembers about 2^(5+h) positions (no position cap)."""
+    return 1.0 - 2.0 ** (-5.0 - np.arange(H))
+
+
+@lru_cache(maxsize=16)
+def decay_mask(H, L, dtype):
+    """Dmask[h, l, j] = gamma_h^(l-j) for j <= l, else 0.  Shape (H, L, L), read-only."""
+    lag = np.arange(L)[:, None] - np.arange(L)[None, :]
+    D = np.where(lag >= 0, head_decays(H)[:, None, None] ** np.maximum(lag, 0), 0.0).astype(dtype)
+    D.flags.writeable = False
+    return D
+
+
+def attention(q, k, v, cfg):
+    """Causal spike-driven attention, parallel form. q, k, v: spikes (T, B, L, D).
+
+    linear:   Y = (Q K^T * Dmask) V       y_l = sum_{j<=l} gamma^(l-j) (q_l . k_j) v_j
+    hadamard: Y = Dmask (K * V)           y_l = sum_{j<=l} gamma^(l-j) k_j * v_j
+    Returns Y (T, B, H, L, dh).
+    """
+    H = cfg.n_head
+    Q, K, V = split_heads(q, H), split_heads(k, H), split_heads(v, H)
+    Dm = decay_mask(H, q.shape[2], np.dtype(q.dtype))
+    if cfg.attention == "linear":
+        A = (Q @ K.swapaxes(-1, -2)) * Dm                   # (T, B, H, L, L)
+        return A @ V, (Q, K, V, A, Dm)
+    return Dm @ (K * V), (Q, K, V, None, Dm)
+
+
+def attention_backward(dY, cache, cfg):
+    """Gradients of attention() for q, k, v, each (T, B, L, D)."""
+    Q, K, V, A, Dm = cache
+    if cfg.attention == "linear":
+        dV = A.swapaxes(-1, -2) @ dY
+        dA = (dY @ V.swapaxes(-1, -2)) * Dm
+        dQ, dK = dA @ K, dA.swapaxes(-1, -2) @ Q
+    else:
+        dKV = Dm.swapaxes(-1, -2) @ dY
+        dQ, dK, dV = np.zeros_like(Q), dKV * V, dKV * K
+    return merge_heads(dQ), merge_heads(dK), merge_heads(dV)
+
+
+def attention_recurrent(q, k, v, cfg, state, i):
+    """One position of attention with a constant-size state per layer, timestep and head.
+
+    linear:   S = gamma S + k^T v (dh x dh),  y = q S
+    hadamard: c = gamma c + k * v (dh),       y = c
+    q, k, v: (T, B, 1, D); returns Y (T, B, H, 1, dh) and updates state["layers"][i].
+    """
+    H = cfg.n_head
+    Q, K, V = (split_heads(a, H)[:, :, :, 0] for a in (q, k, v))     # (T, B, H, dh)
+    gamma = head_decays(H).astype(q.dtype)
+    if cfg.attention == "linear":
+        S = gamma[:, None, None] * state["layers"][i] + K[..., :, None] * V[..., None, :]
+        y = (Q[..., None, :] @ S)[..., 0, :]
+    else:
+        S = gamma[:, None] * state["layers"][i] + K * V
+        y = S
+    state["layers"][i] = S
+    return y[:, :, :, None, :]
+
+# ----------------------------------------------------------------------------- model
+
+
+def neuron_site(params, prefix, site, x, cfg, smooth):
+    """Run the neuron at a named site, with its PLIF parameters when the neuron is PLIF."""
+    return neuron_forward(x, cfg, smooth, params.get(f"{prefix}{site}.w"), params.get(f"{prefix}{site}.theta"))
+
+
+def block_forward(params, i, h, cfg, smooth=False, state=None):
+    """One block on the residual stream h (T, B, L, D); state=None: parallel form."""
+    p, b, eps = params, f"blocks.{i}.", cfg.norm_eps
+    c = {"h": h}
+    n1, c["norm1"] = rmsnorm(h, p[b + "norm1.weight"], eps)
+    c["s"], c["sn1"] = neuron_site(p, b, "sn1", n1, cfg, smooth)
+    for name, w in (("q", "wq"), ("k", "wk"), ("v", "wv")):
+        c[name], c["sn_" + name] = neuron_site(p, b, "attn.sn_" + name, linear(c["s"], p[b + "attn." + w]), cfg, smooth)
+    if state is None:
+        y, c["att"] = attention(c["q"], c["k"], c["v"], cfg)
+    else:
+        y = attention_recurrent(c["q"], c["k"], c["v"], cfg, state, i)
+    nrm, c["hnorm"] = headnorm(y, p[b + "attn.norm.weight"], eps)
+    c["z"], c["sn_o"] = neuron_site(p, b, "attn.sn_o", nrm, cfg, smooth)
+    c["o"] = c["z"] if cfg.attention == "linear" else c["q"] * c["z"]
+    h = h + linear(c["o"], p[b + "attn.wo"])
+    c["h_mid"] = h
+    n2, c["norm2"] = rmsnorm(h, p[b + "norm2.weight"], eps)
+    c["s2"], c["sn2"] = neuron_site(p, b, "sn2", n2, cfg, smooth)
+    c["u"], c["sn_h"] = neuron_site(p, b, "mlp.sn_h", linear(c["s2"], p[b + "mlp.w1"]), cfg, smooth)
+    h = h + linear(c["u"], p[b + "mlp.w2"])
+    return h, c
+
+
+def neuron_site_backward(ds, c, key, b, site, cfg, grads):
+    dx, dw, dth = neuron_backward(ds, c[key], cfg)
+    if dw is not None:
+        grads[f"{b}{site}.w"] = dw
+        grads[f"{b}{site}.theta"] = dth
+    return dx
+
+
+def block_backward(dh, c, params, i, cfg, grads):
+    """Backward of block_forward: returns dL/dh_in and writes the block's grads."""
+    p, b = params, f"blocks.{i}."
+    # MLP: h_out = h_mid + u @ w2, u = SN_h(s2 @ w1), s2 = SN_2(rmsnorm(h_mid))
+    du, grads[b + "mlp.w2"] = linear_backward(dh, c["u"], p[b + "mlp.w2"])
+    da = neuron_site_backward(du, c, "sn_h", b, "mlp.sn_h", cfg, grads)
+    ds2, grads[b + "mlp.w1"] = linear_backward(da, c["s2"], p[b + "mlp.w1"])
+    dn2 = neuron_site_backward(ds2, c, "sn2", b, "sn2", cfg, grads)
+    dx, grads[b + "norm2.weight"] = rmsnorm_backward(dn2, c["norm2"])
+    dh = dh + dx
+    # attention: h_mid = h + o @ wo
+    do, grads[b + "attn.wo"] = linear_backward(dh, c["o"], p[b + "attn.wo"])
+    dz, dq_gate = (do, 0.0) if cfg.attention == "linear" else (do * c["q"], do * c["z"])
+    dnrm = neuron_site_backward(dz, c, "sn_o", b, "attn.sn_o", cfg, grads)
+    dy, grads[b + "attn.norm.weight"] = headnorm_backward(dnrm, c["hnorm"])
+    dq, dk, dv = attention_backward(dy, c["att"], cfg)
+    ds = 0.0
+    for name, w, d in (("q", "wq", dq + dq_gate), ("k", "wk", dk), ("v", "wv", dv)):
+        da = neuron_site_backward(d, c, "sn_" + name, b, "attn.sn_" + name, cfg, grads)
+        dsw, grads[b + "attn." + w] = linear_backward(da, c["s"], p[b + "attn." + w])
+        ds = ds + dsw
+    dn1 = neuron_site_backward(ds, c, "sn1", b, "sn1", cfg, grads)
+    dx, grads[b + "norm1.weight"] = rmsnorm_backward(dn1, c["norm1"])
+    return dh + dx
+
+
+def readout_weight(params, cfg):
+    return params["embed.weight"].T if cfg.tie_embeddings else params["head.weight"]
+
+
+def model_forward(params, cfg, idx, smooth=False, state=None):
+    """Tokens idx (B, L) -> logits (B, L, V) and the cache for backward."""
+    T = timesteps(cfg)
+    x = params["embed.weight"][idx]                               # (B, L, D)
+    h = np.broadcast_to(x, (T,) + x.shape)                        # (T, B, L, D) residual stream
+    caches = []
+    for i in range(cfg.n_layer):
+        h, c = block_forward(params, i, h, cfg, smooth, state)
+        caches.append(c)
+    hbar = h.mean(0)                                              # (B, L, D)
+    xf, fcache = rmsnorm(hbar, params["norm_f.weight"], cfg.norm_eps)
+    logits = linear(xf, readout_weight(params, cfg))             # (B, L, V)
+    return logits, {"idx": idx, "blocks": caches, "norm_f": fcache, "xf": xf, "T": T}
+
+
+def forward(params, cfg, idx, smooth=False):
+    """Parallel (training) form over a whole sequence: (logits (B, L, V), cache)."""
+    return model_forward(params, cfg, idx, smooth)
+
+
+def backward(params, cfg, cache, dlogits):
+    """Gradients of every parameter given dL/dlogits (B, L, V)."""
+    grads = {}
+    dxf, dW = linear_backward(dlogits, cache["xf"], readout_weight(params, cfg))
+    dhbar, grads["norm_f.weight"] = rmsnorm_backward(dxf, cache["norm_f"])
+    T = cache["T"]
+    dh = np.broadcast_to(dhbar / T, (T,) + dhbar.shape)           # hbar = mean_t h_t
+    for i in reversed(range(cfg.n_layer)):
+        dh = block_backward(dh, cache["blocks"][i], params, i, cfg, grads)
+    E = params["embed.weight"]
+    dE = np.zeros_like(E)
+    np.add.at(dE, cache["idx"].ravel(), dh.sum(0).reshape(-1, E.shape[1]))
+    if cfg.tie_embeddings:
+        dE += dW.T
+    else:
+        grads["head.weight"] = dW
+    grads["embed.weight"] = dE
+    return grads
+
+
+def cross_entropy(logits, y):
+    """loss = mean over B*L of -log softmax(logits)[y];  dloss/dlogits = (softmax - onehot)/N."""
+    z = logits - logits.max(-1, keepdims=True)
+    e = np.exp(z)
+    sumexp = e.sum(-1, keepdims=True)
+    nll = np.log(sumexp[..., 0]) - np.take_along_axis(z, y[..., None], -1)[..., 0]
+    dlogits = e / sumexp
+    np.put_along_axis(dlogits, y[..., None], np.take_along_axis(dlogits, y[..., None], -1) - 1, -1)
+    return float(nll.mean()), dlogits / y.size
+
+
+def spike_rates(cache, cfg):
+    """Per layer: fraction of nonzero outputs at each neuron site, and of wo's input o."""
+    names = {"s": "sn1", "q": "attn.sn_q", "k": "attn.sn_k", "v": "attn.sn_v", "z": "attn.sn_o",
+             "s2": "sn2", "u": "mlp.sn_h", "o": "wo_input"}
+    return [{site: float(np.count_nonzero(c[key]) / c[key].size) for key, site in names.items()}
+            for c in cache["blocks"]]
+
+
+def loss_and_grads(params, cfg, x, y, smooth=False):
+    """(loss, grads, stats) for inputs x and targets y, both (B, L) ints."""
+    logits, cache = forward(params, cfg, x, smooth)
+    loss, dlogits = cross_entropy(logits, y)
+    grads = backward(params, cfg, cache, dlogits)
+    return loss, grads, {"rates": spike_rates(cache, cfg)}
+
+
+def init_decode_state(cfg, batch, dtype=np.float32):
+    """Zero attention state per layer: (T, B, H, dh, dh) linear or (T, B, H, dh) hadamard."""
+    H, dh = cfg.n_head, cfg.d_model // cfg.n_head
+    shape = (timesteps(cfg), batch, H, dh) + ((dh,) if cfg.attention == "linear" else ())
+    return {"pos": 0, "layers": [np.zeros(shape, dtype) for _ in range(cfg.n_layer)]}
+
+
+def decode_step(params, cfg, state, token_ids):
+    """Recurrent form: feed one token per sequence (B,), return next-token logits (B, V)."""
+    logits, _ = model_forward(params, cfg, np.asarray(token_ids).reshape(-1, 1), state=state)
+    state["pos"] += 1
+    return logits[:, 0]
