@@ -46,6 +46,8 @@ class FakeWiki:
         self.served = []        # titles whose extract was served successfully
         self.requests = []      # every request: (kind, key)
         self.die_after = None
+        self.agents = set()     # User-Agent headers seen
+        self.files = {}         # plain downloads: path -> bytes
         self.page_size = 2      # small, so category listings need "continue"
         self.lock = threading.Lock()
 
@@ -108,7 +110,12 @@ def wiki():
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):
-            status, body, headers = fake.answer(urllib.parse.urlsplit(self.path).query)
+            fake.agents.add(self.headers.get("User-Agent"))
+            url = urllib.parse.urlsplit(self.path)
+            if url.path in fake.files:
+                status, body, headers = 200, fake.files[url.path], {}
+            else:
+                status, body, headers = fake.answer(url.query)
             try:
                 self.send_response(status)
                 for k, v in headers.items():
@@ -173,6 +180,7 @@ def test_wikipedia_collects_through_faults(wiki, tmp_path):
     for title, tries in [("Atom", 2), ("Force", 2), ("Lens", 2), ("Cell", 2), ("Gene", 3), ("Energy", 1)]:
         assert wiki.requests.count(("extract", title)) == tries, title
     assert sorted(wiki.served) == sorted(titles)
+    assert wiki.agents == {data.USER_AGENT}
     meta = json.loads((ds / "meta.json").read_text())
     assert meta["complete"] and meta["train_docs"] + meta["val_docs"] == len(titles)
     assert meta["sha256"]["train.txt"] == sha(ds / "train.txt")
@@ -236,6 +244,28 @@ def test_wikipedia_size_cap_holds(wiki, tmp_path):
     # rerunning with the same cap adds nothing
     data.prepare("wikipedia", root=tmp_path, **wiki_opts(wiki, max_bytes=cap, force=True))
     assert len(cached_articles(ds)) == 3
+
+
+def test_requests_are_rate_limited(wiki):
+    client = data.HttpClient(data.DataConfig(api_url=wiki.url, **{**FAST, "min_interval": 0.1}))
+    t0 = time.monotonic()
+    for _ in range(4):
+        client.get_json({"action": "query", "meta": "siteinfo", "format": "json"})
+    assert time.monotonic() - t0 >= 0.3   # three gaps of at least min_interval
+
+
+def test_shakespeare_download_is_cached_and_split_like_nanogpt(wiki, tmp_path):
+    text = "".join(f"CITIZEN {i}:\nWe are accounted poor citizens.\n\n" for i in range(300))
+    wiki.files["/input.txt"] = text.encode()
+    url = wiki.url.replace("/w/api.php", "/input.txt")
+    ds = data.prepare("shakespeare", root=tmp_path, shakespeare_url=url, **FAST)
+    assert (ds / "input.txt").read_text() == text
+    clean = text.rstrip("\n")
+    cut = int(len(clean) * 0.9)
+    assert (ds / "train.txt").read_text() == clean[:cut] and (ds / "val.txt").read_text() == clean[cut:]
+    del wiki.files["/input.txt"]   # a rebuild reuses the downloaded copy
+    data.prepare("shakespeare", root=tmp_path, shakespeare_url=url, force=True, **FAST)
+    assert (ds / "train.txt").read_text() == clean[:cut]
 
 
 def test_default_source_probes_the_network(wiki, tmp_path, capsys):
