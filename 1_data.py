@@ -142,7 +142,7 @@ class HttpClient:
             delay = max(delay, min(float(retry_after), self.cfg.max_backoff))
         return delay
 
-    def request(self, url, parse, progress=None):
+    def request(self, url, parse, desc=None):
         """GET url and return parse(response); parse may raise ValueError to ask for a retry."""
         last_error = None
         for attempt in range(self.cfg.retries + 1):
@@ -155,7 +155,7 @@ class HttpClient:
             req = urllib.request.Request(url, headers={"User-Agent": self.cfg.user_agent})
             try:
                 with urllib.request.urlopen(req, timeout=self.cfg.timeout) as resp:
-                    return parse(resp, progress)
+                    return parse(resp, desc)
             except urllib.error.HTTPError as e:
                 if e.code != 429 and e.code < 500:
                     raise FetchError(f"HTTP {e.code} for {url}: {e.reason}") from e
@@ -301,7 +301,8 @@ def collect_wikipedia(cfg: DataConfig, out_dir: Path):
             done = sum(a["category"] == cat for a in articles)
             if done >= cfg.per_category:
                 continue
-            titles = list_category_pages(client, cat, cfg.per_category, cfg.max_depth)
+            # list twice what we need: some titles are already held under another category
+            titles = list_category_pages(client, cat, 2 * cfg.per_category, cfg.max_depth)
             todo = [t for t in titles if t not in have_titles][:cfg.per_category - done]
             for title in tqdm(todo, desc=f"{cat:>16}", unit="article"):
                 if cfg.max_articles and new >= cfg.max_articles:
@@ -554,8 +555,9 @@ MARKUP_RULES = [
     (re.compile(r"``([^`]+)``"), r"\1"),
     (re.compile(r"`([^`<]+?) <[^>]+>`_"), r"\1"),
     (re.compile(r"^\.\. [a-z-]+::.*$", re.M), ""),
-    # doctest prompts: keep the code, drop the ">>> " / "... " in front of it
-    (re.compile(r"^(\s*)(?:>>>|\.\.\.) ?", re.M), r"\1"),
+    (re.compile(r"(?<=\w)::$", re.M), ":"),                         # "Example::" renders "Example:"
+    # doctest: the ">>> " prompts stay (a REPL transcript is good text), the directives go
+    (re.compile(r" *# *doctest: *[+-][A-Z_]+(?:, *[+-][A-Z_]+)*"), ""),
 ]
 HTML_ENTITIES = {"&amp;": "&", "&lt;": "<", "&gt;": ">", "&quot;": '"', "&#39;": "'", "&nbsp;": " "}
 

@@ -142,7 +142,12 @@ def wiki():
 def standard_wiki(fake):
     fake.add_category("Physics", ["Atom", "Force", "Energy"], subcats=["Optics"])
     fake.add_category("Optics", ["Lens", "Prism"])
-    fake.add_category("Biology", ["Cell", "Atom", "Gene", "Enzyme"])   # Atom is in both
+    fake.add_category("Biology", ["Cell", "Atom", "Gene", "Enzyme", "Virus"])   # Atom is in both
+
+
+# Physics: 3 pages + 1 from the Optics subcategory; Biology: Atom is already held, so the
+# listing has to reach past it to find 4 new articles
+ALL_TITLES = ["Atom", "Force", "Energy", "Lens", "Cell", "Gene", "Enzyme", "Virus"]
 
 
 def wiki_opts(fake, **kw):
@@ -174,8 +179,7 @@ def test_wikipedia_collects_through_faults(wiki, tmp_path):
                    "Lens": ["badjson"], "Cell": ["slow"], "Gene": ["500", "badjson"]}
     ds = data.prepare("wikipedia", root=tmp_path, **wiki_opts(wiki))
     assert ds == tmp_path / "wikipedia"
-    # Physics: 3 pages + 1 from the Optics subcategory; Biology: Atom already taken, so 3
-    titles = ["Atom", "Force", "Energy", "Lens", "Cell", "Gene", "Enzyme"]
+    titles = ALL_TITLES
     assert_each_once(ds, wiki, titles)
     for title, tries in [("Atom", 2), ("Force", 2), ("Lens", 2), ("Cell", 2), ("Gene", 3), ("Energy", 1)]:
         assert wiki.requests.count(("extract", title)) == tries, title
@@ -216,7 +220,7 @@ def test_wikipedia_resumes_after_the_server_dies(wiki, tmp_path):
         f.write('{"pageid": 99, "title": "Half')
     wiki.die_after = None
     data.prepare("wikipedia", root=tmp_path, **wiki_opts(wiki))
-    titles = ["Atom", "Force", "Energy", "Lens", "Cell", "Gene", "Enzyme"]
+    titles = ALL_TITLES
     assert_each_once(ds, wiki, titles)
     assert sorted(wiki.served) == sorted(titles)   # nothing finished was downloaded twice
 
@@ -230,8 +234,8 @@ def test_wikipedia_max_articles_then_resume(wiki, tmp_path):
     assert len(cached_articles(ds)) == 5
     ds = data.prepare("wikipedia", root=tmp_path, **wiki_opts(wiki))
     assert json.loads((ds / "meta.json").read_text())["complete"]
-    assert_each_once(ds, wiki, ["Atom", "Force", "Energy", "Lens", "Cell", "Gene", "Enzyme"])
-    assert len(wiki.served) == 7
+    assert_each_once(ds, wiki, ALL_TITLES)
+    assert len(wiki.served) == len(ALL_TITLES)
 
 
 def test_wikipedia_size_cap_holds(wiki, tmp_path):
@@ -403,12 +407,13 @@ def test_missing_and_non_utf8_inputs_fail_clearly(tmp_path):
 def test_cleaning_removes_markup_and_normalises():
     raw = ("== History ==\r\nThe [[Atom|atom]] is '''small''' <ref name=x>cite</ref> and "
            "{{citation needed}} obeys {\\displaystyle E=mc^{2}} here.\u00a0 \t\n\n\n\n"
-           "Use :func:`json.dumps` or ``repr``.\n.. versionadded:: 3.2\n>>> print(1)\n1\n"
+           "Use :func:`json.dumps` or ``repr``, like this::\n.. versionadded:: 3.2\n"
+           ">>> print(1)  # doctest: +SKIP, +ELLIPSIS\n1\n"
            "Cafe\u0301 &amp; bar\x07")
     cfg = data.DataConfig()
     text, dropped = data.clean_document(raw, cfg, None)
     assert text == ("History\nThe atom is small cite and obeys here.\n\n"
-                    "Use json.dumps or repr.\n\nprint(1)\n1\nCaf\u00e9 & bar")
+                    "Use json.dumps or repr, like this:\n\n>>> print(1)\n1\nCaf\u00e9 & bar")
     assert dropped == 0
     # NFKC also folds compatibility characters; NFC keeps them
     assert data.clean_document("\ufb01ne x\u00b2", data.DataConfig(unicode_form="NFKC"), None)[0] == "fine x2"
