@@ -583,3 +583,392 @@ def decode_step(params, cfg, state, token_ids):
     logits, _ = model_forward(params, cfg, np.asarray(token_ids).reshape(-1, 1), state=state)
     state["pos"] += 1
     return logits[:, 0]
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def lr_at(step, tcfg):
+    """Linear warmup lr*(step+1)/warmup, then cosine from lr down to min_lr at max_steps."""
+    if step < tcfg.warmup:
+        return tcfg.lr * (step + 1) / tcfg.warmup
+    progress = min(1.0, (step - tcfg.warmup) / max(1, tcfg.max_steps - tcfg.warmup))
+    return tcfg.min_lr + 0.5 * (tcfg.lr - tcfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def layer_depth(name, n_layer):
+    """0 for the embedding, i+1 for blocks.i, n_layer+1 for the final norm and head."""
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return 0 if name.startswith("embed") else n_layer + 1
+
+
+def init_opt_state(params):
+    return {"m": {k: np.zeros_like(v) for k, v in params.items()},
+            "v": {k: np.zeros_like(v) for k, v in params.items()}}
+
+
+def clip_grads(grads, max_norm):
+    """Scale all gradients by min(1, max_norm / (||g|| + 1e-6)), ||g|| the global L2 norm."""
+    norm = math.sqrt(sum(float(np.sum(g.astype(np.float64) ** 2)) for g in grads.values()))
+    scale = min(1.0, max_norm / (norm + 1e-6)) if max_norm > 0 else 1.0
+    return {k: g * g.dtype.type(scale) for k, g in grads.items()}, norm
+
+
+def adamw_step(params, grads, opt, step, tcfg, n_layer, b1=0.9, b2=0.95, eps=1e-8):
+    """One AdamW update in place (step = completed steps before it, bias correction uses step+1).
+
+    m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;  p -= lr_p * wd * p  (matrices only);
+    p -= lr_p * mhat / (sqrt(vhat) + eps),  lr_p = lr_at(step) * layer_lr_decay^(n_layer+1-depth).
+    """
+    lr = lr_at(step, tcfg)
+    c1, c2 = 1 - b1 ** (step + 1), 1 - b2 ** (step + 1)
+    for name, p in params.items():
+        g, m, v = grads[name], opt["m"][name], opt["v"][name]
+        m *= b1
+        m += (1 - b1) * g
+        v *= b2
+        v += (1 - b2) * g * g
+        lr_p = lr * tcfg.layer_lr_decay ** (n_layer + 1 - layer_depth(name, n_layer))
+        if p.ndim >= 2:
+            p *= p.dtype.type(1 - lr_p * tcfg.weight_decay)
+        p -= (lr_p * (m / c1) / (np.sqrt(v / c2) + eps)).astype(p.dtype)
+    return lr
+
+# ----------------------------------------------------------------------------- data, eval, checkpoints
+
+
+def prepare_dataset(source="builtin", root="data"):
+    """Dataset dir with train/val .bin and tokens.json: runs stage 1 and stage 2 (no-ops when done)."""
+    data_dir = Path(load_stage("1_data").prepare(source, root))
+    load_stage("2_tokenizer").build(data_dir)
+    return data_dir
+
+
+def open_split(data_dir, split):
+    """The token ids of a split as a read-only memory map (uint16)."""
+    return np.memmap(Path(data_dir) / f"{split}.bin", dtype=np.uint16, mode="r")
+
+
+def batch_rng(seed, step):
+    """A generator fixed by (seed, step): a resumed run draws exactly the same batches."""
+    return np.random.default_rng([seed, step])
+
+
+def get_batch(data, batch_size, context, rng):
+    """Random windows: x = data[i:i+L], y = data[i+1:i+L+1]; both (B, L) int64."""
+    if len(data) < context + 2:
+        raise ValueError(f"split has {len(data)} tokens, fewer than context+2 = {context + 2}")
+    starts = rng.integers(0, len(data) - context, size=batch_size)
+    x = np.stack([data[i:i + context] for i in starts]).astype(np.int64)
+    y = np.stack([data[i + 1:i + 1 + context] for i in starts]).astype(np.int64)
+    return x, y
+
+
+def bits_per_char(total_nats, n_chars):
+    """BPC = total loss in nats / ln 2 / characters of the evaluated text."""
+    return total_nats / math.log(2) / n_chars
+
+
+def eval_windows(val, context, max_tokens):
+    """The fixed evaluation slice: the first n non-overlapping windows of val, x and y (n, L)."""
+    n = min(max_tokens // context, (len(val) - 1) // context)
+    ids = np.asarray(val[:n * context + 1], dtype=np.int64)
+    return ids[:-1].reshape(n, context), ids[1:].reshape(n, context)
+
+
+def evaluate(params, cfg, x, y, batch=8):
+    """Total nats over all targets y (n, L), forward only."""
+    total = 0.0
+    for b in range(0, len(x), batch):
+        logits, _ = forward(params, cfg, x[b:b + batch])
+        total += cross_entropy(logits, y[b:b + batch])[0] * y[b:b + batch].size
+    return total
+
+
+def eval_report(params, cfg, val, context, max_tokens, decode):
+    """nats/token, perplexity and BPC on the fixed slice; BPC counts the characters of the
+    evaluated target tokens exactly, by decoding them: len(decode(y))."""
+    x, y = eval_windows(val, context, max_tokens)
+    if len(x) == 0:
+        return None
+    batch = max(1, 8 * cfg.context ** 2 // context ** 2)   # keep the (L x L) attention small
+    nats = evaluate(params, cfg, x, y, batch)
+    n_chars = len(decode(y.ravel().tolist()))
+    return {"nats": nats / y.size, "ppl": math.exp(nats / y.size), "bpc": bits_per_char(nats, n_chars),
+            "tokens": int(y.size), "chars": n_chars, "context": context}
+
+
+def save_model(path, params, mcfg, tcfg, step, opt_state=None, tokenizer_info=None, data_dir=None):
+    """Atomic checkpoint: params, optimizer moments and the config JSON of SPEC."""
+    tok = dict(tokenizer_info or {})
+    config = {"model": asdict(mcfg), "train": dict(asdict(tcfg), step=int(step)), "tokenizer": tok,
+              "data": {"dir": str(data_dir if data_dir else Path(tok["path"]).parent if tok.get("path") else "")}}
+    return save_checkpoint(path, params, config, opt_state)
+
+
+def load_model(path):
+    """(params, ModelConfig, train dict, step, opt_state|None, config); CheckpointError on any problem."""
+    params, config, opt = load_checkpoint(path)
+    try:
+        mcfg = ModelConfig(**config["model"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path} has an invalid model config: {err}") from None
+    shapes = param_shapes(mcfg)
+    check_shapes(path, params, shapes)
+    if opt is not None:
+        if set(opt) != {"m", "v"}:
+            raise CheckpointError(f"checkpoint {path}: optimizer state needs m and v, found {sorted(opt)}")
+        for moment in opt.values():
+            check_shapes(path, moment, shapes)
+    for name, p in params.items():
+        if not np.all(np.isfinite(p)):
+            raise CheckpointError(f"checkpoint {path}: parameter {name} has non-finite values")
+    train = config.get("train", {})
+    return params, mcfg, train, int(train.get("step", 0)), opt, config
+
+
+def check_tokenizer(config, sha256, path="checkpoint"):
+    """Refuse to pair a checkpoint with a tokenizer other than the one it was trained with."""
+    have = config.get("tokenizer", {}).get("sha256")
+    if have != sha256:
+        raise CheckpointError(f"{path} was trained with tokenizer sha256 {str(have)[:12]}..., "
+                              f"but the dataset's tokenizer is {sha256[:12]}...; use the matching data dir")
+
+
+def load_dataset_info(data_dir):
+    """(tokens.json dict, tokenizer, tokenizer_info) of a prepared dataset dir."""
+    data_dir = Path(data_dir)
+    meta = json.loads((data_dir / "tokens.json").read_text())
+    tok = load_stage("2_tokenizer").Tokenizer.load(data_dir / "tokenizer.json")
+    info = {"path": str(data_dir / "tokenizer.json"), "sha256": meta["tokenizer_sha256"],
+            "vocab_size": meta["vocab_size"]}
+    return meta, tok, info
+
+# ----------------------------------------------------------------------------- generation
+
+
+def sample_token(logits, rng, temperature=1.0, top_k=0, top_p=1.0):
+    """Sample from softmax(logits / temperature), keeping the top_k tokens and the smallest set
+    whose probability reaches top_p; temperature 0 picks the argmax."""
+    logits = logits.astype(np.float64)
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    logits = logits / temperature
+    if top_k > 0:
+        logits[logits < np.sort(logits)[-min(top_k, len(logits))]] = -np.inf
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    if top_p < 1.0:
+        order = np.argsort(-probs)
+        keep = np.cumsum(probs[order]) - probs[order] < top_p   # always keeps the most likely
+        mask = np.zeros_like(probs, dtype=bool)
+        mask[order[keep]] = True
+        probs = np.where(mask, probs, 0.0)
+        probs /= probs.sum()
+    return int(rng.choice(len(probs), p=probs))
+
+
+def generate(params, cfg, prompt_ids, max_new_tokens, rng, temperature=1.0, top_k=0, top_p=1.0):
+    """Yield new token ids one at a time with the recurrent form (constant cost per token)."""
+    state = init_decode_state(cfg, 1, params["embed.weight"].dtype)
+    for t in prompt_ids:
+        logits = decode_step(params, cfg, state, [t])
+    for _ in range(max_new_tokens):
+        nxt = sample_token(logits[0], rng, temperature, top_k, top_p)
+        yield nxt
+        logits = decode_step(params, cfg, state, [nxt])
+
+
+def stream_text(tok, params, cfg, prompt, max_new_tokens, seed=0, temperature=0.8, top_k=40, top_p=0.95, out=sys.stdout):
+    """Print the prompt, then each new piece of text as soon as it is sampled."""
+    ids = tok.encode(prompt) or [tok.bos_id]
+    out.write(prompt)
+    text = tok.decode(ids)
+    for nxt in generate(params, cfg, ids, max_new_tokens, np.random.default_rng(seed), temperature, top_k, top_p):
+        ids.append(nxt)
+        new = tok.decode(ids)
+        out.write(new[len(text):] if new.startswith(text) else new[-1:])
+        out.flush()
+        text = new
+    out.write("\n")
+    return text
+
+# ----------------------------------------------------------------------------- spikes, synaptic ops, energy
+
+E_AC, E_MAC = 0.9e-12, 4.6e-12    # joules per accumulate / multiply-accumulate, 45 nm (Horowitz 2014)
+
+
+def synaptic_ops(cfg, rates):
+    """Per-token operation counts of the spiking model (ACs on spikes, MACs on reals) and of
+    its ANN twin (all MACs). A layer fed by spikes: rate_in * in * out * T accumulates.
+    Attention per timestep and head: linear form S += k^T v, y = q S -> (rate_k + rate_q) dh^2
+    ACs (twin: 2 dh^2 MACs); hadamard c += k * v -> rate_k dh ACs (twin: 2 dh MACs, k*v and q*z).
+    The readout (real-valued, D*V) is a MAC in both; norms and neuron updates are not counted."""
+    D, F, V, T, H = cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.T, cfg.n_head
+    dh = D // H
+    ac, ann = 0.0, 0.0
+    for r in rates:
+        ac += T * (3 * r["sn1"] * D * D + r["wo_input"] * D * D + r["sn2"] * D * F + r["mlp.sn_h"] * F * D)
+        ann += 4 * D * D + 2 * D * F
+        if cfg.attention == "linear":
+            ac += T * H * (r["attn.sn_k"] + r["attn.sn_q"]) * dh * dh
+            ann += 2 * H * dh * dh
+        else:
+            ac += T * H * r["attn.sn_k"] * dh
+            ann += 2 * H * dh
+    return {"ac": ac, "mac": D * V, "ann_mac": ann + D * V}
+
+
+def energy_report(params, cfg, x):
+    """Spike rates per layer and site on a batch, operation counts and 45 nm energy per token."""
+    _, cache = forward(params, cfg, x)
+    rates = spike_rates(cache, cfg)
+    ops = synaptic_ops(cfg, rates)
+    e_snn = ops["ac"] * E_AC + ops["mac"] * E_MAC
+    e_ann = ops["ann_mac"] * E_MAC
+    sites = list(rates[0])
+    lines = ["layer " + " ".join(f"{s.replace('attn.', ''):>9}" for s in sites)]
+    lines += [f"{i:5d} " + " ".join(f"{r[s]:9.3f}" for s in sites) for i, r in enumerate(rates)]
+    mean = float(np.mean([r[s] for r in rates for s in SITES if s in r]))
+    lines.append(f"mean spike rate {mean:.3f} over {cfg.T} timesteps" if cfg.spiking else
+                 "(ANN twin: fraction of nonzero activations)")
+    lines.append(f"per token: spiking {ops['ac'] / 1e6:.2f} M AC + {ops['mac'] / 1e6:.2f} M MAC"
+                 f" = {e_snn * 1e9:.2f} nJ;  ANN twin {ops['ann_mac'] / 1e6:.2f} M MAC = {e_ann * 1e9:.2f} nJ"
+                 f"  (x{e_ann / e_snn:.2f}, 45 nm: AC 0.9 pJ, MAC 4.6 pJ)")
+    return "\n".join(lines), {"rates": rates, "ops": ops, "energy_snn": e_snn, "energy_ann": e_ann}
+
+# ----------------------------------------------------------------------------- training
+
+
+def train_step(params, opt, mcfg, tcfg, data, step):
+    """One optimisation step on the batch fixed by (seed, step); returns (loss, stats)."""
+    x, y = get_batch(data, tcfg.batch_size, mcfg.context, batch_rng(tcfg.seed, step))
+    loss, grads, stats = loss_and_grads(params, mcfg, x, y)
+    if not math.isfinite(loss):
+        return loss, stats                     # the caller stops; params stay untouched
+    grads, stats["grad_norm"] = clip_grads(grads, tcfg.grad_clip)
+    stats["lr"] = adamw_step(params, grads, opt, step, tcfg, mcfg.n_layer)
+    return loss, stats
+
+
+def train(mcfg, tcfg, data_dir, ckpt_path, resume=False):
+    """The training loop: tqdm, periodic eval + checkpoint, exact resume, Ctrl-C saves."""
+    meta, tok, tok_info = load_dataset_info(data_dir)
+    train_data, val = open_split(data_dir, "train"), open_split(data_dir, "val")
+    step, opt = 0, None
+    if resume:
+        params, mcfg, _, step, opt, config = load_model(ckpt_path)
+        check_tokenizer(config, tok_info["sha256"], ckpt_path)
+        print(f"resuming {ckpt_path} at step {step}")
+    else:
+        if mcfg.vocab_size < meta["vocab_size"]:
+            mcfg = ModelConfig(**dict(asdict(mcfg), vocab_size=meta["vocab_size"]))
+        params = init_params(mcfg, tcfg.seed)
+    opt = opt or init_opt_state(params)
+    n_params = sum(p.size for p in params.values())
+    print(f"model: {n_params / 1e6:.2f} M parameters, {mcfg.n_layer} layers, d={mcfg.d_model}, T={mcfg.T}, "
+          f"context {mcfg.context}, {mcfg.neuron if mcfg.spiking else 'ANN twin'}; "
+          f"data: {len(train_data):,} train / {len(val):,} val tokens")
+
+    def save(done):
+        save_model(ckpt_path, params, mcfg, tcfg, done, opt, tok_info, data_dir)
+
+    def evaluate_now(done):
+        for ctx in (mcfg.context, 4 * mcfg.context):
+            r = eval_report(params, mcfg, val, ctx, tcfg.eval_tokens, tok.decode)
+            if r:
+                tqdm.write(f"step {done}: val @ context {ctx}: {r['nats']:.4f} nats/token, ppl {r['ppl']:.2f}, "
+                           f"{r['bpc']:.4f} bits/char ({r['tokens']} tokens, {r['chars']} chars)")
+
+    t0, tokens_seen, done = time.time(), 0, step
+    bar = tqdm(range(step, tcfg.max_steps), initial=step, total=tcfg.max_steps, desc="train", dynamic_ncols=True)
+    try:
+        for step in bar:
+            loss, stats = train_step(params, opt, mcfg, tcfg, train_data, step)
+            if not math.isfinite(loss):
+                bar.close()
+                raise FloatingPointError(f"loss is {loss} at step {step}: stopping without saving; the last good "
+                                         f"checkpoint ({ckpt_path}, if any) is kept. Try a lower --lr.")
+            done, tokens_seen = step + 1, tokens_seen + tcfg.batch_size * mcfg.context
+            rate = np.mean([r["sn1"] for r in stats["rates"]])
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{stats['lr']:.1e}", spikes=f"{rate:.2f}",
+                            tok_s=f"{tokens_seen / (time.time() - t0):.0f}")
+            out_of_time = tcfg.max_minutes > 0 and time.time() - t0 > 60 * tcfg.max_minutes
+            if done % tcfg.eval_interval == 0 or done == tcfg.max_steps or out_of_time:
+                evaluate_now(done)
+                save(done)
+            if out_of_time:
+                tqdm.write(f"max_minutes={tcfg.max_minutes} reached at step {done}; resume with --resume 1")
+                break
+    except KeyboardInterrupt:
+        bar.close()
+        save(done)
+        print(f"\ninterrupted: saved step {done} to {ckpt_path}; continue with --resume 1")
+        raise
+    bar.close()
+    return params, mcfg, tok
+
+# ----------------------------------------------------------------------------- main
+
+
+def parse_bool(text):
+    if str(text).lower() in ("1", "true", "yes", "on"):
+        return True
+    if str(text).lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected 0/1/true/false, got {text!r}")
+
+
+def build_parser():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--preset", default="small", choices=list(PRESETS))
+    ap.add_argument("--resume", type=parse_bool, default=False, help="continue from the checkpoint")
+    ap.add_argument("--ckpt", default=None, help="checkpoint path (default: OUT_DIR/ckpt.npz)")
+    ap.add_argument("--generate", default=None, metavar="PROMPT", help="only generate from the checkpoint")
+    ap.add_argument("--max_new_tokens", type=int, default=120)
+    ap.add_argument("--temperature", type=float, default=0.8)
+    ap.add_argument("--top_k", type=int, default=40)
+    ap.add_argument("--top_p", type=float, default=0.95)
+    ap.add_argument("--sample_seed", type=int, default=0)
+    for group, cls in (("model (ModelConfig)", ModelConfig), ("training (TrainConfig)", TrainConfig)):
+        g = ap.add_argument_group(group, "preset values are used unless given")
+        for f in fields(cls):
+            kind = parse_bool if f.type in (bool, "bool") else type(f.default)
+            g.add_argument(f"--{f.name}", type=kind, default=None, help=f"default {f.default!r} or the preset's")
+    return ap
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    names = {f.name for f in fields(ModelConfig)} | {f.name for f in fields(TrainConfig)}
+    overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    mcfg, tcfg = make_configs(args.preset, **overrides)
+    ckpt = Path(args.ckpt or Path(tcfg.out_dir) / "ckpt.npz")
+    try:
+        if args.generate is not None:
+            params, mcfg, _, step, _, config = load_model(ckpt)
+            tok = load_stage("2_tokenizer").Tokenizer.load(config["tokenizer"]["path"])
+            check_tokenizer(config, tok.sha256(), ckpt)
+            stream_text(tok, params, mcfg, args.generate, args.max_new_tokens, args.sample_seed,
+                        args.temperature, args.top_k, args.top_p)
+            return 0
+        data_dir = prepare_dataset(tcfg.source, tcfg.data_root)
+        params, mcfg, tok = train(mcfg, tcfg, data_dir, ckpt, args.resume)
+    except (CheckpointError, FloatingPointError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    x, _ = eval_windows(open_split(data_dir, "val"), mcfg.context, 8 * mcfg.context)
+    print("\nspike statistics on validation windows (rate = fraction of neurons firing per timestep):")
+    print(energy_report(params, mcfg, x)[0])
+    print(f"\nsample (recurrent form, temperature {args.temperature}, top-k {args.top_k}, top-p {args.top_p}):")
+    prompt = tok.decode(np.asarray(open_split(data_dir, "val")[:8]).tolist())
+    stream_text(tok, params, mcfg, prompt, args.max_new_tokens, args.sample_seed, args.temperature, args.top_k, args.top_p)
+    print(f"\ncheckpoint: {ckpt}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
