@@ -337,7 +337,7 @@ class Tokenizer:
     def to_dict(self):
         return {"format": FORMAT, "version": VERSION, "lang": self.lang,
                 "vocab_size": self.vocab_size, "special_tokens": list(SPECIAL_TOKENS),
-                "byte_tokens": 256, "pieces": self.pieces}
+                "byte_tokens": 256, "pieces": list(self.pieces)}
 
     def canonical_json(self):
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
