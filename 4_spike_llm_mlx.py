@@ -1,0 +1,558 @@
+"""Stage 4: the stage 3 spiking language model in MLX, fast on a Mac and on a Linux CPU.
+
+The same model as stage 3 (same parameters, same checkpoint file, same logits), written the way
+MLX code is written: one `nn.Module` per idea, the surrogate spike as an `mx.custom_function`
+with its own vjp, gradients from `nn.value_and_grad`, the whole training step (forward,
+backward, clipping, AdamW) traced once by `mx.compile`, and `mx.eval` once per step. MLX runs
+on the GPU of Apple Silicon when there is one and on the CPU otherwise.
+
+Everything that is not the model comes from stage 3 by import: ModelConfig, TrainConfig,
+PRESETS, initial parameters, batches, the learning-rate schedule, checkpoint I/O, BPC, sampling
+and the operation counts of the energy report. A checkpoint written here continues training in
+stage 3 and the other way round, optimizer moments included (tests/test_mlx.py proves it).
+
+    python 4_spike_llm_mlx.py                         # stage 3's quick start, in MLX
+    python 4_spike_llm_mlx.py --preset seed --source files:path/to/text.txt
+    python 4_spike_llm_mlx.py --resume 1              # continue exactly where a run stopped
+    python 4_spike_llm_mlx.py --ckpt out/numpy/ckpt.npz --resume 1   # continue a NumPy run
+    python 4_spike_llm_mlx.py --generate "To be"      # stream text from out/mlx/ckpt.npz
+
+Command-line overrides use stage 3's field names: `--n_layer 6 --neuron alif --spiking 0`.
+The default out_dir here is out/mlx (stage 3 writes out/numpy).
+"""
+import math
+import sys
+import time
+from dataclasses import asdict, fields
+from functools import lru_cache, partial
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from spikelib.checkpoint import CheckpointError  # noqa: E402
+from spikelib.stages import load_stage  # noqa: E402
+
+ref = load_stage("3_spike_llm_numpy")          # the reference stage: config, data, schedule, I/O
+ModelConfig, TrainConfig, PRESETS = ref.ModelConfig, ref.TrainConfig, ref.PRESETS
+SITES = ref.SITES                              # neuron sites of a block, in checkpoint order
+
+# ----------------------------------------------------------------------------- surrogate spike
+
+
+def surrogate_grad(u, cfg):
+    """S'(u) for u = v - threshold (SPEC): the gradient used in place of the step's delta."""
+    a = cfg.alpha
+    if cfg.surrogate == "arctan":
+        z = (math.pi / 2 * a) * u
+        return (a / 2) / (1 + z * z)
+    if cfg.surrogate == "sigmoid":
+        sig = mx.sigmoid(a * u)
+        return a * sig * (1 - sig)
+    if cfg.surrogate == "fast_sigmoid":
+        d = 1 + a * mx.abs(u)
+        return a / (2 * d * d)
+    g = 1.0 / a                                            # triangle of half-width g
+    return mx.maximum(0, 1 - mx.abs(u) / g) / g
+
+
+@lru_cache(maxsize=None)
+def spike_function(surrogate, alpha):
+    """H(u) = [u > 0] forward, dL/du = dL/ds * S'(u) backward: a custom-gradient function."""
+    cfg = ModelConfig(surrogate=surrogate, alpha=alpha)
+
+    @mx.custom_function
+    def spike(u):
+        return (u > 0).astype(u.dtype)
+
+    @spike.vjp
+    def spike_vjp(u, ds, s):
+        return ds * surrogate_grad(u, cfg)
+
+    return spike
+
+# ----------------------------------------------------------------------------- model
+
+
+class Neuron(nn.Module):
+    """Multi-step spiking neuron over axis 0 (T) of x (T, ..., C), per channel C.
+
+    v_t = beta*v+_{t-1} + x_t,  s_t = H(v_t - thr_t),  v+_t = v_t - thr_t*r_t (soft) or
+    v_t*(1 - r_t) (hard), v+_0 = 0, r_t = s_t (ternary hard: |s_t|).  LIF: fixed beta, theta.
+    PLIF: beta = sigmoid(w), thr = theta per channel, both learned.  ALIF: thr_t = theta + a_t,
+    a_t = rho*a_{t-1} + kappa*s_{t-1}.  Ternary: s = H(v - theta) - H(-v - theta).
+    ANN twin: relu(x).  Autodiff through this loop is backprop through time.
+    """
+
+    def __init__(self, cfg, channels):
+        super().__init__()
+        self.cfg = cfg
+        if cfg.neuron == "plif":
+            self.w = mx.full((channels,), math.log(cfg.beta / (1 - cfg.beta)))
+            self.theta = mx.full((channels,), cfg.theta)
+
+    def __call__(self, x):
+        cfg = self.cfg
+        if not cfg.spiking:
+            return nn.relu(x)
+        spike = spike_function(cfg.surrogate, cfg.alpha)
+        beta = mx.sigmoid(self.w) if cfg.neuron == "plif" else cfg.beta
+        theta = self.theta if cfg.neuron == "plif" else cfg.theta
+        v_plus, a, out = 0.0, 0.0, []
+        for t in range(x.shape[0]):
+            v = beta * v_plus + x[t]
+            thr = theta + a
+            if cfg.neuron == "ternary":
+                s_pos, s_neg = spike(v - thr), spike(-v - thr)
+                s = s_pos - s_neg
+                r = s if cfg.reset == "soft" else s_pos + s_neg
+            else:
+                s = r = spike(v - thr)
+            if cfg.detach_reset:
+                r = mx.stop_gradient(r)
+            v_plus = v - thr * r if cfg.reset == "soft" else v * (1 - r)
+            if cfg.neuron == "alif":
+                a = cfg.alif_rho * a + cfg.alif_kappa * s
+            out.append(s)
+        return mx.stack(out)                               # (T, ..., C)
+
+
+@lru_cache(maxsize=16)
+def decay_mask(H, L):
+    """Dmask[h, l, j] = gamma_h^(l-j) for j <= l else 0, (H, L, L): stage 3's table, in MLX."""
+    return mx.array(ref.decay_mask(H, L, np.dtype(np.float32)))
+
+
+class HeadNorm(nn.Module):
+    """RMS-normalise each head's dh channels, then scale by a gain over all D channels."""
+
+    def __init__(self, dims, eps):
+        super().__init__()
+        self.weight = mx.ones((dims,))
+        self.eps = eps
+
+    def __call__(self, y):                                 # (T, B, H, L, dh) -> (T, B, L, D)
+        T, B, H, L, dh = y.shape
+        y = y.transpose(0, 1, 3, 2, 4)
+        y = y * mx.rsqrt((y * y).mean(-1, keepdims=True) + self.eps)
+        return y.reshape(T, B, L, H * dh) * self.weight
+
+
+class Attention(nn.Module):
+    """Spike-driven causal linear attention with a decay gamma_h = 1 - 2^(-5-h) per head.
+
+    linear:   y_l = sum_{j<=l} gamma^(l-j) (q_l . k_j) v_j   parallel: (Q K^T * Dmask) V
+    hadamard: y_l = sum_{j<=l} gamma^(l-j) k_j * v_j         parallel: Dmask (K * V)
+    Recurrent (one position): S = gamma S + k^T v, y = q S  |  c = gamma c + k * v, y = c.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        D = cfg.d_model
+        self.cfg = cfg
+        self.wq, self.wk, self.wv, self.wo = (mx.zeros((D, D)) for _ in range(4))   # (in, out)
+        self.sn_q, self.sn_k, self.sn_v, self.sn_o = (Neuron(cfg, D) for _ in range(4))
+        self.norm = HeadNorm(D, cfg.norm_eps)
+
+    def split_heads(self, x):                              # (T, B, L, D) -> (T, B, H, L, dh)
+        T, B, L, D = x.shape
+        H = self.cfg.n_head
+        return x.reshape(T, B, L, H, D // H).transpose(0, 1, 3, 2, 4)
+
+    def parallel(self, Q, K, V):
+        Dm = decay_mask(self.cfg.n_head, Q.shape[3])       # (H, L, L)
+        if self.cfg.attention == "linear":
+            return ((Q @ K.swapaxes(-1, -2)) * Dm) @ V
+        return Dm @ (K * V)
+
+    def recurrent(self, Q, K, V, S):
+        """One position; S (T, B, H, dh, dh) linear or (T, B, H, dh) hadamard."""
+        gamma = mx.array(ref.head_decays(self.cfg.n_head).astype(np.float32))
+        Q, K, V = Q[:, :, :, 0], K[:, :, :, 0], V[:, :, :, 0]            # (T, B, H, dh)
+        if self.cfg.attention == "linear":
+            S = gamma[:, None, None] * S + K[..., :, None] * V[..., None, :]
+            y = (Q[..., None, :] @ S)[..., 0, :]
+        else:
+            S = gamma[:, None] * S + K * V
+            y = S
+        return y[:, :, :, None], S
+
+    def __call__(self, s, state=None):                     # s: spikes (T, B, L, D)
+        q, k, v = self.sn_q(s @ self.wq), self.sn_k(s @ self.wk), self.sn_v(s @ self.wv)
+        Q, K, V = self.split_heads(q), self.split_heads(k), self.split_heads(v)
+        if state is None:
+            y = self.parallel(Q, K, V)
+        else:
+            y, state = self.recurrent(Q, K, V, state)
+        z = self.sn_o(self.norm(y))
+        o = z if self.cfg.attention == "linear" else q * z  # hadamard: gate by the query spikes
+        return o @ self.wo, state, {"attn.sn_q": q, "attn.sn_k": k, "attn.sn_v": v, "attn.sn_o": z, "wo_input": o}
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.w1 = mx.zeros((cfg.d_model, cfg.d_ff))
+        self.w2 = mx.zeros((cfg.d_ff, cfg.d_model))
+        self.sn_h = Neuron(cfg, cfg.d_ff)
+
+    def __call__(self, s):                                 # (T, B, L, D) spikes -> (T, B, L, D)
+        u = self.sn_h(s @ self.w1)                         # (T, B, L, F) spikes
+        return u @ self.w2, u
+
+
+class Block(nn.Module):
+    """h += SDSA(SN(rmsnorm(h)));  h += MLP(SN(rmsnorm(h))): every matmul is fed by spikes."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.norm1, self.norm2 = nn.RMSNorm(cfg.d_model, cfg.norm_eps), nn.RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.sn1, self.sn2 = Neuron(cfg, cfg.d_model), Neuron(cfg, cfg.d_model)
+        self.attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+
+    def __call__(self, h, state=None):                     # h (T, B, L, D) real residual stream
+        s = self.sn1(self.norm1(h))
+        o, state, spikes = self.attn(s, state)
+        h = h + o
+        s2 = self.sn2(self.norm2(h))
+        m, u = self.mlp(s2)
+        spikes = {"sn1": s, **spikes, "sn2": s2, "mlp.sn_h": u}
+        return h + m, state, spikes
+
+
+class Head(nn.Module):
+    """The untied readout, stored (D, V) like every weight here: logits = x @ weight."""
+
+    def __init__(self, dims, vocab):
+        super().__init__()
+        self.weight = mx.zeros((dims, vocab))
+
+
+class SpikeLM(nn.Module):
+    """Tokens (B, L) -> logits (B, L, V), the spikes of every site, and the decoding state.
+
+    x = embed[idx], h = x repeated over T, blocks, hbar = mean_t h, logits = rmsnorm(hbar) @ W_out.
+    With state=None the parallel form runs (training); with a state (list per layer) each call
+    takes one position (B, 1) and returns the updated constant-size state (generation).
+    Since MLX is lazy, the spikes cost nothing unless someone evaluates them.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = [Block(cfg) for _ in range(cfg.n_layer)]
+        self.norm_f = nn.RMSNorm(cfg.d_model, cfg.norm_eps)
+        if not cfg.tie_embeddings:
+            self.head = Head(cfg.d_model, cfg.vocab_size)
+
+    def __call__(self, idx, state=None):
+        T = ref.timesteps(self.cfg)                        # 1 for the ANN twin
+        x = self.embed(idx)                                # (B, L, D)
+        h = mx.broadcast_to(x, (T,) + x.shape)             # (T, B, L, D)
+        spikes, new_state = [], []
+        for i, block in enumerate(self.blocks):
+            h, layer_state, layer_spikes = block(h, None if state is None else state[i])
+            spikes.append(layer_spikes)
+            new_state.append(layer_state)
+        xf = self.norm_f(h.mean(0))                        # (B, L, D)
+        w_out = self.embed.weight.T if self.cfg.tie_embeddings else self.head.weight
+        return xf @ w_out, spikes, (None if state is None else new_state)
+
+    def init_state(self, batch):
+        """Zero attention state per layer: (T, B, H, dh, dh) linear or (T, B, H, dh) hadamard."""
+        return [mx.array(s) for s in ref.init_decode_state(self.cfg, batch)["layers"]]
+
+
+def build_model(cfg, params):
+    """An MLX SpikeLM holding the given {name: array} parameters (names as in the checkpoint)."""
+    model = SpikeLM(cfg)
+    model.load_weights([(k, mx.array(np.asarray(v, np.float32))) for k, v in params.items()], strict=True)
+    return model
+
+
+def numpy_params(model):
+    """{name: float32 array} in the checkpoint's names, e.g. blocks.0.attn.wq."""
+    return {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+
+
+def spike_rates(spikes):
+    """Per layer: the fraction of nonzero outputs of every site (stage 3's layout)."""
+    return [{site: (s != 0).mean().item() for site, s in layer.items()} for layer in spikes]
+
+
+def loss_fn(model, x, y):
+    """Mean cross-entropy over B*L, and the mean firing rate of sn1 (for the progress bar)."""
+    logits, spikes, _ = model(x)
+    loss = nn.losses.cross_entropy(logits, y, reduction="mean")
+    rate = mx.mean(mx.stack([(layer["sn1"] != 0).mean() for layer in spikes]))
+    return loss, rate
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+class AdamW:
+    """Stage 3's AdamW with flat {name: array} moments, so they round-trip through the checkpoint.
+
+    m = b1 m + (1-b1) g,  v = b2 v + (1-b2) g^2,  p -= lr_p*wd*p (ndim >= 2 only),
+    p -= lr_p * (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps),  t = completed steps + 1,
+    lr_p = lr_at(step) * layer_lr_decay^(n_layer+1-depth).  (mlx.optimizers.AdamW decays
+    every parameter and has one learning rate, hence these few lines.)
+    """
+
+    def __init__(self, model, tcfg, opt_state=None, b1=0.9, b2=0.95, eps=1e-8):
+        n_layer = model.cfg.n_layer
+        params = dict(tree_flatten(model.parameters()))
+        self.b1, self.b2, self.eps, self.wd = b1, b2, eps, tcfg.weight_decay
+        self.lr_scale = {k: tcfg.layer_lr_decay ** (n_layer + 1 - ref.layer_depth(k, n_layer)) for k in params}
+        self.state = {moment: {k: mx.array(opt_state[moment][k]) if opt_state else mx.zeros_like(p)
+                               for k, p in params.items()} for moment in ("m", "v")}
+
+    def update(self, model, grads, lr, t):
+        """Apply one step with base learning rate lr and step count t (mx scalars)."""
+        b1, b2, m, v = self.b1, self.b2, self.state["m"], self.state["v"]
+        c1, c2 = 1 - b1 ** t, 1 - b2 ** t
+        new = []
+        for name, p in tree_flatten(model.parameters()):
+            g = grads[name]
+            m[name] = b1 * m[name] + (1 - b1) * g
+            v[name] = b2 * v[name] + (1 - b2) * g * g
+            lr_p = lr * self.lr_scale[name]
+            if p.ndim >= 2:
+                p = p * (1 - lr_p * self.wd)
+            new.append((name, p - lr_p * (m[name] / c1) / (mx.sqrt(v[name] / c2) + self.eps)))
+        model.update(tree_unflatten(new))
+
+    def numpy_state(self):
+        return {moment: {k: np.array(a) for k, a in arrays.items()} for moment, arrays in self.state.items()}
+
+# ----------------------------------------------------------------------------- training step
+
+
+def make_train_step(model, opt, tcfg):
+    """The compiled step: loss and gradients, global-norm clipping, AdamW. Model parameters
+    and optimizer moments are declared as the state the compiled function reads and writes."""
+    loss_and_grad = nn.value_and_grad(model, loss_fn)
+    state = [model.state, opt.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(x, y, lr, t):
+        (loss, rate), grads = loss_and_grad(model, x, y)
+        grads = dict(tree_flatten(grads))
+        if tcfg.grad_clip > 0:
+            grads, norm = optim.clip_grad_norm(grads, tcfg.grad_clip)
+        else:
+            norm = mx.sqrt(sum((g * g).sum() for g in grads.values()))
+        opt.update(model, grads, lr, t)
+        return loss, rate, norm
+
+    return step
+
+
+def train_steps(model, opt, step_fn, mcfg, tcfg, data, start, stop):
+    """Run steps start..stop-1 on the batches fixed by (seed, step); yields (step, loss, rate, lr)."""
+    for step in range(start, stop):
+        x, y = ref.get_batch(data, tcfg.batch_size, mcfg.context, ref.batch_rng(tcfg.seed, step))
+        lr = ref.lr_at(step, tcfg)
+        loss, rate, _ = step_fn(mx.array(x, mx.int32), mx.array(y, mx.int32), mx.array(lr, mx.float32),
+                                mx.array(step + 1, mx.float32))
+        mx.eval(loss, rate, model.state, opt.state)       # one evaluation per step
+        yield step, loss.item(), rate.item(), lr
+
+# ----------------------------------------------------------------------------- evaluation, checkpoints
+
+
+def total_nats(model, x, y, batch):
+    """Sum of -log p over all targets y (n, L), forward only, parallel form."""
+    total = 0.0
+    for b in range(0, len(x), batch):
+        logits, _, _ = model(mx.array(x[b:b + batch], mx.int32))
+        total += nn.losses.cross_entropy(logits, mx.array(y[b:b + batch], mx.int32), reduction="sum").item()
+    return total
+
+
+def eval_report(model, cfg, val, context, max_tokens, decode):
+    """nats/token, perplexity and BPC on stage 3's fixed validation slice (same numbers)."""
+    x, y = ref.eval_windows(val, context, max_tokens)
+    if len(x) == 0:
+        return None
+    batch = max(1, 8 * cfg.context ** 2 // context ** 2)
+    nats = total_nats(model, x, y, batch)
+    n_chars = len(decode(y.ravel().tolist()))
+    return {"nats": nats / y.size, "ppl": math.exp(nats / y.size), "bpc": ref.bits_per_char(nats, n_chars),
+            "tokens": int(y.size), "chars": n_chars, "context": context}
+
+
+def save(path, model, opt, tcfg, step, tok_info, data_dir):
+    """Stage 3's checkpoint: float32 params, AdamW moments, config JSON with the step."""
+    return ref.save_model(path, numpy_params(model), model.cfg, tcfg, step, opt.numpy_state(), tok_info, data_dir)
+
+
+def load(path):
+    """(model, train dict, step, opt_state|None, config) from any stage's checkpoint."""
+    params, mcfg, train, step, opt_state, config = ref.load_model(path)
+    return build_model(mcfg, params), train, step, opt_state, config
+
+# ----------------------------------------------------------------------------- generation
+
+
+def generate(model, prompt_ids, max_new_tokens, rng, temperature=1.0, top_k=0, top_p=1.0):
+    """Yield new token ids one at a time with the recurrent form (constant cost per token)."""
+    state = model.init_state(1)
+    for t in prompt_ids:
+        logits, _, state = model(mx.array([[t]]), state)
+    for _ in range(max_new_tokens):
+        nxt = ref.sample_token(np.array(logits[0, 0]), rng, temperature, top_k, top_p)
+        yield nxt
+        logits, _, state = model(mx.array([[nxt]]), state)
+
+
+def stream_text(tok, model, prompt, max_new_tokens, seed=0, temperature=0.8, top_k=40, top_p=0.95, out=sys.stdout):
+    """Print the prompt, then each new piece of text as soon as it is sampled."""
+    ids = tok.encode(prompt) or [tok.bos_id]
+    out.write(prompt)
+    text = tok.decode(ids)
+    for nxt in generate(model, ids, max_new_tokens, np.random.default_rng(seed), temperature, top_k, top_p):
+        ids.append(nxt)
+        new = tok.decode(ids)
+        out.write(new[len(text):] if new.startswith(text) else new[-1:])
+        out.flush()
+        text = new
+    out.write("\n")
+    return text
+
+# ----------------------------------------------------------------------------- spikes and energy
+
+
+def energy_report(model, x):
+    """Spike rates per layer and site from the MLX forward; operations and 45 nm energy per token
+    with stage 3's counting (ref.synaptic_ops: AC on spikes, MAC on reals)."""
+    cfg = model.cfg
+    rates = spike_rates(model(mx.array(x, mx.int32))[1])
+    ops = ref.synaptic_ops(cfg, rates)
+    e_snn, e_ann = ops["ac"] * ref.E_AC + ops["mac"] * ref.E_MAC, ops["ann_mac"] * ref.E_MAC
+    sites = list(rates[0])
+    lines = ["layer " + " ".join(f"{s.replace('attn.', ''):>9}" for s in sites)]
+    lines += [f"{i:5d} " + " ".join(f"{r[s]:9.3f}" for s in sites) for i, r in enumerate(rates)]
+    mean = float(np.mean([r[s] for r in rates for s in SITES]))
+    lines.append(f"mean spike rate {mean:.3f} over {cfg.T} timesteps" if cfg.spiking else
+                 "(ANN twin: fraction of nonzero activations)")
+    lines.append(f"per token: spiking {ops['ac'] / 1e6:.2f} M AC + {ops['mac'] / 1e6:.2f} M MAC = {e_snn * 1e9:.2f} nJ;"
+                 f"  ANN twin {ops['ann_mac'] / 1e6:.2f} M MAC = {e_ann * 1e9:.2f} nJ  (x{e_ann / e_snn:.2f})")
+    return "\n".join(lines), {"rates": rates, "ops": ops, "energy_snn": e_snn, "energy_ann": e_ann}
+
+# ----------------------------------------------------------------------------- training loop
+
+
+def train(mcfg, tcfg, data_dir, ckpt_path, resume=False):
+    """tqdm, periodic eval + atomic checkpoint, exact resume (any stage's checkpoint), Ctrl-C
+    saves, and a NaN guard that stops without overwriting the last good checkpoint."""
+    meta, tok, tok_info = ref.load_dataset_info(data_dir)
+    train_data, val = ref.open_split(data_dir, "train"), ref.open_split(data_dir, "val")
+    step, opt_state = 0, None
+    if resume:
+        model, _, step, opt_state, config = load(ckpt_path)
+        ref.check_tokenizer(config, tok_info["sha256"], ckpt_path)
+        mcfg = model.cfg
+        print(f"resuming {ckpt_path} at step {step}")
+    else:
+        if mcfg.vocab_size < meta["vocab_size"]:
+            mcfg = ModelConfig(**dict(asdict(mcfg), vocab_size=meta["vocab_size"]))
+        model = build_model(mcfg, ref.init_params(mcfg, tcfg.seed))   # the same start as stage 3
+    opt = AdamW(model, tcfg, opt_state)
+    mx.eval(model.parameters(), opt.state)
+    n_params = sum(p.size for _, p in tree_flatten(model.parameters()))
+    print(f"model: {n_params / 1e6:.2f} M parameters, {mcfg.n_layer} layers, d={mcfg.d_model}, T={mcfg.T}, "
+          f"context {mcfg.context}, {mcfg.neuron if mcfg.spiking else 'ANN twin'}; MLX on {mx.default_device()}; "
+          f"data: {len(train_data):,} train / {len(val):,} val tokens")
+
+    def evaluate_now(done):
+        for ctx in (mcfg.context, 4 * mcfg.context):
+            r = eval_report(model, mcfg, val, ctx, tcfg.eval_tokens, tok.decode)
+            if r:
+                tqdm.write(f"step {done}: val @ context {ctx}: {r['nats']:.4f} nats/token, ppl {r['ppl']:.2f}, "
+                           f"{r['bpc']:.4f} bits/char ({r['tokens']} tokens, {r['chars']} chars)")
+
+    step_fn = make_train_step(model, opt, tcfg)
+    t0, tokens_seen, done = time.time(), 0, step
+    bar = tqdm(total=tcfg.max_steps, initial=step, desc="train", dynamic_ncols=True)
+    try:
+        for step, loss, rate, lr in train_steps(model, opt, step_fn, mcfg, tcfg, train_data, step, tcfg.max_steps):
+            if not math.isfinite(loss):
+                bar.close()
+                raise FloatingPointError(f"loss is {loss} at step {step}: stopping without saving; the last good "
+                                         f"checkpoint ({ckpt_path}, if any) is kept. Try a lower --lr.")
+            done, tokens_seen = step + 1, tokens_seen + tcfg.batch_size * mcfg.context
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", spikes=f"{rate:.2f}",
+                            tok_s=f"{tokens_seen / (time.time() - t0):.0f}")
+            out_of_time = tcfg.max_minutes > 0 and time.time() - t0 > 60 * tcfg.max_minutes
+            if done % tcfg.eval_interval == 0 or done == tcfg.max_steps or out_of_time:
+                evaluate_now(done)
+                save(ckpt_path, model, opt, tcfg, done, tok_info, data_dir)
+            if out_of_time:
+                tqdm.write(f"max_minutes={tcfg.max_minutes} reached at step {done}; resume with --resume 1")
+                break
+    except KeyboardInterrupt:
+        bar.close()
+        save(ckpt_path, model, opt, tcfg, done, tok_info, data_dir)
+        print(f"\ninterrupted: saved step {done} to {ckpt_path}; continue with --resume 1")
+        raise
+    bar.close()
+    return model, tok
+
+# ----------------------------------------------------------------------------- main
+
+
+def build_parser():
+    """Stage 3's command line (every config field, presets, generation flags) plus --device."""
+    ap = ref.build_parser()
+    ap.description = __doc__.split("\n\n")[0]
+    ap.add_argument("--device", choices=("gpu", "cpu"), default=None,
+                    help="MLX device (default: the GPU when MLX has one, e.g. Apple Silicon)")
+    return ap
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.device:
+        mx.set_default_device(mx.gpu if args.device == "gpu" else mx.cpu)
+    names = {f.name for f in fields(ModelConfig)} | {f.name for f in fields(TrainConfig)}
+    overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    overrides.setdefault("out_dir", "out/mlx")
+    mcfg, tcfg = ref.make_configs(args.preset, **overrides)
+    ckpt = Path(args.ckpt or Path(tcfg.out_dir) / "ckpt.npz")
+    try:
+        if args.generate is not None:
+            model, _, _, _, config = load(ckpt)
+            tok = load_stage("2_tokenizer").Tokenizer.load(config["tokenizer"]["path"])
+            ref.check_tokenizer(config, tok.sha256(), ckpt)
+            stream_text(tok, model, args.generate, args.max_new_tokens, args.sample_seed,
+                        args.temperature, args.top_k, args.top_p)
+            return 0
+        data_dir = ref.prepare_dataset(tcfg.source, tcfg.data_root)
+        model, tok = train(mcfg, tcfg, data_dir, ckpt, args.resume)
+    except (CheckpointError, FloatingPointError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    val = ref.open_split(data_dir, "val")
+    x, _ = ref.eval_windows(val, model.cfg.context, 8 * model.cfg.context)
+    print("\nspike statistics on validation windows (rate = fraction of neurons firing per timestep):")
+    print(energy_report(model, x)[0])
+    print(f"\nsample (recurrent form, temperature {args.temperature}, top-k {args.top_k}, top-p {args.top_p}):")
+    prompt = tok.decode(np.asarray(val[:8]).tolist())
+    stream_text(tok, model, prompt, args.max_new_tokens, args.sample_seed, args.temperature, args.top_k, args.top_p)
+    print(f"\ncheckpoint: {ckpt}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
