@@ -91,7 +91,7 @@ PRETOKEN = re.compile(r"""
     | [ ]?(?:[^\s\w]|_)+     # punctuation / symbols / underscores, with their space
     | \d                     # a single digit: numbers are spelled digit by digit
     | \s+(?!\S)              # whitespace, leaving the last space to the next word
-    | \s+                    # whitespace before a digit or at the end
+    | \s+                    # the rest: a newline before a word, a space before a digit
 """, re.VERBOSE)
 
 
@@ -230,12 +230,13 @@ class Tokenizer:
         # id -> bytes, so decoding is one join and one UTF-8 decode
         self.id_bytes = ([s.encode() for s in SPECIAL_TOKENS] + [bytes([b]) for b in range(256)]
                          + [p.encode("utf-8") for p in self.pieces])
-        self.clear_cache()
+        self.cache = {}                              # chunk -> tuple of ids, filled by encode()
+        self.hyphenator = pyphen.Pyphen(lang=lang)   # shares pyphen's loaded patterns
 
     def clear_cache(self):
         """Forget cached chunks and hyphenations (benchmarks measure a cold start with this)."""
         self.cache = {}
-        self.hyphenator = pyphen.Pyphen(lang=self.lang, cache=False)
+        self.hyphenator = pyphen.Pyphen(lang=self.lang, cache=False)   # fresh patterns, no memo
 
     # --- training
 
@@ -434,8 +435,9 @@ def token_stats(tok, paths):
     """Share of tokens per kind (piece / single char / byte) over the .bin files."""
     counts = np.zeros(tok.vocab_size, dtype=np.int64)
     for path in paths:
-        if path.stat().st_size:
-            counts += np.bincount(np.memmap(path, dtype="<u2", mode="r"), minlength=tok.vocab_size)
+        ids = np.fromfile(path, dtype="<u2")
+        for start in range(0, len(ids), 1 << 22):   # bincount makes an int64 copy: keep it small
+            counts += np.bincount(ids[start:start + (1 << 22)], minlength=tok.vocab_size)
     by_kind = np.bincount(tok.token_kinds(), weights=counts, minlength=4)
     total = max(by_kind.sum(), 1)
     return {"pieces": by_kind[3] / total, "chars": by_kind[2] / total, "bytes": by_kind[1] / total}
