@@ -35,7 +35,7 @@ Vocabulary layout (ids):
 
     python 2_tokenizer.py                                # data/builtin (runs stage 1 if needed)
     python 2_tokenizer.py --data data/shakespeare --vocab-size 2000
-    python 2_tokenizer.py --source files:../shared/data/tinyshakespeare.txt
+    python 2_tokenizer.py --source files:my_books/       # runs stage 1 for it first
 
 From Python: `load_stage("2_tokenizer").build(data_dir)` (a no-op when the files
 are up to date) and `Tokenizer.load(data_dir / "tokenizer.json")`.
