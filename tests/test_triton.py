@@ -1,0 +1,287 @@
+"""Stage 5 against stage 3: the Triton kernels and the PyTorch path compute the NumPy reference.
+
+Without a GPU the Triton kernels run in Triton's interpreter (TRITON_INTERPRET=1, set while
+stage 5 is imported and during each test here, so other test files see Triton unchanged). Tests marked `gpu` run on
+an NVIDIA GPU at real shapes, bf16 included, and are skipped elsewhere.
+"""
+import os
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from spikelib.stages import load_stage  # noqa: E402
+
+ON_GPU = torch.cuda.is_available()
+if not ON_GPU and "triton" not in sys.modules:
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"          # read when the @triton.jit kernels are defined
+    S5 = load_stage("5_spike_llm_triton")
+    if old is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = old
+else:
+    S5 = load_stage("5_spike_llm_triton")
+S3 = S5.S3
+HAS_TRITON = S5.triton is not None and (ON_GPU or S5.neuron_fwd_kernel.__class__.__name__ == "InterpretedFunction")
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="needs Triton (GPU, or its interpreter on CPU)")
+gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+DEVICE = "cuda" if ON_GPU else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def triton_interpreter(monkeypatch):
+    """Triton also reads TRITON_INTERPRET while running interpreted kernels: set it per test."""
+    if not ON_GPU:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+VARIANTS = [(n, s, "soft", False) for n in S3.NEURONS for s in S3.SURROGATES] + \
+           [(n, "arctan", r, d) for n in S3.NEURONS for r, d in (("hard", False), ("hard", True), ("soft", True))]
+
+
+def model_cfg(**kw):
+    return S3.ModelConfig(**dict(S3.PRESETS["tiny"]["model"], **kw))
+
+
+def run_cfg(kernels, dtype="float32", chunk=8):
+    return S5.RunConfig(kernels=kernels, device=DEVICE, dtype=dtype, chunk=chunk)
+
+
+def rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / (np.abs(b).max() + 1e-12))
+
+
+def plif_params(cfg, C, rng):
+    """Per-channel leak logits and thresholds away from their initial constants."""
+    w = (np.log(cfg.beta / (1 - cfg.beta)) + rng.normal(0, 0.5, C)).astype(np.float32)
+    th = (cfg.theta + rng.normal(0, 0.2, C)).astype(np.float32)
+    return w, th
+
+
+def site_tensors(cfg, w, th, C):
+    """beta, theta as the Triton kernel takes them: (C,) fp32 on the device."""
+    if cfg.neuron == "plif":
+        return torch.sigmoid(torch.tensor(w)), torch.tensor(th)
+    return torch.full((C,), cfg.beta), torch.full((C,), cfg.theta)
+
+# ----------------------------------------------------------------------------- neuron kernel
+
+
+@needs_triton
+@pytest.mark.parametrize("neuron,surrogate,reset,detach", VARIANTS)
+def test_neuron_kernel_matches_stage3(neuron, surrogate, reset, detach):
+    """Fused forward/backward vs stage 3's neuron_forward/neuron_backward in float64."""
+    cfg = model_cfg(neuron=neuron, surrogate=surrogate, reset=reset, detach_reset=detach)
+    rng = np.random.default_rng(hash((neuron, surrogate, reset, detach)) % 2**32)
+    T, C = 4, 24
+    x = rng.normal(0.6, 1.0, (T, 3, 7, C)).astype(np.float32)
+    gs = rng.normal(0, 1, x.shape).astype(np.float32)
+    w, th = plif_params(cfg, C, rng)
+    s3, cache = S3.neuron_forward(x.astype(np.float64), cfg, w=w.astype(np.float64), th=th.astype(np.float64))
+    dx3, dw3, dth3 = S3.neuron_backward(gs.astype(np.float64), cache, cfg)
+    beta, theta = (t.to(DEVICE).requires_grad_(neuron == "plif") for t in site_tensors(cfg, w, th, C))
+    xt = torch.tensor(x, device=DEVICE, requires_grad=True)
+    s = S5.TritonNeuron.apply(xt, beta, theta, cfg, torch.float32)
+    s.backward(torch.tensor(gs, device=DEVICE))
+    assert np.mean(s.detach().cpu().numpy() == s3) >= 0.999
+    assert rel(xt.grad.cpu(), dx3) < 1e-4
+    if neuron == "plif":            # chain rule of beta = sigmoid(w) done here as the model does
+        b = beta.detach().cpu().numpy()
+        assert rel(beta.grad.cpu().numpy() * b * (1 - b), dw3) < 1e-4
+        assert rel(theta.grad.cpu(), dth3) < 1e-4
+
+
+@needs_triton
+@pytest.mark.parametrize("neuron", S3.NEURONS)
+def test_neuron_kernel_compact_output_and_ragged_tiles(neuron):
+    """bf16 / int8 spikes equal the fp32 ones; C and rows not multiples of the tile still work."""
+    cfg = model_cfg(neuron=neuron)
+    rng = np.random.default_rng(7)
+    x = torch.tensor(rng.normal(0.5, 1.0, (3, 70, 37)).astype(np.float32), device=DEVICE)
+    beta, theta = (t.to(DEVICE) for t in site_tensors(cfg, *plif_params(cfg, 37, rng), 37))
+    ref = S5.neuron_torch(x, beta, theta, cfg)
+    for dtype in (torch.float32, torch.bfloat16, torch.int8):
+        s = S5.TritonNeuron.apply(x, beta, theta, cfg, dtype)
+        assert s.dtype == dtype and torch.equal(s.float(), ref)
+
+# ----------------------------------------------------------------------------- whole model vs stage 3
+
+
+def stage3_reference(cfg, params, x, y):
+    p64 = {k: v.astype(np.float64) for k, v in params.items()}
+    logits, cache = S3.forward(p64, cfg, x)
+    loss, grads, _ = S3.loss_and_grads(p64, cfg, x, y)
+    spikes = [np.concatenate([c[k].ravel() for k in ("s", "q", "k", "v", "z", "s2", "u")]) for c in cache["blocks"]]
+    return logits, loss, grads, np.concatenate(spikes)
+
+
+def torch_model_run(cfg, params, x, y, kernels, dtype="float32"):
+    """Logits, loss, grads and every site's spikes (in stage 3's cache order) of stage 5."""
+    model = S5.build_model(cfg, run_cfg(kernels, dtype), params)
+    b = model.blocks
+    sites = [n for blk in b for n in (blk.sn1, blk.attn.sn_q, blk.attn.sn_k, blk.attn.sn_v, blk.attn.sn_o,
+                                      blk.sn2, blk.mlp.sn_h)]
+    seen = {}
+    hooks = [m.register_forward_hook(lambda m, i, o: seen.__setitem__(m, o.detach().float().cpu().numpy().ravel()))
+             for m in sites]
+    logits = model(torch.from_numpy(x).to(DEVICE))
+    loss = torch.nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), torch.from_numpy(y).to(DEVICE).view(-1))
+    loss.backward()
+    for h in hooks:
+        h.remove()
+    grads = {n: p.grad.float().cpu().numpy() for n, p in model.named_parameters()}
+    return logits.detach().cpu().numpy(), loss.item(), grads, np.concatenate([seen[m] for m in sites])
+
+
+def check_parity(cfg, kernels, B=2, L=20, seed=0, dtype="float32", tol=(1e-4, 1e-3, 0.999)):
+    rng = np.random.default_rng(seed)
+    params = S3.init_params(cfg, seed)
+    if cfg.neuron == "plif":
+        for k in params:
+            if k.endswith((".w", ".theta")):
+                params[k] = params[k] + rng.normal(0, 0.2, params[k].shape).astype(np.float32)
+    x, y = rng.integers(0, cfg.vocab_size, (2, B, L))
+    logits3, loss3, grads3, spikes3 = stage3_reference(cfg, params, x, y)
+    logits, loss, grads, spikes = torch_model_run(cfg, params, x, y, kernels, dtype)
+    same = np.isclose(spikes, spikes3, rtol=1e-4, atol=1e-5)       # exact for spikes; ANN twin: relu
+    assert np.mean(same) >= tol[2], "spikes differ"
+    assert rel(logits, logits3) < tol[0] and abs(loss - loss3) < tol[0] * abs(loss3)
+    for name, g3 in grads3.items():
+        assert rel(grads[name], g3) < tol[1], name
+
+
+@pytest.mark.parametrize("neuron", S3.NEURONS)
+@pytest.mark.parametrize("kernels", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_model_matches_stage3_every_neuron(neuron, kernels):
+    check_parity(model_cfg(neuron=neuron, n_layer=1), kernels)
+
+
+@pytest.mark.parametrize("surrogate", S3.SURROGATES[1:])
+@needs_triton
+def test_model_matches_stage3_every_surrogate(surrogate):
+    check_parity(model_cfg(surrogate=surrogate, n_layer=1, reset="hard"), "triton", seed=1)
+
+
+@pytest.mark.parametrize("kernels", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_hadamard_untied_and_ann_twin_match_stage3(kernels):
+    check_parity(model_cfg(attention="hadamard", tie_embeddings=False, neuron="alif"), kernels, L=19)
+    check_parity(model_cfg(spiking=False, n_layer=1), kernels)
+
+
+@pytest.mark.parametrize("attention", ["linear", "hadamard"])
+@pytest.mark.parametrize("kernels", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_recurrent_decoding_matches_parallel_and_stage3(attention, kernels):
+    """Prefill (chunked, returning the state) + one-token steps == parallel logits == stage 3."""
+    cfg = model_cfg(attention=attention, n_layer=1)
+    params = S3.init_params(cfg, 2)
+    x = np.random.default_rng(2).integers(0, cfg.vocab_size, (2, 13))
+    model = S5.build_model(cfg, run_cfg(kernels, chunk=4), params)
+    with torch.no_grad():
+        full = model(torch.from_numpy(x).to(DEVICE)).cpu().numpy()
+        state = model.init_state(2)
+        pre = model(torch.from_numpy(x[:, :6]).to(DEVICE), state).cpu().numpy()
+        steps = [model(torch.from_numpy(x[:, j:j + 1]).to(DEVICE), state).cpu().numpy()[:, 0] for j in range(6, 13)]
+    state3 = S3.init_decode_state(cfg, 2, np.float64)
+    p64 = {k: v.astype(np.float64) for k, v in params.items()}
+    ref = np.stack([S3.decode_step(p64, cfg, state3, x[:, j]) for j in range(13)], 1)
+    assert rel(full, ref) < 1e-4 and rel(pre, ref[:, :6]) < 1e-4 and rel(np.stack(steps, 1), ref[:, 6:]) < 1e-4
+
+# ----------------------------------------------------------------------------- checkpoints and training
+
+
+def test_checkpoint_round_trip_with_stage3_and_same_adamw_step(tmp_path):
+    """A stage 3 checkpoint (with optimizer moments) loads into stage 5; one AdamW step from it
+    equals stage 3's adamw_step; stage 5's save loads back in stage 3 unchanged."""
+    cfg = model_cfg(neuron="plif")
+    tcfg = S3.TrainConfig(**dict(S3.PRESETS["tiny"]["train"], layer_lr_decay=0.8, warmup=2))
+    rng = np.random.default_rng(5)
+    params = S3.init_params(cfg, 5)
+    opt3 = {m: {k: rng.uniform(0.0, 1e-3, v.shape).astype(np.float32) for k, v in params.items()} for m in "mv"}
+    path3 = S3.save_model(tmp_path / "s3.npz", params, cfg, tcfg, 7, opt3, {"sha256": "x", "path": "t.json"})
+    p, mcfg, _, step, opt, _ = S3.load_model(path3)
+    model = S5.build_model(mcfg, run_cfg("torch"), p)
+    opt5 = S5.make_optimizer(model, tcfg, opt, step)
+    x, y = rng.integers(0, cfg.vocab_size, (2, 2, 16))
+    loss3, grads3, _ = S3.loss_and_grads(p, cfg, x, y)
+    grads3, _ = S3.clip_grads(grads3, tcfg.grad_clip)
+    S3.adamw_step(p, grads3, opt, step, tcfg, cfg.n_layer)
+    logits = model(torch.from_numpy(x))
+    loss = torch.nn.functional.cross_entropy(logits.view(-1, cfg.vocab_size), torch.from_numpy(y).view(-1))
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+    for group in opt5.param_groups:
+        group["lr"] = S3.lr_at(step, tcfg) * group["mult"]
+    opt5.step()
+    assert abs(loss.item() - loss3) < 1e-5
+    after = S5.export_params(model)
+    for name in p:
+        assert rel(after[name] - params[name], p[name] - params[name]) < 1e-3, name
+    S5.save(tmp_path / "s5.npz", model, opt5, mcfg, tcfg, step + 1, {"sha256": "x", "path": "t.json"}, None)
+    back, mcfg2, _, step2, opt_back, _ = S3.load_model(tmp_path / "s5.npz")
+    assert mcfg2 == mcfg and step2 == step + 1
+    for name in p:
+        assert np.array_equal(back[name], after[name])
+        assert rel(opt_back["m"][name], opt["m"][name]) < 1e-5 and rel(opt_back["v"][name], opt["v"][name]) < 1e-5
+
+
+def test_training_resumes_exactly_and_cli_errors(tmp_path, capsys):
+    """4 steps straight == 2 steps, save, resume for 2 (torch kernels on CPU, builtin data)."""
+    common = ["--preset", "tiny", "--kernels", "torch", "--device", "cpu", "--data_root", str(tmp_path / "data"),
+              "--eval_interval", "2", "--eval_tokens", "256", "--max_new_tokens", "4"]
+    assert S5.main(common + ["--max_steps", "4", "--out_dir", str(tmp_path / "a")]) == 0
+    assert S5.main(common + ["--max_steps", "2", "--out_dir", str(tmp_path / "b")]) == 0
+    assert S5.main(common + ["--max_steps", "4", "--out_dir", str(tmp_path / "b"), "--resume", "1"]) == 0
+    pa, *_ = S3.load_model(tmp_path / "a" / "ckpt.npz")
+    pb, *_ = S3.load_model(tmp_path / "b" / "ckpt.npz")
+    for name in pa:
+        assert np.allclose(pa[name], pb[name], rtol=1e-5, atol=1e-7), name
+    assert "bits/char" in capsys.readouterr().out
+    assert S5.main(common + ["--resume", "1", "--out_dir", str(tmp_path / "missing")]) == 1
+    assert S5.main(common + ["--neuron", "bogus"]) == 1
+
+# ----------------------------------------------------------------------------- GPU, real shapes
+
+
+@gpu
+@pytest.mark.parametrize("neuron", S3.NEURONS)
+def test_gpu_neuron_kernel_real_shape_bf16(neuron):
+    """(T=4, 8192 rows, 512 ch): Triton vs the eager loop, fp32 and bf16 inputs and grads."""
+    cfg = model_cfg(neuron=neuron, surrogate="sigmoid")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(4, 8192, 512, device="cuda", generator=g) + 0.5
+    gs = torch.randn(x.shape, device="cuda", generator=g)
+    beta, theta = (t.cuda().requires_grad_(neuron == "plif") for t in site_tensors(cfg, *plif_params(cfg, 512, np.random.default_rng(0)), 512))
+    for dtype in (torch.float32, torch.bfloat16):
+        xi = x.to(dtype).requires_grad_(True)
+        s = S5.TritonNeuron.apply(xi, beta, theta, cfg, torch.bfloat16)
+        s.backward(gs.to(torch.bfloat16))
+        xr = x.to(dtype).float().requires_grad_(True)
+        b2, t2 = beta.detach().clone().requires_grad_(neuron == "plif"), theta.detach().clone().requires_grad_(neuron == "plif")
+        ref = S5.neuron_torch(xr, b2, t2, cfg)
+        ref.backward(gs.to(torch.bfloat16).float())
+        assert (s.float() == ref).float().mean() >= 0.9999
+        tol = 1e-4 if dtype == torch.float32 else 1e-2
+        assert rel(xi.grad.float().cpu(), xr.grad.cpu()) < tol
+        if neuron == "plif":
+            assert rel(beta.grad.cpu(), b2.grad.cpu()) < 1e-3 and rel(theta.grad.cpu(), t2.grad.cpu()) < 1e-3
+            beta.grad = theta.grad = None
+
+
+@gpu
+@pytest.mark.parametrize("neuron", ["lif", "plif"])
+def test_gpu_model_matches_stage3_at_seed_width(neuron):
+    """d 256, 8 heads, ffn 1024, context 128 (2 layers): fp32 Triton == stage 3; bf16 matmuls
+    stay close to it, and Triton bf16 equals the eager torch path in bf16."""
+    cfg = S3.ModelConfig(**dict(S3.PRESETS["seed"]["model"], n_layer=2, vocab_size=512, context=128, neuron=neuron))
+    check_parity(cfg, "triton", B=2, L=128)
+    check_parity(cfg, "triton", B=2, L=128, dtype="bfloat16", tol=(5e-2, 2e-1, 0.97))
+    rng = np.random.default_rng(1)
+    params = S3.init_params(cfg, 1)
+    x, y = rng.integers(0, cfg.vocab_size, (2, 2, 128))
+    a = torch_model_run(cfg, params, x, y, "triton", "bfloat16")
+    b = torch_model_run(cfg, params, x, y, "torch", "bfloat16")
+    assert np.mean(a[3] == b[3]) >= 0.999 and rel(a[0], b[0]) < 1e-2
