@@ -413,8 +413,9 @@ def generate(model, prompt_ids, max_new_tokens, rng, temperature=1.0, top_k=0, t
         logits, _, state = model(mx.array([[nxt]]), state)
 
 
-def stream_text(tok, model, prompt, max_new_tokens, seed=0, temperature=0.8, top_k=40, top_p=0.95, out=sys.stdout):
+def stream_text(tok, model, prompt, max_new_tokens, seed=0, temperature=0.8, top_k=40, top_p=0.95, out=None):
     """Print the prompt, then each new piece of text as soon as it is sampled."""
+    out = out or sys.stdout
     ids = tok.encode(prompt) or [tok.bos_id]
     out.write(prompt)
     text = tok.decode(ids)

@@ -1,0 +1,247 @@
+"""Stage 4 tests: the MLX port against the NumPy reference (stage 3), tensor by tensor.
+
+Same parameters and batch -> same logits, loss, gradients and spikes; the recurrent form equals
+the parallel form; checkpoints move between the stages both ways, optimizer state included,
+and training continues as if it had never switched."""
+import math
+
+import numpy as np
+import pytest
+
+mx = pytest.importorskip("mlx.core")
+nn = pytest.importorskip("mlx.nn")
+
+from mlx.utils import tree_flatten  # noqa: E402
+
+from spikelib.stages import load_stage  # noqa: E402
+
+ref = load_stage("3_spike_llm_numpy")
+m4 = load_stage("4_spike_llm_mlx")
+
+CACHE_KEYS = {"s": "sn1", "q": "attn.sn_q", "k": "attn.sn_k", "v": "attn.sn_v", "z": "attn.sn_o",
+              "s2": "sn2", "u": "mlp.sn_h", "o": "wo_input"}
+
+VARIANTS = [
+    {}, {"attention": "hadamard"},
+    {"neuron": "plif"}, {"neuron": "plif", "attention": "hadamard"},
+    {"neuron": "alif"}, {"neuron": "alif", "attention": "hadamard"},
+    {"neuron": "ternary"}, {"neuron": "ternary", "attention": "hadamard"},
+    {"spiking": False}, {"spiking": False, "attention": "hadamard"},
+    {"reset": "hard"}, {"reset": "hard", "neuron": "alif"}, {"reset": "hard", "neuron": "ternary"},
+    {"detach_reset": True}, {"detach_reset": True, "reset": "hard", "neuron": "alif"},
+    {"detach_reset": True, "neuron": "plif"},
+    {"surrogate": "sigmoid"}, {"surrogate": "fast_sigmoid"}, {"surrogate": "triangle"},
+    {"tie_embeddings": False},
+]
+
+
+def name(overrides):
+    return "-".join(f"{k}={v}" for k, v in overrides.items()) or "lif"
+
+
+def perturbed_params(cfg, seed=0):
+    """float32 params with noise on every tensor, so every block (not just the embedding)
+    shapes the logits and no gradient is trivially zero."""
+    rng = np.random.default_rng(seed)
+    return {k: (v + rng.normal(0, 0.1, v.shape)).astype(np.float32) for k, v in ref.init_params(cfg, seed).items()}
+
+
+def rel(a, b):
+    """||a - b|| / ||b||."""
+    return float(np.linalg.norm(np.asarray(a, np.float64) - b) / max(np.linalg.norm(b), 1e-30))
+
+
+@pytest.mark.parametrize("overrides", VARIANTS, ids=name)
+def test_same_logits_loss_gradients_and_spikes_as_numpy(overrides):
+    cfg = ref.make_configs("tiny", **overrides)[0]
+    params = perturbed_params(cfg, seed=1)
+    rng = np.random.default_rng(2)
+    x, y = rng.integers(0, cfg.vocab_size, (2, 4, cfg.context))
+    logits_np, cache = ref.forward(params, cfg, x)
+    loss_np, grads_np, _ = ref.loss_and_grads(params, cfg, x, y)
+
+    model = m4.build_model(cfg, params)
+    logits, spikes, _ = model(mx.array(x))
+    (loss, _), grads = nn.value_and_grad(model, m4.loss_fn)(model, mx.array(x), mx.array(y))
+    grads = dict(tree_flatten(grads))
+
+    assert set(grads) == set(grads_np) == set(params)
+    assert rel(logits, logits_np) < 1e-4
+    assert abs(loss.item() - loss_np) < 1e-5
+    worst = max(grads_np, key=lambda k: rel(grads[k], grads_np[k]))
+    assert rel(grads[worst], grads_np[worst]) < 1e-3, worst
+    assert all(np.linalg.norm(g) > 0 for g in grads_np.values())      # every path is exercised
+
+    total, differ = 0, 0
+    for i, layer in enumerate(spikes):
+        for key, site in CACHE_KEYS.items():
+            a, b = np.array(layer[site]), cache["blocks"][i][key]
+            assert a.shape == b.shape, site
+            if cfg.spiking:      # spikes: count the ones that differ (a float32 difference can flip one)
+                assert set(np.unique(a)) <= {-1.0, 0.0, 1.0}
+                total, differ = total + a.size, differ + int(np.count_nonzero(a != b))
+            else:                # ANN twin: relu activations, equal within float32 rounding
+                assert rel(a, b) < 1e-5, site
+    if cfg.spiking:
+        print(f"{name(overrides)}: logits {rel(logits, logits_np):.1e}, worst gradient {worst} "
+              f"{rel(grads[worst], grads_np[worst]):.1e}; {differ} of {total} spikes differ")
+        assert differ <= 1e-3 * total
+        assert 0.01 < np.mean([r["sn1"] for r in m4.spike_rates(spikes)]) < 0.99   # neurons do fire
+
+
+@pytest.mark.parametrize("overrides", [{}, {"attention": "hadamard"}, {"neuron": "plif"}, {"neuron": "alif"},
+                                       {"neuron": "ternary", "reset": "hard"}, {"spiking": False},
+                                       {"attention": "hadamard", "neuron": "alif", "reset": "hard"}], ids=name)
+def test_recurrent_generation_equals_parallel_forward(overrides):
+    """Token by token with the constant-size state == the parallel logits at every position,
+    past the training context too."""
+    cfg = ref.make_configs("tiny", **overrides)[0]
+    model = m4.build_model(cfg, perturbed_params(cfg, seed=3))
+    idx = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, cfg.context + 8))
+    parallel = np.array(model(mx.array(idx))[0])
+    state = model.init_state(2)
+    shapes = [s.shape for s in state]
+    steps = []
+    for pos in range(idx.shape[1]):
+        logits, _, state = model(mx.array(idx[:, pos:pos + 1]), state)
+        steps.append(np.array(logits[:, 0]))
+    assert [s.shape for s in state] == shapes                 # the state does not grow
+    np.testing.assert_allclose(np.stack(steps, 1), parallel, rtol=0, atol=1e-4 * np.abs(parallel).max())
+    assert np.abs(parallel).max() > 1e-2
+    # and the MLX recurrent form equals stage 3's recurrent form
+    state_np = ref.init_decode_state(cfg, 2)
+    first = ref.decode_step(perturbed_params(cfg, seed=3), cfg, state_np, idx[:, 0])
+    np.testing.assert_allclose(steps[0], first, rtol=0, atol=1e-4 * np.abs(first).max())
+
+
+def synthetic_tokens(n=4000, vocab=64, seed=0):
+    """A learnable token stream (a noisy repeating pattern), uint16 like the .bin files."""
+    rng = np.random.default_rng(seed)
+    base = np.tile(rng.integers(0, vocab, 37), n // 37 + 1)[:n]
+    return np.where(rng.random(n) < 0.1, rng.integers(0, vocab, n), base).astype(np.uint16)
+
+
+TOK = {"path": "tok.json", "sha256": "ab" * 32, "vocab_size": 64}
+K = 3     # steps before and after the switch
+
+
+def configs(**overrides):
+    return ref.make_configs("tiny", max_steps=2 * K, warmup=2, layer_lr_decay=0.8, **overrides)
+
+
+def numpy_steps(params, opt, mcfg, tcfg, data, start, stop):
+    for step in range(start, stop):
+        ref.train_step(params, opt, mcfg, tcfg, data, step)
+
+
+def mlx_steps(model, opt, mcfg, tcfg, data, start, stop):
+    losses = [loss for _, loss, _, _ in m4.train_steps(model, opt, m4.make_train_step(model, opt, tcfg),
+                                                       mcfg, tcfg, data, start, stop)]
+    assert all(math.isfinite(loss) for loss in losses)
+    return losses
+
+
+def assert_close_run(params, reference, start):
+    """Each parameter's distance travelled matches the reference run's within 2%: a float32
+    difference can move a spike, so runs agree closely but not bit for bit."""
+    for k in reference:
+        moved = np.linalg.norm(reference[k] - start[k])
+        assert np.linalg.norm(params[k] - reference[k]) <= 0.02 * moved + 1e-6, k
+    assert all(np.linalg.norm(reference[k] - start[k]) > 0 for k in reference if reference[k].ndim == 2)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"neuron": "plif", "attention": "hadamard"}], ids=name)
+def test_checkpoints_move_between_stages_with_optimizer_state(tmp_path, overrides):
+    """MLX k steps -> checkpoint -> NumPy k steps, and NumPy -> MLX, both equal to 2k NumPy steps."""
+    mcfg, tcfg = configs(**overrides)
+    data = synthetic_tokens()
+    start = perturbed_params(mcfg, tcfg.seed)          # firing neurons in every layer
+    straight = {k: v.copy() for k, v in start.items()}
+    numpy_steps(straight, ref.init_opt_state(straight), mcfg, tcfg, data, 0, 2 * K)
+
+    # MLX first, NumPy after
+    model = m4.build_model(mcfg, start)
+    opt = m4.AdamW(model, tcfg)
+    mlx_steps(model, opt, mcfg, tcfg, data, 0, K)
+    m4.save(tmp_path / "mlx.npz", model, opt, tcfg, K, TOK, "data/x")
+    params, mcfg2, _, step, opt_np, config = ref.load_model(tmp_path / "mlx.npz")
+    assert (mcfg2, step, config["tokenizer"]) == (mcfg, K, TOK)
+    for k, p in m4.numpy_params(model).items():
+        np.testing.assert_array_equal(params[k], p)
+        np.testing.assert_array_equal(opt_np["m"][k], np.array(opt.state["m"][k]))
+        np.testing.assert_array_equal(opt_np["v"][k], np.array(opt.state["v"][k]))
+    numpy_steps(params, opt_np, mcfg, tcfg, data, K, 2 * K)
+    assert_close_run(params, straight, start)
+
+    # NumPy first, MLX after
+    params = {k: v.copy() for k, v in start.items()}
+    opt_np = ref.init_opt_state(params)
+    numpy_steps(params, opt_np, mcfg, tcfg, data, 0, K)
+    ref.save_model(tmp_path / "numpy.npz", params, mcfg, tcfg, K, opt_np, TOK)
+    model, _, step, opt_state, _ = m4.load(tmp_path / "numpy.npz")
+    assert step == K and model.cfg == mcfg
+    opt = m4.AdamW(model, tcfg, opt_state)
+    mlx_steps(model, opt, mcfg, tcfg, data, K, 2 * K)
+    assert_close_run(m4.numpy_params(model), straight, start)
+
+
+def test_mlx_resume_equals_uninterrupted_mlx_run(tmp_path):
+    """Within MLX, k steps + save + load + k steps == 2k steps, bit for bit."""
+    mcfg, tcfg = configs()
+    data = synthetic_tokens()
+    model = m4.build_model(mcfg, ref.init_params(mcfg, tcfg.seed))
+    opt = m4.AdamW(model, tcfg)
+    mlx_steps(model, opt, mcfg, tcfg, data, 0, 2 * K)
+
+    first = m4.build_model(mcfg, ref.init_params(mcfg, tcfg.seed))
+    opt1 = m4.AdamW(first, tcfg)
+    mlx_steps(first, opt1, mcfg, tcfg, data, 0, K)
+    m4.save(tmp_path / "ckpt.npz", first, opt1, tcfg, K, TOK, "data/x")
+    second, _, step, opt_state, _ = m4.load(tmp_path / "ckpt.npz")
+    opt2 = m4.AdamW(second, tcfg, opt_state)
+    mlx_steps(second, opt2, mcfg, tcfg, data, step, 2 * K)
+    for k, p in m4.numpy_params(model).items():
+        np.testing.assert_array_equal(m4.numpy_params(second)[k], p)
+
+
+def test_compiled_training_learns():
+    """The compiled step lowers the loss on a learnable stream."""
+    mcfg, tcfg = ref.make_configs("tiny", max_steps=60, warmup=5)
+    data = synthetic_tokens()
+    model = m4.build_model(mcfg, ref.init_params(mcfg, tcfg.seed))
+    opt = m4.AdamW(model, tcfg)
+    losses = mlx_steps(model, opt, mcfg, tcfg, data, 0, 60)
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.5, losses
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """The offline builtin corpus, tokenized (stages 1 and 2), in a temporary data root."""
+    return ref.prepare_dataset("builtin", tmp_path_factory.mktemp("data"))
+
+
+def test_command_line_trains_resumes_from_numpy_and_generates(dataset, tmp_path, capsys):
+    """The whole program: a NumPy run continued by the MLX program, then --generate streams."""
+    common = ["--preset", "tiny", "--data_root", str(dataset.parent),
+              "--eval_interval", "2", "--eval_tokens", "256", "--ckpt", str(tmp_path / "ckpt.npz")]
+    assert ref.main(common + ["--max_steps", "2"]) == 0
+    assert m4.main(common + ["--max_steps", "4", "--resume", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "resuming" in out and "at step 2" in out and "bits/char" in out and "mean spike rate" in out
+    params, _, _, step, opt, _ = ref.load_model(tmp_path / "ckpt.npz")
+    assert step == 4 and opt is not None
+    assert m4.main(common + ["--generate", "The", "--max_new_tokens", "5"]) == 0
+    assert capsys.readouterr().out.startswith("The")
+
+
+def test_nan_loss_stops_without_overwriting_the_checkpoint(dataset, tmp_path, monkeypatch):
+    mcfg, tcfg = ref.make_configs("tiny", max_steps=3, eval_interval=1, eval_tokens=256)
+    ckpt = tmp_path / "ckpt.npz"
+    m4.train(mcfg, tcfg, dataset, ckpt)
+    saved = ckpt.read_bytes()
+    loss_fn = m4.loss_fn
+    monkeypatch.setattr(m4, "loss_fn", lambda model, x, y: tuple(a * math.nan for a in loss_fn(model, x, y)))
+    tcfg.max_steps = 6
+    with pytest.raises(FloatingPointError, match="loss is nan at step 3"):
+        m4.train(mcfg, tcfg, dataset, ckpt, resume=True)
+    assert ckpt.read_bytes() == saved
