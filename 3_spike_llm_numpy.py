@@ -783,19 +783,22 @@ def generate(params, cfg, prompt_ids, max_new_tokens, rng, temperature=1.0, top_
         logits = decode_step(params, cfg, state, [nxt])
 
 
-def stream_text(tok, params, cfg, prompt, max_new_tokens, seed=0, temperature=0.8, top_k=40, top_p=0.95, out=sys.stdout):
-    """Print the prompt, then each new piece of text as soon as it is sampled."""
+def stream_text(tok, params, cfg, prompt, max_new_tokens, seed=0, temperature=0.8, top_k=40, top_p=0.95, out=None):
+    """Print the prompt, then each new piece of text as soon as it is complete (a byte-level
+    token may end mid-character: wait for the rest before printing)."""
+    out = out or sys.stdout
     ids = tok.encode(prompt) or [tok.bos_id]
     out.write(prompt)
-    text = tok.decode(ids)
+    shown = tok.decode(ids)
     for nxt in generate(params, cfg, ids, max_new_tokens, np.random.default_rng(seed), temperature, top_k, top_p):
         ids.append(nxt)
-        new = tok.decode(ids)
-        out.write(new[len(text):] if new.startswith(text) else new[-1:])
-        out.flush()
-        text = new
+        text = tok.decode(ids)
+        if not text.endswith("\ufffd"):
+            out.write(text[len(shown):] if text.startswith(shown) else "")
+            out.flush()
+            shown = text
     out.write("\n")
-    return text
+    return tok.decode(ids)
 
 # ----------------------------------------------------------------------------- spikes, synaptic ops, energy
 
@@ -828,6 +831,8 @@ def energy_report(params, cfg, x):
     _, cache = forward(params, cfg, x)
     rates = spike_rates(cache, cfg)
     ops = synaptic_ops(cfg, rates)
+    if not cfg.spiking:       # the twin itself: every layer is dense multiply-accumulates
+        ops.update(ac=0.0, mac=ops["ann_mac"])
     e_snn = ops["ac"] * E_AC + ops["mac"] * E_MAC
     e_ann = ops["ann_mac"] * E_MAC
     sites = list(rates[0])
@@ -950,6 +955,10 @@ def main(argv=None):
     mcfg, tcfg = make_configs(args.preset, **overrides)
     ckpt = Path(args.ckpt or Path(tcfg.out_dir) / "ckpt.npz")
     try:
+        if args.resume:       # the run's own training config, with only the options given here changed
+            saved = load_model(ckpt)[2]
+            tcfg = TrainConfig(**{f.name: overrides.get(f.name, saved.get(f.name, getattr(tcfg, f.name)))
+                                  for f in fields(TrainConfig)})
         if args.generate is not None:
             params, mcfg, _, step, _, config = load_model(ckpt)
             tok = load_stage("2_tokenizer").Tokenizer.load(config["tokenizer"]["path"])

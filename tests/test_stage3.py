@@ -271,3 +271,66 @@ def test_tiny_preset_overfits_a_batch_with_hard_spikes():
     assert loss < 0.5, loss
     rates = [r for layer in stats["rates"] for r in layer.values()]
     assert 0.0 < min(rates) and max(rates) < 1.0                  # the neurons really spike
+
+
+@pytest.fixture(scope="module")
+def text_source(tmp_path_factory):
+    """A small English-like text file for the end-to-end runs (stages 1 and 2 prepare it)."""
+    rng = np.random.default_rng(0)
+    words = ("the king and queen walked to a small garden where every flower was bright and "
+             "the birds sang songs of summer rain over quiet hills").split()
+    lines = [" ".join(rng.choice(words, size=int(rng.integers(5, 12)))).capitalize() + "." for _ in range(600)]
+    path = tmp_path_factory.mktemp("text") / "garden.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_main(source, root, *extra):
+    args = ["--preset", "tiny", "--source", f"files:{source}", "--data_root", str(root / "data"),
+            "--out_dir", str(root / "out"), "--eval_interval", "4", "--eval_tokens", "256",
+            "--max_new_tokens", "6", "--max_steps", "12"]
+    return m.main(args + [str(a) for a in extra])
+
+
+def test_main_interrupt_resume_and_generate(text_source, tmp_path, monkeypatch, capsys):
+    """End to end: Ctrl-C at step 6 saves; --resume finishes with the same parameters as an
+    uninterrupted run; --generate streams text from the checkpoint."""
+    assert run_main(text_source, tmp_path / "straight") == 0
+    straight, _, _, step, _, _ = m.load_model(tmp_path / "straight/out/ckpt.npz")
+    assert step == 12
+    out = capsys.readouterr().out
+    assert "bits/char" in out and "nJ" in out and "sample" in out
+
+    real_step = m.train_step
+
+    def interrupted(params, opt, mcfg, tcfg, data, step):
+        if step == 6:
+            raise KeyboardInterrupt
+        return real_step(params, opt, mcfg, tcfg, data, step)
+
+    monkeypatch.setattr(m, "train_step", interrupted)
+    assert run_main(text_source, tmp_path / "cut") == 130
+    assert m.load_model(tmp_path / "cut/out/ckpt.npz")[3] == 6
+    monkeypatch.setattr(m, "train_step", real_step)
+    assert run_main(text_source, tmp_path / "cut", "--resume", 1) == 0
+    resumed, _, _, step, _, _ = m.load_model(tmp_path / "cut/out/ckpt.npz")
+    assert step == 12
+    for name in straight:
+        np.testing.assert_array_equal(resumed[name], straight[name])
+    capsys.readouterr()
+    assert run_main(text_source, tmp_path / "cut", "--generate", "The king") == 0
+    assert capsys.readouterr().out.startswith("The king")
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(text_source, tmp_path, monkeypatch, capsys):
+    real, calls = m.loss_and_grads, []
+
+    def nan_from_step_5(params, cfg, x, y, smooth=False):
+        calls.append(1)
+        loss, grads, stats = real(params, cfg, x, y, smooth)
+        return (float("nan") if len(calls) > 5 else loss), grads, stats
+
+    monkeypatch.setattr(m, "loss_and_grads", nan_from_step_5)
+    assert run_main(text_source, tmp_path) == 1
+    assert "loss is nan at step 5" in capsys.readouterr().err
+    assert m.load_model(tmp_path / "out/ckpt.npz")[3] == 4            # the step-4 checkpoint is kept
