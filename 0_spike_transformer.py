@@ -19,11 +19,15 @@ against finite differences:
 Every config field is a command-line flag (`--help`).
 """
 import argparse
+import os
 import time
 from dataclasses import asdict, dataclass, fields
 
-import numpy as np
-from tqdm import tqdm
+if __name__ == "__main__":  # the matrices are tiny: one BLAS thread beats several waiting on each other
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
+import numpy as np  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 # ----------------------------------------------------------------------------- config
 
@@ -34,10 +38,10 @@ SITES = ("sn1", "attn.sn_q", "attn.sn_k", "attn.sn_v", "attn.sn_o", "sn2", "mlp.
 @dataclass
 class Config:
     # the task: one of n_objects is named at a random place; the answer is its colour
-    n_objects: int = 8
+    n_objects: int = 16
     n_colours: int = 4
-    n_fillers: int = 8            # distractor words
-    seq_len: int = 8              # positions; the last one holds the question token
+    n_fillers: int = 16           # distractor words
+    seq_len: int = 12             # positions; the last one holds the question token
     # the model
     n_layer: int = 1
     n_head: int = 2
@@ -56,7 +60,7 @@ class Config:
     attention: str = "linear"     # linear | hadamard
     readout_beta: float = 0.8     # leak of the LI readout neurons
     # training
-    steps: int = 600
+    steps: int = 300
     batch_size: int = 64
     lr: float = 1e-2
     n_test: int = 1000
@@ -424,7 +428,7 @@ def block_forward(params, cfg, i, h, smooth, stats):
     v, cv = sn_forward(params, cfg, b + "attn.sn_v", s @ params[b + "attn.wv"], smooth, stats)
     beta_o, theta_o = site_params(params, cfg, b + "attn.sn_o")
     o, ca = sdsa_forward(q, k, v, cfg.n_head, cfg.attention, nrn, beta_o, theta_o, smooth)
-    stats[b + "attn.sn_o"] = float(np.abs(ca[9]).mean())
+    stats[b + "attn.sn_o"] = float(np.abs(ca[9]).mean())      # ca[9] = z, the SN_o spikes
     stats[b + "attn.out"] = float(np.abs(o).mean())
     h = h + o @ params[b + "attn.wo"]
     n2, r2 = rmsnorm(h)
@@ -661,7 +665,7 @@ def ascii_raster(spikes, title):
     """spikes (T, L, N) of one sequence: a row per neuron, a |...| group of T steps per position.
     '#' = spike, '-' = negative spike (ternary), '.' = silent."""
     T, L, N = spikes.shape
-    lines = [title, "neuron  " + " ".join(f"pos{p:<{T - 2}}"[:T + 1].ljust(T + 1) for p in range(L))]
+    lines = [title, "neuron   " + "".join(f"p{p}".ljust(T + 2) for p in range(L))]
     for n in range(N):
         cells = ["".join("#" if s > 0 else "-" if s < 0 else "." for s in spikes[:, p, n]) for p in range(L)]
         lines.append(f"{n:6d}  " + " ".join(f"|{c}" for c in cells) + "|")
