@@ -137,11 +137,13 @@ if triton is not None:
         offs, mask, cols = tile_tl(R, C, BR, BC)
         beta = tl.load(beta_ptr + cols, mask=cols < C, other=0.0)[None, :]
         theta = tl.load(theta_ptr + cols, mask=cols < C, other=0.0)[None, :]
+        xs = ()
+        for t in tl.static_range(T):                       # every load in flight before any store
+            xs = xs + (tl.load(x_ptr + t * R * C + offs, mask=mask, other=0.0),)
         vp = tl.zeros([BR, BC], tl.float32)
         a = tl.zeros([BR, BC], tl.float32)                 # ALIF adaptation
         for t in tl.static_range(T):
-            x = tl.load(x_ptr + t * R * C + offs, mask=mask, other=0.0).to(tl.float32)
-            v = beta * vp + x
+            v = beta * vp + xs[t].to(tl.float32)
             thr = theta + a
             s, r = fire_tl(v, thr, NEURON, HARD)
             vp = reset_tl(v, r, thr, HARD)
@@ -167,12 +169,16 @@ if triton is not None:
         a = tl.zeros([BR, BC], tl.float32)
         vs = ()
         thrs = ()
-        for t in tl.static_range(T):                       # recompute the forward
-            v = beta * vp + tl.load(x_ptr + t * R * C + offs, mask=mask, other=0.0).to(tl.float32)
+        gss = ()
+        for t in tl.static_range(T):                       # every load in flight before any store
+            vs = vs + (tl.load(x_ptr + t * R * C + offs, mask=mask, other=0.0),)
+            gss = gss + (tl.load(gs_ptr + t * R * C + offs, mask=mask, other=0.0),)
+        for t in tl.static_range(T):                       # recompute the forward: v_t replaces x_t
+            v = beta * vp + vs[t].to(tl.float32)
             thr = theta + a
             s, r = fire_tl(v, thr, NEURON, HARD)
             vp = reset_tl(v, r, thr, HARD)
-            vs = vs + (v,)
+            vs = vs[:t] + (v,) + vs[t + 1:]
             if NEURON == 2:
                 thrs = thrs + (thr,)
                 a = rho * a + kappa * s
@@ -190,7 +196,7 @@ if triton is not None:
             g_vp = beta * g_v                              # dL/dv+_t
             if NEURON == 1:
                 dbeta += g_v * reset_tl(v, r, thr, HARD)
-            ds = tl.load(gs_ptr + t * R * C + offs, mask=mask, other=0.0).to(tl.float32)
+            ds = gss[t].to(tl.float32)
             if NEURON == 2:
                 ds = ds + kappa * g_a
             if HARD:
@@ -413,6 +419,32 @@ def rmsnorm(x, g, eps):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * g
 
 
+class LeanRMSNorm(torch.autograd.Function):
+    """rmsnorm saving only x and r = 1/rms (autograd's version keeps three full-size tensors).
+
+    Backward (stage 3's rmsnorm_backward): xhat = x r, dx = r (dy g - xhat mean(dy g xhat)),
+    dg = sum of dy xhat over every leading axis."""
+
+    @staticmethod
+    def forward(ctx, x, g, eps):
+        r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, g, r)
+        return x * r * g
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, g, r = ctx.saved_tensors
+        xhat = x * r
+        dxhat = dy * g
+        dx = r * (dxhat - xhat * (dxhat * xhat).mean(-1, keepdim=True))
+        return dx, (dy * xhat).reshape(-1, *g.shape).sum(0), None
+
+
+def norm(x, g, eps, run):
+    """The triton path uses the lean rmsnorm; the torch path lets autograd differentiate it."""
+    return LeanRMSNorm.apply(x, g, eps) if run.kernels == "triton" else rmsnorm(x, g, eps)
+
+
 class Weight(nn.Module):
     """A module holding one parameter named `weight` (norm gains, the untied head)."""
 
@@ -476,7 +508,7 @@ class Attention(nn.Module):
         else:
             y, state = attention_chunked(*heads, linear, self.run.chunk, state, want_state=state is not None)
         y = y.transpose(1, 2)                                                   # (T*B, L, H, dh)
-        n = rmsnorm(y, self.norm.weight.view(H, dh), cfg.norm_eps).reshape(T, B, L, D)
+        n = norm(y, self.norm.weight.view(H, dh), cfg.norm_eps, self.run).reshape(T, B, L, D)
         z = self.sn_o(n, dt)
         o = z if linear else q * z
         if self.sn_o.record:
@@ -499,16 +531,16 @@ class Block(nn.Module):
     def __init__(self, cfg, run):
         super().__init__()
         D = cfg.d_model
-        self.cfg = cfg
+        self.cfg, self.run = cfg, run
         self.norm1, self.norm2 = Weight(D), Weight(D)
         self.sn1, self.sn2 = Neuron(cfg, D, run), Neuron(cfg, D, run)
         self.attn, self.mlp = Attention(cfg, run), MLP(cfg, run)
 
     def forward(self, h, mm, dt, state=None):          # h (T, B, L, D) real residual stream
-        eps = self.cfg.norm_eps
-        o, state = self.attn(self.sn1(rmsnorm(h, self.norm1.weight, eps), dt), mm, dt, state)
+        eps, run = self.cfg.norm_eps, self.run
+        o, state = self.attn(self.sn1(norm(h, self.norm1.weight, eps, run), dt), mm, dt, state)
         h = h + o
-        h = h + self.mlp(self.sn2(rmsnorm(h, self.norm2.weight, eps), dt), mm, dt)
+        h = h + self.mlp(self.sn2(norm(h, self.norm2.weight, eps, run), dt), mm, dt)
         return h, state
 
 
@@ -627,12 +659,12 @@ def train_step(model, opt, mcfg, tcfg, data, step, device, fwd=None):
     """One step on the batch fixed by (seed, step): (loss, grad norm, lr); params untouched on NaN."""
     x, y = S3.get_batch(data, tcfg.batch_size, mcfg.context, S3.batch_rng(tcfg.seed, step))
     x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
-    logits = (fwd or model)(x)
+    logits = (model if fwd is None else fwd)(x)
     loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), y.view(-1))
     opt.zero_grad(set_to_none=True)
     loss.backward()
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip if tcfg.grad_clip > 0 else float("inf"))
-    loss_value = float(loss)
+    loss_value = loss.item()
     lr = S3.lr_at(step, tcfg)
     if not math.isfinite(loss_value):
         return loss_value, float(norm), lr

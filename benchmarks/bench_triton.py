@@ -61,17 +61,21 @@ def neuron_table(bw):
         beta, theta = torch.full((C,), cfg.beta, device="cuda"), torch.full((C,), cfg.theta, device="cuda")
 
         def triton_fp32():
+            x.grad = None                                  # no gradient accumulation pass
             S5.TritonNeuron.apply(x, beta, theta, cfg, torch.float32).backward(gs32)
 
         def triton_bf16():
+            x.grad = None                                  # no gradient accumulation pass
             S5.TritonNeuron.apply(x, beta, theta, cfg, torch.bfloat16).backward(gs16)
 
         def eager():
+            x.grad = None                                  # no gradient accumulation pass
             S5.neuron_torch(x, cfg.beta, cfg.theta, cfg).backward(gs32)
 
         compiled = torch.compile(lambda x: S5.neuron_torch(x, cfg.beta, cfg.theta, cfg))
 
         def comp():
+            x.grad = None                                  # no gradient accumulation pass
             compiled(x).backward(gs32)
 
         floor32 = 5 * 4 * T * N / bw * 1e3                 # read x, write s; read x, gs, write gx (fp32)

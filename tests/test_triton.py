@@ -256,10 +256,10 @@ def test_gpu_neuron_kernel_real_shape_bf16(neuron):
     gs = torch.randn(x.shape, device="cuda", generator=g)
     beta, theta = (t.cuda().requires_grad_(neuron == "plif") for t in site_tensors(cfg, *plif_params(cfg, 512, np.random.default_rng(0)), 512))
     for dtype in (torch.float32, torch.bfloat16):
-        xi = x.to(dtype).requires_grad_(True)
+        xi = x.to(dtype).detach().clone().requires_grad_(True)
         s = S5.TritonNeuron.apply(xi, beta, theta, cfg, torch.bfloat16)
         s.backward(gs.to(torch.bfloat16))
-        xr = x.to(dtype).float().requires_grad_(True)
+        xr = x.to(dtype).float().detach().clone().requires_grad_(True)
         b2, t2 = beta.detach().clone().requires_grad_(neuron == "plif"), theta.detach().clone().requires_grad_(neuron == "plif")
         ref = S5.neuron_torch(xr, b2, t2, cfg)
         ref.backward(gs.to(torch.bfloat16).float())
