@@ -725,19 +725,22 @@ def generate(model, prompt_ids, max_new_tokens, rng, temperature=1.0, top_k=0, t
         logits = model(torch.tensor([[nxt]], device=device), state)[0, -1]
 
 
-def stream_text(tok, model, prompt, max_new_tokens, seed=0, temperature=0.8, top_k=40, top_p=0.95, out=sys.stdout):
-    """Print the prompt, then each new piece of text as soon as it is sampled."""
+def stream_text(tok, model, prompt, max_new_tokens, seed=0, temperature=0.8, top_k=40, top_p=0.95, out=None):
+    """Print the prompt, then each new piece of text as soon as it is complete (a byte-level
+    token may end mid-character: wait for the rest, as stage 3 does)."""
+    out = out or sys.stdout
     ids = tok.encode(prompt) or [tok.bos_id]
     out.write(prompt)
-    text = tok.decode(ids)
+    shown = tok.decode(ids)
     for nxt in generate(model, ids, max_new_tokens, np.random.default_rng(seed), temperature, top_k, top_p):
         ids.append(nxt)
-        new = tok.decode(ids)
-        out.write(new[len(text):] if new.startswith(text) else new[-1:])
-        out.flush()
-        text = new
+        text = tok.decode(ids)
+        if not text.endswith("\ufffd"):
+            out.write(text[len(shown):] if text.startswith(shown) else "")
+            out.flush()
+            shown = text
     out.write("\n")
-    return text
+    return tok.decode(ids)
 
 # ----------------------------------------------------------------------------- training
 
@@ -838,6 +841,10 @@ def main(argv=None):
         overrides.setdefault("out_dir", "out/triton")
         mcfg, tcfg = S3.make_configs(args.preset, **overrides)
         ckpt = Path(args.ckpt or Path(tcfg.out_dir) / "ckpt.npz")
+        if args.resume:       # the run's own training config, with only the options given here changed
+            saved = S3.load_model(ckpt)[2]
+            tcfg = S3.TrainConfig(**{f.name: overrides.get(f.name, saved.get(f.name, getattr(tcfg, f.name)))
+                                     for f in fields(S3.TrainConfig)})
         if args.generate is not None:
             params, mcfg, _, step, _, config = S3.load_model(ckpt)
             tok = load_stage("2_tokenizer").Tokenizer.load(config["tokenizer"]["path"])
