@@ -88,7 +88,7 @@ class Config:
 
 PRESETS = {
     "default": {},
-    "tiny": dict(d_model=16, d_ff=32, steps=60, n_test=200, batch_size=32),  # tests
+    "tiny": dict(n_objects=8, n_fillers=8, seq_len=8, steps=60, n_test=300),  # tests, seconds
 }
 
 # ----------------------------------------------------------------------------- surrogates
@@ -523,7 +523,8 @@ def op_counts(cfg, stats):
     accumulates per position (only active inputs add a weight row); in the ANN twin (relu, one
     timestep) the same layer costs in * out multiply-accumulates. Attention on spikes is counted
     in its recurrent form per position and head: linear adds a v row into the dh x dh state per
-    k spike and reads a state row per q spike; hadamard adds v where k spikes. The readout head
+    k spike and reads a state row per q spike; hadamard adds v where k spikes and gates by q
+    (counted as one accumulate per q spike, to be conservative). The readout head
     is fed real values: MACs in both (T times in the spiking net). Norms and neuron updates are
     O(D) per position in both networks and are left out."""
     D, F, L, T, C = cfg.d_model, cfg.d_ff, cfg.seq_len, cfg.T, cfg.n_colours
@@ -538,7 +539,7 @@ def op_counts(cfg, stats):
             ac += L * T * (r["attn.sn_k"] + r["attn.sn_q"]) * D * dh
             ann += L * 2 * D * dh
         else:
-            ac += L * T * r["attn.sn_k"] * D
+            ac += L * T * (r["attn.sn_k"] + r["attn.sn_q"]) * D
             ann += L * 2 * D
     mac = T * D * C
     ann += D * C
@@ -597,7 +598,7 @@ def train(cfg, params=None, progress=True):
 # ----------------------------------------------------------------------------- gradient check
 
 
-def numerical_grad(f, x, eps=1e-6):
+def numerical_grad(f, x, eps=1e-5):
     """Central differences (f(x + eps) - f(x - eps)) / 2eps, element by element, in place."""
     g = np.zeros_like(x)
     for i in np.ndindex(x.shape):
