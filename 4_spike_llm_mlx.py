@@ -104,8 +104,8 @@ class Neuron(nn.Module):
         beta = mx.sigmoid(self.w) if cfg.neuron == "plif" else cfg.beta
         theta = self.theta if cfg.neuron == "plif" else cfg.theta
         v_plus, a, out = 0.0, 0.0, []
-        for t in range(x.shape[0]):
-            v = beta * v_plus + x[t]
+        for x_t in mx.split(x, x.shape[0]):                # (1, ..., C); x[t] would make the
+            v = beta * v_plus + x_t                        # backward scatter T full-size arrays
             thr = theta + a
             if cfg.neuron == "ternary":
                 s_pos, s_neg = spike(v - thr), spike(-v - thr)
@@ -119,7 +119,7 @@ class Neuron(nn.Module):
             if cfg.neuron == "alif":
                 a = cfg.alif_rho * a + cfg.alif_kappa * s
             out.append(s)
-        return mx.stack(out)                               # (T, ..., C)
+        return mx.concatenate(out)                         # (T, ..., C)
 
 
 @lru_cache(maxsize=16)
