@@ -683,7 +683,9 @@ def write_plots(spikes, losses):
         return
     T, L, N = spikes.shape
     fig, ax = plt.subplots(figsize=(8, 3))
-    ax.imshow(spikes.reshape(T * L, N).T, aspect="auto", cmap="Greys", interpolation="nearest")
+    per_position = spikes.transpose(1, 0, 2).reshape(L * T, N)     # columns: position, then step
+    ax.imshow(per_position.T, aspect="auto", cmap="Greys", interpolation="nearest")
+    ax.set_title("query spikes of block 0, first test sequence")
     ax.set_xlabel(f"position x timestep (T={T} per position)")
     ax.set_ylabel("neuron")
     fig.savefig("spike_raster.png", dpi=120, bbox_inches="tight")
