@@ -171,6 +171,7 @@ def main():
     bw = copy_bandwidth()
     out = [f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {S5.triton.__version__}; "
            f"measured device-to-device copy {bw / 1e12:.2f} TB/s (read + write)"]
+    print(out[0], flush=True)
     for part in args.only.split(","):
         table = {"neuron": lambda: neuron_table(bw), "step": lambda: step_table(args), "generate": generate_table}[part]()
         out += ["", f"### {part}", "", table]
