@@ -329,8 +329,6 @@ class AdamW:
             new.append((name, p - lr_p * (m[name] / c1) / (mx.sqrt(v[name] / c2) + self.eps)))
         model.update(tree_unflatten(new))
 
-    def numpy_state(self):
-        return {moment: {k: np.array(a) for k, a in arrays.items()} for moment, arrays in self.state.items()}
 
 # ----------------------------------------------------------------------------- training step
 
@@ -389,9 +387,18 @@ def eval_report(model, cfg, val, context, max_tokens, decode):
             "tokens": int(y.size), "chars": n_chars, "context": context}
 
 
-def save(path, model, opt, tcfg, step, tok_info, data_dir):
-    """Stage 3's checkpoint: float32 params, AdamW moments, config JSON with the step."""
-    return ref.save_model(path, numpy_params(model), model.cfg, tcfg, step, opt.numpy_state(), tok_info, data_dir)
+def snapshot(model, opt):
+    """(params, moments) as flat {name: array} dicts. MLX arrays are immutable, so holding these
+    references keeps this exact state at no cost while later steps make new arrays."""
+    return dict(tree_flatten(model.parameters())), {m: dict(arrays) for m, arrays in opt.state.items()}
+
+
+def save(path, state, cfg, tcfg, step, tok_info, data_dir):
+    """Stage 3's checkpoint of a snapshot: float32 params, AdamW moments, config JSON with the step."""
+    params, moments = state
+    opt_state = {m: {k: np.array(a) for k, a in arrays.items()} for m, arrays in moments.items()}
+    return ref.save_model(path, {k: np.array(p) for k, p in params.items()}, cfg, tcfg, step, opt_state,
+                          tok_info, data_dir)
 
 
 def load(path):
@@ -451,6 +458,22 @@ def energy_report(model, x):
 # ----------------------------------------------------------------------------- training loop
 
 
+def blas_hint():
+    """On Linux the mlx[cpu] wheel links the reference BLAS, about 10x slower at matmul than
+    OpenBLAS. Preloading OpenBLAS swaps in a fast cblas_sgemm (same numbers): return that tip."""
+    if sys.platform != "linux" or mx.default_device().type != mx.cpu:
+        return ""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return ""
+    if "/libopenblas" in maps or "mlx_cpu.libs/libblas" not in maps:
+        return ""
+    return ("note: MLX here multiplies matrices with the reference BLAS of the mlx[cpu] wheel; for ~10x faster "
+            "steps install OpenBLAS (apt install libopenblas0) and run with "
+            "LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libopenblas.so.0")
+
+
 def train(mcfg, tcfg, data_dir, ckpt_path, resume=False):
     """tqdm, periodic eval + atomic checkpoint, exact resume (any stage's checkpoint), Ctrl-C
     saves, and a NaN guard that stops without overwriting the last good checkpoint."""
@@ -472,6 +495,8 @@ def train(mcfg, tcfg, data_dir, ckpt_path, resume=False):
     print(f"model: {n_params / 1e6:.2f} M parameters, {mcfg.n_layer} layers, d={mcfg.d_model}, T={mcfg.T}, "
           f"context {mcfg.context}, {mcfg.neuron if mcfg.spiking else 'ANN twin'}; MLX on {mx.default_device()}; "
           f"data: {len(train_data):,} train / {len(val):,} val tokens")
+    if blas_hint():
+        print(blas_hint())
 
     def evaluate_now(done):
         for ctx in (mcfg.context, 4 * mcfg.context):
@@ -481,7 +506,7 @@ def train(mcfg, tcfg, data_dir, ckpt_path, resume=False):
                            f"{r['bpc']:.4f} bits/char ({r['tokens']} tokens, {r['chars']} chars)")
 
     step_fn = make_train_step(model, opt, tcfg)
-    t0, tokens_seen, done = time.time(), 0, step
+    t0, tokens_seen, done, last = time.time(), 0, step, snapshot(model, opt)
     bar = tqdm(total=tcfg.max_steps, initial=step, desc="train", dynamic_ncols=True)
     try:
         for step, loss, rate, lr in train_steps(model, opt, step_fn, mcfg, tcfg, train_data, step, tcfg.max_steps):
@@ -489,20 +514,21 @@ def train(mcfg, tcfg, data_dir, ckpt_path, resume=False):
                 bar.close()
                 raise FloatingPointError(f"loss is {loss} at step {step}: stopping without saving; the last good "
                                          f"checkpoint ({ckpt_path}, if any) is kept. Try a lower --lr.")
-            done, tokens_seen = step + 1, tokens_seen + tcfg.batch_size * mcfg.context
+            done, last = step + 1, snapshot(model, opt)   # a Ctrl-C inside the next step saves this
+            tokens_seen += tcfg.batch_size * mcfg.context
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", spikes=f"{rate:.2f}",
                             tok_s=f"{tokens_seen / (time.time() - t0):.0f}")
             out_of_time = tcfg.max_minutes > 0 and time.time() - t0 > 60 * tcfg.max_minutes
             if done % tcfg.eval_interval == 0 or done == tcfg.max_steps or out_of_time:
                 evaluate_now(done)
-                save(ckpt_path, model, opt, tcfg, done, tok_info, data_dir)
+                save(ckpt_path, last, mcfg, tcfg, done, tok_info, data_dir)
             if out_of_time:
                 tqdm.write(f"max_minutes={tcfg.max_minutes} reached at step {done}; resume with --resume 1")
                 break
     except KeyboardInterrupt:
         bar.close()
-        save(ckpt_path, model, opt, tcfg, done, tok_info, data_dir)
+        save(ckpt_path, last, mcfg, tcfg, done, tok_info, data_dir)
         print(f"\ninterrupted: saved step {done} to {ckpt_path}; continue with --resume 1")
         raise
     bar.close()

@@ -163,7 +163,7 @@ def test_checkpoints_move_between_stages_with_optimizer_state(tmp_path, override
     model = m4.build_model(mcfg, start)
     opt = m4.AdamW(model, tcfg)
     mlx_steps(model, opt, mcfg, tcfg, data, 0, K)
-    m4.save(tmp_path / "mlx.npz", model, opt, tcfg, K, TOK, "data/x")
+    m4.save(tmp_path / "mlx.npz", m4.snapshot(model, opt), mcfg, tcfg, K, TOK, "data/x")
     params, mcfg2, _, step, opt_np, config = ref.load_model(tmp_path / "mlx.npz")
     assert (mcfg2, step, config["tokenizer"]) == (mcfg, K, TOK)
     for k, p in m4.numpy_params(model).items():
@@ -196,7 +196,7 @@ def test_mlx_resume_equals_uninterrupted_mlx_run(tmp_path):
     first = m4.build_model(mcfg, ref.init_params(mcfg, tcfg.seed))
     opt1 = m4.AdamW(first, tcfg)
     mlx_steps(first, opt1, mcfg, tcfg, data, 0, K)
-    m4.save(tmp_path / "ckpt.npz", first, opt1, tcfg, K, TOK, "data/x")
+    m4.save(tmp_path / "ckpt.npz", m4.snapshot(first, opt1), mcfg, tcfg, K, TOK, "data/x")
     second, _, step, opt_state, _ = m4.load(tmp_path / "ckpt.npz")
     opt2 = m4.AdamW(second, tcfg, opt_state)
     mlx_steps(second, opt2, mcfg, tcfg, data, step, 2 * K)
@@ -245,3 +245,27 @@ def test_nan_loss_stops_without_overwriting_the_checkpoint(dataset, tmp_path, mo
     with pytest.raises(FloatingPointError, match="loss is nan at step 3"):
         m4.train(mcfg, tcfg, dataset, ckpt, resume=True)
     assert ckpt.read_bytes() == saved
+
+
+def test_ctrl_c_saves_the_last_finished_step_and_resume_continues_exactly(dataset, tmp_path, monkeypatch):
+    mcfg, tcfg = ref.make_configs("tiny", max_steps=4, eval_interval=100, eval_tokens=256)
+    m4.train(mcfg, tcfg, dataset, tmp_path / "straight.npz")
+    train_steps = m4.train_steps
+
+    def interrupted(*args):
+        for i, out in enumerate(train_steps(*args)):
+            if i == 2:
+                raise KeyboardInterrupt
+            yield out
+
+    monkeypatch.setattr(m4, "train_steps", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        m4.train(mcfg, tcfg, dataset, tmp_path / "ckpt.npz")
+    monkeypatch.setattr(m4, "train_steps", train_steps)
+    assert ref.load_model(tmp_path / "ckpt.npz")[3] == 2
+    m4.train(mcfg, tcfg, dataset, tmp_path / "ckpt.npz", resume=True)
+    resumed, straight = ref.load_model(tmp_path / "ckpt.npz"), ref.load_model(tmp_path / "straight.npz")
+    assert resumed[3] == straight[3] == 4
+    for k in straight[0]:
+        np.testing.assert_array_equal(resumed[0][k], straight[0][k])
+        np.testing.assert_array_equal(resumed[4]["v"][k], straight[4]["v"][k])
