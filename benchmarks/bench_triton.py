@@ -1,7 +1,7 @@
 """Stage 5 benchmarks on an NVIDIA GPU; prints markdown tables (and appends them to --out).
 
     python benchmarks/bench_triton.py                 # everything below
-    python benchmarks/bench_triton.py --only neuron   # neuron | step | generate
+    python benchmarks/bench_triton.py --only neuron   # neuron | step | generate | profile
 
 neuron:   multi-step LIF forward+backward, 8.4M neurons per step, T = 4 and 16: the fused
           Triton kernel vs the eager PyTorch loop and torch.compile of it, against the memory
@@ -135,6 +135,21 @@ def step_table(args):
     return "\n".join(head + rows)
 
 
+def profile_table(args):
+    """Where one triton training step of `base` spends GPU time: the top kernels."""
+    mcfg, tcfg = S3.make_configs("base", vocab_size=2000)
+    tc = S3.TrainConfig(**dict(vars(tcfg), batch_size=args.batch or tcfg.batch_size))
+    model = S5.build_model(mcfg, S5.RunConfig(kernels="triton", device="cuda", dtype="bfloat16"), seed=0)
+    opt = S5.make_optimizer(model, tc)
+    data = np.random.default_rng(0).integers(0, 2000, 10 * tc.batch_size * mcfg.context).astype(np.uint16)
+    for step in range(2):
+        S5.train_step(model, opt, mcfg, tc, data, step, "cuda")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        S5.train_step(model, opt, mcfg, tc, data, 2, "cuda")
+        torch.cuda.synchronize()
+    return "```\n" + prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60) + "\n```"
+
+
 @torch.no_grad()
 def generate_table():
     mcfg, _ = S3.make_configs("base", vocab_size=2000)
@@ -173,7 +188,8 @@ def main():
            f"measured device-to-device copy {bw / 1e12:.2f} TB/s (read + write)"]
     print(out[0], flush=True)
     for part in args.only.split(","):
-        table = {"neuron": lambda: neuron_table(bw), "step": lambda: step_table(args), "generate": generate_table}[part]()
+        table = {"neuron": lambda: neuron_table(bw), "step": lambda: step_table(args), "generate": generate_table,
+                 "profile": lambda: profile_table(args)}[part]()
         out += ["", f"### {part}", "", table]
         print("\n".join(out[-3:]), flush=True)
     if args.out:
