@@ -92,21 +92,22 @@ class TrainConfig:
     eval_tokens: int = 16384      # validation tokens per evaluation (a fixed slice from the start)
 
 
-# Presets use norm_eps = 1e-2: a head whose query spikes are all zero has y = 0, where the head
-# norm's gradient is g/sqrt(eps) -- 316x at 1e-5, enough to swamp training with surrogate noise.
-NORM_EPS = 1e-2
+# Presets: threshold 0.5 (spike rates near 0.25 rather than 0.13 at theta = 1, and lower loss),
+# norm_eps 1e-2 (a head whose query spikes are all zero has y = 0, where the head norm's gradient
+# is g/sqrt(eps): 316x at 1e-5, enough to swamp training with surrogate-gradient noise).
+SPIKING = dict(theta=0.5, norm_eps=1e-2)
 PRESETS = {
     "tiny": {"model": dict(vocab_size=64, n_layer=2, n_head=2, d_model=32, d_ff=64, T=4, context=32,
-                           norm_eps=NORM_EPS),
+                           **SPIKING),
              "train": dict(batch_size=4, max_steps=200, lr=3e-3, min_lr=3e-4, warmup=10,
                            eval_interval=50, eval_tokens=2048)},
-    "small": {"model": dict(n_layer=4, n_head=4, d_model=128, d_ff=512, T=4, context=64, norm_eps=NORM_EPS),
+    "small": {"model": dict(n_layer=4, n_head=4, d_model=128, d_ff=512, T=4, context=64, **SPIKING),
               "train": dict(batch_size=16, max_steps=500, lr=3e-3, min_lr=3e-4, warmup=30,
                             max_minutes=5.0, eval_interval=100)},
-    "seed": {"model": dict(n_layer=12, n_head=8, d_model=256, d_ff=1024, T=4, context=256, norm_eps=NORM_EPS),
+    "seed": {"model": dict(n_layer=12, n_head=8, d_model=256, d_ff=1024, T=4, context=256, **SPIKING),
              "train": dict(batch_size=16, max_steps=20000, lr=1e-3, min_lr=1e-4, warmup=500,
                            eval_interval=500, layer_lr_decay=0.9)},
-    "base": {"model": dict(n_layer=12, n_head=8, d_model=512, d_ff=2048, T=4, context=512, norm_eps=NORM_EPS),
+    "base": {"model": dict(n_layer=12, n_head=8, d_model=512, d_ff=2048, T=4, context=512, **SPIKING),
              "train": dict(batch_size=32, max_steps=50000, lr=6e-4, min_lr=6e-5, warmup=1000,
                            eval_interval=1000)},
 }
@@ -155,13 +156,13 @@ def init_params(cfg, seed=0, dtype=np.float32):
 
     Layers fed by spikes (wq, wk, wv, w1) get std 2/sqrt(fan_in): with input spike rates near
     1/4 the pre-activations then have unit scale, so the neurons fire from the first step.
-    Residual projections (wo, w2) get the GPT-2 std 0.02/sqrt(2 n_layer); norms start at 1.
+    Residual projections (wo, w2) get the GPT-2 std 0.02/sqrt(2 n_layer); norms start at 1;
+    the embedding std 0.1 (tied: initial logits of rms 0.1 sqrt(D)).
     """
     rng = np.random.default_rng(seed)
     params = {}
     for name, shape in param_shapes(cfg).items():
-        if name.endswith("norm1.weight") or name.endswith("norm.weight") or name.endswith("norm2.weight") \
-                or name == "norm_f.weight":
+        if "norm" in name:
             p = np.ones(shape)
         elif name.endswith(".w"):       # PLIF leak logit: sigmoid(w) = beta
             p = np.full(shape, math.log(cfg.beta / (1 - cfg.beta)))
@@ -171,7 +172,9 @@ def init_params(cfg, seed=0, dtype=np.float32):
             p = rng.normal(0.0, 2.0 / math.sqrt(shape[0]), shape)
         elif name.endswith(("wo", "w2")):
             p = rng.normal(0.0, 0.02 / math.sqrt(2 * cfg.n_layer), shape)
-        else:                           # embed.weight, head.weight
+        elif name == "embed.weight":    # residual stream rms 0.1, comparable to norm_eps
+            p = rng.normal(0.0, 0.1, shape)
+        else:                           # head.weight
             p = rng.normal(0.0, 0.02, shape)
         params[name] = p.astype(dtype)
     return params
