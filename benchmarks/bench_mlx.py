@@ -9,6 +9,9 @@ On Apple Silicon MLX's default device is the Metal GPU, so the plain command com
 the CPU with MLX on the GPU (the header names the device). On Linux the mlx[cpu] wheel links the
 reference BLAS, which multiplies matrices about 10x slower than the OpenBLAS inside NumPy; the
 header says which BLAS MLX used, and preloading OpenBLAS (apt install libopenblas0) fixes it.
+Both stages then spend most of a step in the same sgemm calls, so on a CPU expect similar
+speeds; on a busy machine multi-threaded BLAS in NumPy suffers most, and OPENBLAS_NUM_THREADS=1
+(read by both OpenBLAS copies) gives a comparison that other load disturbs least.
 
 Both stages run the same preset, the same parameters and the same batches (random tokens of
 the preset's vocabulary, batch size and context) in one process. One full training step is
