@@ -548,6 +548,9 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.device == "gpu" and not mx.is_available(mx.gpu):
+        print("error: --device gpu, but this MLX has no GPU backend (Linux mlx[cpu]); use --device cpu", file=sys.stderr)
+        return 1
     if args.device:
         mx.set_default_device(mx.gpu if args.device == "gpu" else mx.cpu)
     names = {f.name for f in fields(ModelConfig)} | {f.name for f in fields(TrainConfig)}
