@@ -421,19 +421,21 @@ def generate(model, prompt_ids, max_new_tokens, rng, temperature=1.0, top_k=0, t
 
 
 def stream_text(tok, model, prompt, max_new_tokens, seed=0, temperature=0.8, top_k=40, top_p=0.95, out=None):
-    """Print the prompt, then each new piece of text as soon as it is sampled."""
+    """Print the prompt, then each new piece of text as soon as it is complete (a byte-level
+    token may end mid-character: wait for the rest, as stage 3 does)."""
     out = out or sys.stdout
     ids = tok.encode(prompt) or [tok.bos_id]
     out.write(prompt)
-    text = tok.decode(ids)
+    shown = tok.decode(ids)
     for nxt in generate(model, ids, max_new_tokens, np.random.default_rng(seed), temperature, top_k, top_p):
         ids.append(nxt)
-        new = tok.decode(ids)
-        out.write(new[len(text):] if new.startswith(text) else new[-1:])
-        out.flush()
-        text = new
+        text = tok.decode(ids)
+        if not text.endswith("\ufffd"):
+            out.write(text[len(shown):] if text.startswith(shown) else "")
+            out.flush()
+            shown = text
     out.write("\n")
-    return text
+    return tok.decode(ids)
 
 # ----------------------------------------------------------------------------- spikes and energy
 
@@ -444,6 +446,8 @@ def energy_report(model, x):
     cfg = model.cfg
     rates = spike_rates(model(mx.array(x, mx.int32))[1])
     ops = ref.synaptic_ops(cfg, rates)
+    if not cfg.spiking:       # the twin itself: every layer is dense multiply-accumulates
+        ops.update(ac=0.0, mac=ops["ann_mac"])
     e_snn, e_ann = ops["ac"] * ref.E_AC + ops["mac"] * ref.E_MAC, ops["ann_mac"] * ref.E_MAC
     sites = list(rates[0])
     lines = ["layer " + " ".join(f"{s.replace('attn.', ''):>9}" for s in sites)]
@@ -555,10 +559,13 @@ def main(argv=None):
         mx.set_default_device(mx.gpu if args.device == "gpu" else mx.cpu)
     names = {f.name for f in fields(ModelConfig)} | {f.name for f in fields(TrainConfig)}
     overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
-    overrides.setdefault("out_dir", "out/mlx")
-    mcfg, tcfg = ref.make_configs(args.preset, **overrides)
+    mcfg, tcfg = ref.make_configs(args.preset, **dict({"out_dir": "out/mlx"}, **overrides))
     ckpt = Path(args.ckpt or Path(tcfg.out_dir) / "ckpt.npz")
     try:
+        if args.resume:       # as stage 3: the run's own training config, with only the options given here changed
+            saved = ref.load_model(ckpt)[2]
+            tcfg = TrainConfig(**{f.name: overrides.get(f.name, saved.get(f.name, getattr(tcfg, f.name)))
+                                  for f in fields(TrainConfig)})
         if args.generate is not None:
             model, _, _, _, config = load(ckpt)
             tok = load_stage("2_tokenizer").Tokenizer.load(config["tokenizer"]["path"])
