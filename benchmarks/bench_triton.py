@@ -101,8 +101,9 @@ def step_table(args):
     mcfg, tcfg = S3.make_configs("base", vocab_size=2000)
     B, L = args.batch or tcfg.batch_size, mcfg.context
     rows = []
-    for name, kernels, comp in (("triton", "triton", False), ("torch eager", "torch", False),
-                                ("torch.compile", "torch", True)):
+    paths = (("triton", "triton", False), ("torch eager", "torch", False), ("torch.compile", "torch", True),
+             ("triton + torch.compile", "triton", True))
+    for name, kernels, comp in (p for p in paths if p[0] in args.paths.split(",")):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         run = S5.RunConfig(kernels=kernels, device="cuda", dtype="bfloat16", compile=comp)
@@ -126,6 +127,8 @@ def step_table(args):
             rows.append(f"| {name} | {B} | {dt * 1e3:.0f} | {B * L / dt:,.0f} | {peak:.1f} | {warm:.0f} |")
         except torch.cuda.OutOfMemoryError:
             rows.append(f"| {name} | {B} | out of memory | | | |")
+        except Exception as err:                           # e.g. a compile failure: report it, go on
+            rows.append(f"| {name} | {B} | failed: {type(err).__name__}: {str(err).splitlines()[0][:80]} | | | |")
         finally:
             model = opt = fwd = None
         print(rows[-1], flush=True)
@@ -179,6 +182,7 @@ def main():
     ap.add_argument("--only", default="neuron,step,generate")
     ap.add_argument("--batch", type=int, default=0, help="training-step batch (0: the preset's 32)")
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--paths", default="triton,torch eager,torch.compile,triton + torch.compile")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     if not torch.cuda.is_available():

@@ -272,16 +272,27 @@ def test_gpu_neuron_kernel_real_shape_bf16(neuron):
 
 
 @gpu
-@pytest.mark.parametrize("neuron", ["lif", "plif"])
+@pytest.mark.parametrize("neuron", ["lif", "plif", "alif"])
 def test_gpu_model_matches_stage3_at_seed_width(neuron):
-    """d 256, 8 heads, ffn 1024, context 128 (2 layers): fp32 Triton == stage 3; bf16 matmuls
-    stay close to it, and Triton bf16 equals the eager torch path in bf16."""
+    """d 256, 8 heads, ffn 1024, context 128 (2 layers, 5M spikes). Strict: Triton == the eager
+    torch path on the same GPU, fp32 and bf16. Against stage 3 (float64 on the CPU) >= 99.9% of
+    spikes agree in fp32; the few near-threshold flips move single logits, so logits and grads are
+    compared norm-wise there (the per-element 1e-4 / 1e-3 checks run at the CPU test sizes)."""
     cfg = S3.ModelConfig(**dict(S3.PRESETS["seed"]["model"], n_layer=2, vocab_size=512, context=128, neuron=neuron))
-    check_parity(cfg, "triton", B=2, L=128)
-    check_parity(cfg, "triton", B=2, L=128, dtype="bfloat16", tol=(5e-2, 2e-1, 0.97))
     rng = np.random.default_rng(1)
     params = S3.init_params(cfg, 1)
     x, y = rng.integers(0, cfg.vocab_size, (2, 2, 128))
-    a = torch_model_run(cfg, params, x, y, "triton", "bfloat16")
-    b = torch_model_run(cfg, params, x, y, "torch", "bfloat16")
-    assert np.mean(a[3] == b[3]) >= 0.999 and rel(a[0], b[0]) < 1e-2
+    for dtype in ("float32", "bfloat16"):
+        a = torch_model_run(cfg, params, x, y, "triton", dtype)
+        b = torch_model_run(cfg, params, x, y, "torch", dtype)
+        assert np.mean(a[3] == b[3]) >= 0.9999 and rel(a[0], b[0]) < (1e-4 if dtype == "float32" else 1e-2)
+        for name in a[2]:
+            assert rel(a[2][name], b[2][name]) < (1e-3 if dtype == "float32" else 5e-2), (dtype, name)
+    logits3, loss3, grads3, spikes3 = stage3_reference(cfg, params, x, y)
+    logits, loss, grads, spikes = torch_model_run(cfg, params, x, y, "triton", "float32")
+    assert np.mean(spikes == spikes3) >= 0.999
+    assert np.linalg.norm(logits - logits3) / np.linalg.norm(logits3) < 1e-2 and abs(loss - loss3) < 1e-3 * loss3
+    for name, g3 in grads3.items():
+        assert np.linalg.norm(grads[name] - g3) / (np.linalg.norm(g3) + 1e-12) < 5e-2, name
+    bf16 = torch_model_run(cfg, params, x, y, "triton", "bfloat16")
+    assert abs(bf16[1] - loss3) < 2e-2 * loss3       # bf16 matmuls: same loss to 2%
