@@ -343,12 +343,10 @@ def make_train_step(model, opt, tcfg):
     def step(x, y, lr, t):
         (loss, rate), grads = loss_and_grad(model, x, y)
         grads = dict(tree_flatten(grads))
-        if tcfg.grad_clip > 0:
-            grads, norm = optim.clip_grad_norm(grads, tcfg.grad_clip)
-        else:
-            norm = mx.sqrt(sum((g * g).sum() for g in grads.values()))
+        if tcfg.grad_clip > 0:     # g *= max_norm / ||g|| when the global norm ||g|| exceeds it
+            grads, _ = optim.clip_grad_norm(grads, tcfg.grad_clip)
         opt.update(model, grads, lr, t)
-        return loss, rate, norm
+        return loss, rate
 
     return step
 
@@ -358,8 +356,8 @@ def train_steps(model, opt, step_fn, mcfg, tcfg, data, start, stop):
     for step in range(start, stop):
         x, y = ref.get_batch(data, tcfg.batch_size, mcfg.context, ref.batch_rng(tcfg.seed, step))
         lr = ref.lr_at(step, tcfg)
-        loss, rate, _ = step_fn(mx.array(x, mx.int32), mx.array(y, mx.int32), mx.array(lr, mx.float32),
-                                mx.array(step + 1, mx.float32))
+        loss, rate = step_fn(mx.array(x, mx.int32), mx.array(y, mx.int32), mx.array(lr, mx.float32),
+                             mx.array(step + 1, mx.float32))
         mx.eval(loss, rate, model.state, opt.state)       # one evaluation per step
         yield step, loss.item(), rate.item(), lr
 
