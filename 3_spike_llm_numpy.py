@@ -240,10 +240,6 @@ def reset_membrane(v, r, thr, reset):
     return v - thr * r if reset == "soft" else v * (1 - r)
 
 
-def sigmoid(x):
-    return 0.5 * (1 + np.tanh(0.5 * x))
-
-
 def neuron_forward(x, cfg, smooth=False, w=None, th=None):
     """Multi-step neuron over axis 0 (T) of x (T, ..., C); C = channels (last axis).
 
@@ -254,7 +250,7 @@ def neuron_forward(x, cfg, smooth=False, w=None, th=None):
     """
     if not cfg.spiking:
         return np.maximum(x, 0), {"x": x}
-    beta = sigmoid(w) if cfg.neuron == "plif" else cfg.beta
+    beta = 1 / (1 + np.exp(-w)) if cfg.neuron == "plif" else cfg.beta
     theta = th if cfg.neuron == "plif" else cfg.theta
     v, s = np.empty_like(x), np.empty_like(x)
     vp, a = 0.0, 0.0
@@ -924,11 +920,9 @@ def train(mcfg, tcfg, data_dir, ckpt_path, resume=False):
 
 
 def parse_bool(text):
-    if str(text).lower() in ("1", "true", "yes", "on"):
-        return True
-    if str(text).lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected 0/1/true/false, got {text!r}")
+    if str(text).lower() not in ("0", "1", "true", "false"):
+        raise argparse.ArgumentTypeError(f"expected 0/1/true/false, got {text!r}")
+    return str(text).lower() in ("1", "true")
 
 
 def build_parser():
