@@ -41,6 +41,7 @@ import pkgutil
 import platform
 import re
 import socket
+import subprocess
 import sys
 import time
 import unicodedata
@@ -501,14 +502,26 @@ def module_document(name, seen):
     return "\n\n".join(parts)
 
 
-def builtin_docs(cfg, out_dir):
+def stdlib_docs():
     """pydoc's help topics plus one document per standard-library module."""
     from pydoc_data.topics import topics
     docs = [f"Python help topic: {key}\n\n{topics[key]}" for key in sorted(topics)]
     seen = set()
     for name in stdlib_module_names():
         docs.append(module_document(name, seen))
-    return docs, False, True
+    return docs
+
+
+def builtin_docs(cfg, out_dir):
+    """stdlib_docs() collected in a fresh interpreter.
+
+    Libraries the caller has already imported patch the standard library
+    (torch, for one, replaces inspect.getfile), which would change the corpus;
+    a child started with -I (no PYTHON* variables, no user site) sees only itself.
+    """
+    child = f"import json, runpy; print(json.dumps(runpy.run_path({str(Path(__file__))!r})['stdlib_docs']()))"
+    out = subprocess.run([sys.executable, "-I", "-c", child], capture_output=True, check=True)
+    return json.loads(out.stdout), False, True
 
 
 # ----------------------------------------------------------------------------
