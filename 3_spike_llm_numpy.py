@@ -782,14 +782,13 @@ def generate(params, cfg, prompt_ids, max_new_tokens, rng, temperature=1.0, top_
         logits = decode_step(params, cfg, state, [nxt])
 
 
-def stream_text(tok, params, cfg, prompt, max_new_tokens, seed=0, temperature=0.8, top_k=40, top_p=0.95, out=None):
+def print_stream(tok, prompt, ids, new_tokens, out=None):
     """Print the prompt, then each new piece of text as soon as it is complete (a byte-level
-    token may end mid-character: wait for the rest before printing)."""
+    token may end mid-character: wait for the rest before printing). Stages 4 and 5 use it too."""
     out = out or sys.stdout
-    ids = tok.encode(prompt) or [tok.bos_id]
     out.write(prompt)
-    shown = tok.decode(ids)
-    for nxt in generate(params, cfg, ids, max_new_tokens, np.random.default_rng(seed), temperature, top_k, top_p):
+    ids, shown = list(ids), tok.decode(ids)
+    for nxt in new_tokens:
         ids.append(nxt)
         text = tok.decode(ids)
         if not text.endswith("\ufffd"):
@@ -798,6 +797,13 @@ def stream_text(tok, params, cfg, prompt, max_new_tokens, seed=0, temperature=0.
             shown = text
     out.write("\n")
     return tok.decode(ids)
+
+
+def stream_text(tok, params, cfg, prompt, max_new_tokens, seed=0, temperature=0.8, top_k=40, top_p=0.95, out=None):
+    """Sample max_new_tokens after the prompt and print them as they come."""
+    ids = tok.encode(prompt) or [tok.bos_id]
+    new = generate(params, cfg, list(ids), max_new_tokens, np.random.default_rng(seed), temperature, top_k, top_p)
+    return print_stream(tok, prompt, ids, new, out)
 
 # ----------------------------------------------------------------------------- spikes, synaptic ops, energy
 

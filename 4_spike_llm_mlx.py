@@ -419,21 +419,10 @@ def generate(model, prompt_ids, max_new_tokens, rng, temperature=1.0, top_k=0, t
 
 
 def stream_text(tok, model, prompt, max_new_tokens, seed=0, temperature=0.8, top_k=40, top_p=0.95, out=None):
-    """Print the prompt, then each new piece of text as soon as it is complete (a byte-level
-    token may end mid-character: wait for the rest, as stage 3 does)."""
-    out = out or sys.stdout
+    """Sample max_new_tokens after the prompt and print them as they come (stage 3's printer)."""
     ids = tok.encode(prompt) or [tok.bos_id]
-    out.write(prompt)
-    shown = tok.decode(ids)
-    for nxt in generate(model, ids, max_new_tokens, np.random.default_rng(seed), temperature, top_k, top_p):
-        ids.append(nxt)
-        text = tok.decode(ids)
-        if not text.endswith("\ufffd"):
-            out.write(text[len(shown):] if text.startswith(shown) else "")
-            out.flush()
-            shown = text
-    out.write("\n")
-    return tok.decode(ids)
+    new = generate(model, list(ids), max_new_tokens, np.random.default_rng(seed), temperature, top_k, top_p)
+    return ref.print_stream(tok, prompt, ids, new, out)
 
 # ----------------------------------------------------------------------------- spikes and energy
 
