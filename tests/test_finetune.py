@@ -1,0 +1,365 @@
+"""Stage 6: Q&A generation and validation, the masked loss and LoRA gradients against finite
+differences, merged adapters, freezing, exact match rising with every method, the CLI."""
+import json
+from functools import partial
+
+import numpy as np
+import pytest
+
+from spikelib.checkpoint import CheckpointError
+from spikelib.stages import load_stage
+
+F = load_stage("6_finetune")
+S3 = load_stage("3_spike_llm_numpy")
+TK = load_stage("2_tokenizer")
+
+# ----------------------------------------------------------------------------- Q&A generation
+
+CORPUS = """Module json
+===========
+
+json.dumps
+Return a JSON formatted string. New in version 3.2: the indent may be a string.
+
+The encoder is a class that turns Python objects into text, and it is used by dumps.
+In 1999, the first version of the format was written down by Douglas.
+Paris is a city in France and the capital.
+Ada Lovelace was born in London, England.
+
+
+ROMEO:
+But soft, what light through yonder window breaks?
+
+JULIET:
+O Romeo, Romeo, wherefore art thou Romeo?
+"""
+
+EXPECTED = {  # (kind, question, answer): one per rule the corpus above triggers
+    ("returns", "What does json.dumps return?", "a JSON formatted string"),
+    ("version", "In which version was json.dumps added?", "3.2"),
+    ("definition", "What is the encoder?", "a class"),
+    ("date", "In which year: the first version of the format was written down by Douglas?", "1999"),
+    ("place", "Where is Paris?", "France"),
+    ("person", "Where was Ada Lovelace born?", "London"),
+    ("speaker", "Who says: O Romeo, Romeo, wherefore art thou Romeo?", "JULIET"),
+}
+
+
+def test_generated_questions_are_deterministic_extractive_spans():
+    pairs = F.generate_qa(CORPUS)
+    assert pairs == F.generate_qa(CORPUS)                         # same text, same list
+    assert EXPECTED <= {(p["kind"], p["question"], p["answer"]) for p in pairs}
+    for p in pairs:
+        assert p["answer"] in p["context"], p                     # extractive: a span of its context
+    assert len({p["question"] for p in pairs}) == len(pairs)      # one answer per question
+    again = F.generate_qa(CORPUS + "\n\n\nThe encoder is a function of the module.")
+    assert [p["answer"] for p in again if p["question"] == "What is the encoder?"] == ["a class"]   # the first
+
+
+def test_split_is_fixed_by_the_question(tmp_path):
+    """A question keeps its split when its context and the documents around it change, and in a
+    user file without context; raising test_fraction only moves questions into test."""
+    half = {p["question"]: p for p in F.generate_qa(CORPUS, test_fraction=0.5)}
+    edited = CORPUS.replace("what light through yonder window breaks", "is that a light up in the window") \
+                   .replace("Paris is a city in France and the capital", "Paris is a city in France, old and large")
+    moved = {p["question"]: p for p in F.generate_qa("\n\n\n".join(edited.split("\n\n\n")[::-1]), test_fraction=0.5)}
+    assert set(moved) == set(half)
+    assert sum(moved[q]["context"] != half[q]["context"] for q in half) >= 3     # speaker, place, definition
+    splits = {q: p["split"] for q, p in half.items()}
+    assert {q: p["split"] for q, p in moved.items()} == splits
+    path = tmp_path / "qa.jsonl"
+    path.write_text("".join(json.dumps({"question": q, "answer": "x"}) + "\n" for q in splits))
+    assert {p["question"]: p["split"] for p in F.read_qa(path, test_fraction=0.5)} == splits
+    assert set(splits.values()) == {"train", "test"}                            # this corpus has both at 0.5
+    fewer = {p["question"] for p in F.generate_qa(CORPUS, test_fraction=0.25) if p["split"] == "test"}
+    assert fewer <= {q for q, p in half.items() if p["split"] == "test"}
+
+
+# ----------------------------------------------------------------------------- user JSONL
+
+def test_malformed_jsonl_names_every_bad_line(tmp_path):
+    lines = ['{"question": "Who?", "answer": "me"}',             # 1 good
+             'not json {',                                        # 2
+             '[1, 2]',                                            # 3 not an object
+             '{"question": "Why?"}',                              # 4 no answer
+             '{"question": "How?", "answer": "so", "split": "dev"}',  # 5 bad split
+             '',                                                  # 6 blank: skipped
+             '{"question": "When?", "answer": "now", "context": "It is now."}']  # 7 good
+    path = tmp_path / "qa.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError) as err:
+        F.read_qa(path)
+    msg = str(err.value)
+    assert "4 bad line(s)" in msg
+    for n, why in ((2, "not valid JSON"), (3, "expected a JSON object"), (4, '"answer" must be'), (5, '"split" must')):
+        assert f"line {n}: {why}" in msg, msg
+    assert "line 1:" not in msg and "line 7:" not in msg
+
+
+def test_valid_jsonl_loads(tmp_path):
+    rows = [{"question": "Who?", "answer": "me", "split": "test"},
+            {"question": "When?", "answer": "now", "context": "It is now."}]
+    path = tmp_path / "qa.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    pairs = F.read_qa(path)
+    assert [p["question"] for p in pairs] == ["Who?", "When?"]
+    assert pairs[0]["split"] == "test" and pairs[1]["context"] == "It is now."
+    assert pairs[1]["split"] in ("train", "test") and F.read_qa(path) == pairs     # default split is fixed
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    with pytest.raises(ValueError, match="no question-answer pairs"):
+        F.read_qa(tmp_path / "empty.jsonl")
+
+
+# ----------------------------------------------------------------------------- gradients
+
+def central_differences(f, x, h=1e-6):
+    """(f(x + h e_i) - f(x - h e_i)) / 2h for every entry i of x (changed in place, then restored)."""
+    g = np.zeros_like(x)
+    for i in np.ndindex(x.shape):
+        old = x[i]
+        x[i] = old + h
+        up = f()
+        x[i] = old - h
+        down = f()
+        x[i] = old
+        g[i] = (up - down) / (2 * h)
+    return g
+
+
+def rel_err(a, b):
+    return np.linalg.norm(a - b) / (np.linalg.norm(a) + np.linalg.norm(b))
+
+
+def test_masked_cross_entropy_matches_reference_and_finite_differences():
+    """float64: the loss equals -log softmax averaged over the masked positions only, dlogits its
+    central differences (relative error < 1e-7), exactly zero where the mask is 0."""
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 2, (2, 5, 7))
+    y = rng.integers(0, 7, (2, 5))
+    mask = (rng.random((2, 5)) < 0.5).astype(np.float64)
+    mask[0, 0], mask[1, 4] = 1.0, 0.0
+    loss, dz = F.masked_cross_entropy(z, y, mask)
+    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(logp, y[..., None], -1)[..., 0]
+    assert loss == pytest.approx(nll[mask == 1].mean(), rel=1e-12)
+    fd = central_differences(lambda: F.masked_cross_entropy(z, y, mask)[0], z)
+    assert rel_err(dz, fd) < 1e-7
+    assert not dz[mask == 0].any()
+    # float32 logits keep float32 dlogits, so the backward runs in float32 as in stage 3
+    assert F.masked_cross_entropy(z.astype(np.float32), y, mask)[1].dtype == np.float32
+
+
+def test_lora_gradients_match_finite_differences(monkeypatch):
+    """dB = s dW A^T and dA = s B^T dW through the numpy backend, against central differences
+    (h = 1e-6) of the masked loss in float64: relative error < 1e-5 for every adapter tensor, all
+    entries. Stage 3's smooth forward (each spike H(u) replaced by its surrogate S(u), as in its
+    own gradient checks) makes the loss differentiable; A is random so that dB is not zero."""
+    mcfg = S3.make_configs("tiny", vocab_size=11, d_model=8, d_ff=12, n_head=2)[0]
+    rng = np.random.default_rng(0)
+    params = {k: v.astype(np.float64) + rng.normal(0, 0.1, v.shape) for k, v in S3.init_params(mcfg).items()}
+    lora = F.init_lora(params, F.lora_names(params, "wq,wk,wv,wo,w1,w2"), rank=2)
+    for k in lora:
+        if k.endswith(".A"):
+            lora[k] = rng.normal(0, 0.3, lora[k].shape)
+    assert len(lora) == 2 * 6 * mcfg.n_layer
+    x, y = rng.integers(0, mcfg.vocab_size, (2, 2, 5))
+    mask = np.array([[0, 0, 1, 1, 1], [0, 1, 1, 1, 0]], np.float64)
+    scale = 1.5
+    monkeypatch.setattr(S3, "forward", partial(S3.forward, smooth=True))
+    loss, grads = F.numpy_backend(mcfg)(F.apply_lora(params, lora, scale), x, y, mask)
+    hand = F.lora_grads(grads, lora, scale)
+    assert set(hand) == set(lora)
+
+    def masked_loss():
+        return F.masked_cross_entropy(S3.forward(F.apply_lora(params, lora, scale), mcfg, x)[0], y, mask)[0]
+
+    assert masked_loss() == loss
+    for name, a in lora.items():
+        fd = central_differences(masked_loss, a)
+        assert np.linalg.norm(fd) > 1e-4, name                    # a real gradient, not round-off
+        assert rel_err(hand[name], fd) < 1e-5, name
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def tiny_base(tmp_path):
+    """A tiny base checkpoint naming its tokenizer, a byte-level one (no learned pieces, 264 ids)."""
+    tok = TK.Tokenizer([])
+    tok.save(tmp_path / "tokenizer.json")
+    info = {"path": str(tmp_path / "tokenizer.json"), "sha256": tok.sha256(), "vocab_size": tok.vocab_size}
+    mcfg, tcfg = S3.make_configs("tiny", vocab_size=tok.vocab_size)
+    return S3.save_model(tmp_path / "base.npz", S3.init_params(mcfg, 0), mcfg, tcfg, 0, None, info)
+
+
+def random_adapters(params, rank, seed=0):
+    """Adapters with both factors random (freshly initialized ones have A = 0 and change nothing)."""
+    rng = np.random.default_rng(seed)
+    lora = F.init_lora(params, F.lora_names(params, "wq,wk,wv,wo,w1,w2"), rank, seed)
+    return {k: (v + rng.normal(0, 0.3, v.shape)).astype(np.float32) for k, v in lora.items()}
+
+
+def test_merged_checkpoint_equals_base_plus_adapters(tmp_path, monkeypatch):
+    """The merged file's forward equals the base's forward with the adapters applied unmerged,
+    y = x W + s (x B) A at every adapted matrix (float64, smooth forward, within 1e-6 relative)."""
+    base = tiny_base(tmp_path)
+    params, mcfg, _, _, _, config = S3.load_model(base)
+    cfg = F.FinetuneConfig(base=str(base), out_dir=str(tmp_path / "out"), lora_rank=4, lora_alpha=6.0)
+    lora = random_adapters(params, cfg.lora_rank)
+    F.save_lora(tmp_path / "lora.npz", lora, cfg, base)
+    merged, mcfg2, _, _, _, config2 = S3.load_model(F.merge(cfg, tmp_path / "lora.npz"))
+    assert mcfg2 == mcfg and config2["tokenizer"] == config["tokenizer"]
+    for n in params:                                              # only adapted matrices changed
+        assert np.array_equal(merged[n], params[n]) == (n + ".B" not in lora), n
+
+    x = np.random.default_rng(1).integers(0, mcfg.vocab_size, (2, 12))
+    p64 = {k: v.astype(np.float64) for k, v in params.items()}
+    plain = S3.forward(p64, mcfg, x, smooth=True)[0]
+    got = S3.forward({k: v.astype(np.float64) for k, v in merged.items()}, mcfg, x, smooth=True)[0]
+    adapters = {id(p64[k[:-2]]): (lora[k].astype(np.float64), lora[k[:-2] + ".A"].astype(np.float64))
+                for k in lora if k.endswith(".B")}
+    real_linear, used = S3.linear, set()
+
+    def lora_linear(inp, W):
+        out = real_linear(inp, W)
+        if id(W) in adapters:
+            used.add(id(W))
+            B, A = adapters[id(W)]
+            out = out + (cfg.lora_alpha / cfg.lora_rank) * real_linear(real_linear(inp, B), A)
+        return out
+
+    monkeypatch.setattr(S3, "linear", lora_linear)
+    want = S3.forward(p64, mcfg, x, smooth=True)[0]
+    assert used == set(adapters)                                  # every adapter took part
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-6
+    assert np.linalg.norm(plain - want) / np.linalg.norm(want) > 1e-2     # the adapters matter
+
+
+def test_load_lora_rejects_adapters_of_another_model(tmp_path):
+    base = tiny_base(tmp_path)
+    params = S3.load_model(base)[0]
+    cfg = F.FinetuneConfig(lora_rank=4)
+    good = random_adapters(params, 4)
+    F.save_lora(tmp_path / "good.npz", good, cfg, base)
+    lora, scale = F.load_lora(tmp_path / "good.npz", params)
+    assert scale == cfg.lora_alpha / 4 and set(lora) == set(good)
+    wide = S3.make_configs("tiny", vocab_size=params["embed.weight"].shape[0], d_ff=48)[0]
+    deep = S3.make_configs("tiny", vocab_size=params["embed.weight"].shape[0], n_layer=3)[0]
+    for name, other in (("wide", wide), ("deep", deep)):          # a wrong shape; a layer the base lacks
+        F.save_lora(tmp_path / f"{name}.npz", random_adapters(S3.init_params(other), 4), cfg, base)
+        with pytest.raises(CheckpointError, match="does not fit the base model"):
+            F.load_lora(tmp_path / f"{name}.npz", params)
+    F.save_lora(tmp_path / "half.npz", {k: v for k, v in good.items() if k != "blocks.0.attn.wq.A"}, cfg, base)
+    with pytest.raises(CheckpointError, match="blocks.0.attn.wq.B"):            # a B without its A
+        F.load_lora(tmp_path / "half.npz", params)
+
+
+# ----------------------------------------------------------------------------- training
+
+QA = [("Sky color?", "blue"), ("Grass color?", "green"), ("Snow color?", "white"), ("Coal color?", "black"),
+      ("Cat says?", "meow"), ("Dog says?", "woof")]
+
+
+@pytest.fixture(scope="module")
+def qa_setup():
+    """Six short questions, a tokenizer trained on them (answers are one or two tokens) and the
+    tiny preset with the tokenizer's vocabulary."""
+    tok = TK.Tokenizer.train(" ".join(f"{q} {a}." for q, a in QA) * 3, vocab_size=300, progress=False)
+    pairs = [{"question": q, "answer": a} for q, a in QA]
+    mcfg = S3.make_configs("tiny", vocab_size=tok.vocab_size)[0]
+    return tok, pairs, [F.encode_pair(tok, p) for p in pairs], mcfg
+
+
+def test_freeze_leaves_frozen_parameters_bit_identical(qa_setup):
+    _, _, examples, mcfg = qa_setup
+    params = S3.init_params(mcfg, 0)
+    before = {k: v.copy() for k, v in params.items()}
+    cfg = F.FinetuneConfig(method="freeze", lr=1e-2, max_steps=5, warmup=1, batch_size=6)
+    trainable, _ = F.finetune(params, mcfg, cfg, examples, F.numpy_backend(mcfg), progress=False)
+    frozen = set(F.frozen_names(params, 1))                       # freeze_layers=-1: half of 2 blocks
+    assert frozen == {"embed.weight"} | {n for n in params if n.startswith("blocks.0.")}
+    assert set(trainable) == set(params) - frozen
+    for n in params:
+        assert np.array_equal(params[n], before[n]) == (n in frozen), n      # every trainable one moved
+
+
+@pytest.mark.parametrize("method, lr, steps", [("full", 1e-2, 100), ("freeze", 1e-2, 100), ("lora", 2e-2, 200)])
+def test_finetuning_raises_exact_match(qa_setup, method, lr, steps):
+    """From the tiny preset's random init, greedy answers to the six training questions go from
+    exact match 0 to >= 4/6 (5/6 or 6/6 for init seeds 0..9 with these settings; LoRA rank 8,
+    alpha 16 needs more steps, as the fixed random embedding caps its logits)."""
+    tok, pairs, examples, mcfg = qa_setup
+    params = S3.init_params(mcfg, 0)
+    before = F.qa_scores(params, mcfg, tok, pairs, max_new=4)["em"]
+    cfg = F.FinetuneConfig(method=method, lr=lr, max_steps=steps, warmup=5, batch_size=6)
+    trainable, losses = F.finetune(params, mcfg, cfg, examples, F.numpy_backend(mcfg), progress=False)
+    tuned = F.apply_lora(params, trainable, cfg.lora_alpha / cfg.lora_rank) if method == "lora" else params
+    after = F.qa_scores(tuned, mcfg, tok, pairs, max_new=4)
+    assert before == 0.0
+    assert after["em"] >= 4 / 6, after["answers"]
+    assert np.mean(losses[-10:]) < losses[0]
+
+
+def test_batched_greedy_answers_equal_one_prompt_at_a_time():
+    """Prompts of different lengths decoded together (two groups of up to 3) give each prompt's own
+    greedy continuation from stage 3's generate, cut at <eos>. float64, an untied random head so
+    the continuations vary; token 34 plays <eos> and ends two of them early."""
+    mcfg = S3.make_configs("tiny", vocab_size=40, tie_embeddings=False)[0]
+    rng = np.random.default_rng(0)
+    params = {k: v.astype(np.float64) + rng.normal(0, 1.0, v.shape) for k, v in S3.init_params(mcfg).items()}
+    prompts = [list(rng.integers(3, 40, n)) for n in (3, 9, 1, 6)]
+    want = []
+    for p in prompts:
+        out = list(S3.generate(params, mcfg, p, 6, np.random.default_rng(0), temperature=0))
+        want.append(out[:out.index(34)] if 34 in out else out)
+    assert [len(w) for w in want] == [6, 2, 4, 6]
+    assert F.greedy_answers(params, mcfg, prompts, eos_id=34, max_new=6, batch=3) == want
+
+
+@pytest.mark.parametrize("backend, package", [("mlx", "mlx.core"), ("triton", "torch")])
+def test_backend_gradients_equal_numpy(qa_setup, backend, package):
+    """The same masked loss and gradients as the numpy backend, float32: relative error < 1e-4.
+    The ANN twin (spiking=False) keeps float32 rounding from flipping a spike between frameworks."""
+    pytest.importorskip(package)
+    _, _, examples, spiking = qa_setup
+    mcfg = S3.make_configs("tiny", vocab_size=spiking.vocab_size, spiking=False)[0]
+    rng = np.random.default_rng(0)
+    params = {k: (v + rng.normal(0, 0.1, v.shape)).astype(np.float32) for k, v in S3.init_params(mcfg).items()}
+    x, y, mask = F.make_batch(examples, 0)
+    loss, grads = F.numpy_backend(mcfg)(params, x, y, mask)
+    loss2, grads2 = F.BACKEND[backend](mcfg)(params, x, y, mask)
+    assert loss2 == pytest.approx(loss, rel=1e-5)
+    assert set(grads2) == set(grads)
+    for n in grads:
+        assert np.linalg.norm(grads2[n] - grads[n]) / np.linalg.norm(grads[n]) < 1e-4, n
+
+
+# ----------------------------------------------------------------------------- command line
+
+def test_cli_help_and_missing_base(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        F.main(["--help"])
+    assert exit_info.value.code == 0 and "--lora_rank" in capsys.readouterr().out
+    missing = tmp_path / "none.npz"
+    assert F.main(["--base", str(missing), "--out_dir", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert f"no pretrained checkpoint at {missing}" in err and "python 3_spike_llm_numpy.py" in err
+
+
+def test_cli_finetunes_merges_and_answers(tmp_path, capsys):
+    """End to end on a user file: LoRA writes adapters and a results row, --merge a checkpoint
+    that loads with the base's tokenizer, --ask answers with the adapters."""
+    base = tiny_base(tmp_path)
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps({"question": q, "answer": a, "split": "test" if i % 3 == 0 else "train"}) + "\n"
+                          for i, (q, a) in enumerate(QA)))
+    out = tmp_path / "out"
+    args = ["--base", str(base), "--out_dir", str(out), "--qa", str(qa), "--max_steps", "3", "--batch_size", "2",
+            "--max_answer_tokens", "3"]
+    assert F.main(args) == 0
+    row = json.loads((out / "results.jsonl").read_text())
+    assert (row["method"], row["steps"], row["n_test"], row["output"]) == ("lora", 3, 2, str(out / "lora.npz"))
+    assert "| lora | numpy |" in capsys.readouterr().out
+    assert F.main(args + ["--merge", "1"]) == 0
+    F.load_base(out / "lora_merged.npz")
+    assert F.main(args + ["--ask", "Sky color?"]) == 0
+    assert capsys.readouterr().out.endswith("\n")
