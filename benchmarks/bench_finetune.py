@@ -7,14 +7,13 @@ with every method and print exact match / token F1 on held-out questions and the
     python benchmarks/bench_finetune.py --base out/numpy/ckpt.npz --max_steps 200
 """
 import argparse
-import os
-import platform
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from spikelib.hardware import cpu_model, usable_cpus  # noqa: E402
 from spikelib.stages import load_stage  # noqa: E402
 
 S3 = load_stage("3_spike_llm_numpy")
@@ -22,7 +21,7 @@ F = load_stage("6_finetune")
 
 
 def hardware():
-    cpu = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores"
+    cpu = f"{cpu_model()}, {usable_cpus()} CPU cores"
     try:
         import torch
         if torch.cuda.is_available():

@@ -32,20 +32,12 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from spikelib.hardware import cpu_model, usable_cpus  # noqa: E402
 from spikelib.stages import load_stage  # noqa: E402
 
 ref = load_stage("3_spike_llm_numpy")
 m4 = load_stage("4_spike_llm_mlx")
 
-
-def cpu_model():
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def mlx_blas():
@@ -102,7 +94,7 @@ def main(argv=None):
     n_params = sum(p.size for p in params.values())
     print(f"\npreset {args.preset}: {n_params / 1e6:.2f} M params, batch {tcfg.batch_size} x context {mcfg.context}"
           f" = {tokens} tokens/step, T={mcfg.T}, {mcfg.neuron}, {mcfg.attention} attention")
-    print(f"CPU: {cpu_model()} ({platform.machine()}, {os.cpu_count()} cores), numpy {np.__version__}, "
+    print(f"CPU: {cpu_model()} ({platform.machine()}, {usable_cpus()} usable cores), numpy {np.__version__}, "
           f"mlx {mx.__version__} on {mx.default_device()} with {mlx_blas()}; "
           f"{args.rounds} rounds x {args.steps} steps, median round\n")
     print(f"{'':14} {'s/step':>8} {'tokens/s':>10} {'first step s':>13} {'speed-up':>9}")

@@ -23,17 +23,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from spikelib.hardware import cpu_model, usable_cpus  # noqa: E402
 from spikelib.stages import load_stage  # noqa: E402
 
-
-def cpu_model():
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def measure(preset, steps, vocab):
@@ -69,7 +61,7 @@ def main():
     if args.one:
         print(json.dumps(measure(args.one, args.steps, args.vocab)))
         return
-    print(f"CPU: {cpu_model()} ({os.cpu_count()} logical cores), Python {platform.python_version()}, "
+    print(f"CPU: {cpu_model()} ({usable_cpus()} usable cores), Python {platform.python_version()}, "
           f"NumPy {np.__version__}")
     print(f"{'preset':8} {'params':>8} {'batch x ctx':>12} {'T':>2} {'s/step':>8} {'tokens/s':>9} "
           f"{'tracemalloc peak':>17} {'max RSS':>9}")

@@ -10,30 +10,17 @@ what encoding a large corpus converges to as its vocabulary of words repeats.
 MB/s counts UTF-8 bytes of input text.
 """
 import argparse
-import os
 import platform
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from spikelib.hardware import cpu_model, usable_cpus  # noqa: E402
 from spikelib.stages import load_stage  # noqa: E402
 
 tk = load_stage("2_tokenizer")
 
-
-def cpu_name():
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def n_cpus():
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def best_time(fn, repeat):
@@ -83,7 +70,7 @@ def main(argv=None):
     print(f"file       {path}  ({len(text):,} chars, {n_bytes:,} UTF-8 bytes)")
     print(f"tokenizer  {origin}, vocab {tok.vocab_size:,}, lang {tok.lang}")
     print(f"tokens     {len(ids):,}   chars/token {len(text) / max(len(ids), 1):.3f}")
-    print(f"cpu        {cpu_name()} ({n_cpus()} cores usable, single-threaded run), "
+    print(f"cpu        {cpu_model()} ({usable_cpus()} cores usable, single-threaded run), "
           f"python {platform.python_version()}")
     print()
     print(f"{'step':<14} {'seconds':>8} {'MB/s':>8}")
