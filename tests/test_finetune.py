@@ -6,6 +6,7 @@ from functools import partial
 import numpy as np
 import pytest
 
+from numerics import finite_diff, rel_error
 from spikelib.checkpoint import CheckpointError
 from spikelib.stages import load_stage
 
@@ -112,24 +113,6 @@ def test_valid_jsonl_loads(tmp_path):
 
 # ----------------------------------------------------------------------------- gradients
 
-def central_differences(f, x, h=1e-6):
-    """(f(x + h e_i) - f(x - h e_i)) / 2h for every entry i of x (changed in place, then restored)."""
-    g = np.zeros_like(x)
-    for i in np.ndindex(x.shape):
-        old = x[i]
-        x[i] = old + h
-        up = f()
-        x[i] = old - h
-        down = f()
-        x[i] = old
-        g[i] = (up - down) / (2 * h)
-    return g
-
-
-def rel_err(a, b):
-    return np.linalg.norm(a - b) / (np.linalg.norm(a) + np.linalg.norm(b))
-
-
 def test_masked_cross_entropy_matches_reference_and_finite_differences():
     """float64: the loss equals -log softmax averaged over the masked positions only, dlogits its
     central differences (relative error < 1e-7), exactly zero where the mask is 0."""
@@ -142,8 +125,8 @@ def test_masked_cross_entropy_matches_reference_and_finite_differences():
     logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
     nll = -np.take_along_axis(logp, y[..., None], -1)[..., 0]
     assert loss == pytest.approx(nll[mask == 1].mean(), rel=1e-12)
-    fd = central_differences(lambda: F.masked_cross_entropy(z, y, mask)[0], z)
-    assert rel_err(dz, fd) < 1e-7
+    fd = finite_diff(lambda: F.masked_cross_entropy(z, y, mask)[0], z, eps=1e-6)
+    assert rel_error(dz, fd) < 1e-7
     assert not dz[mask == 0].any()
     # float32 logits keep float32 dlogits, so the backward runs in float32 as in stage 3
     assert F.masked_cross_entropy(z.astype(np.float32), y, mask)[1].dtype == np.float32
@@ -175,9 +158,9 @@ def test_lora_gradients_match_finite_differences(monkeypatch):
 
     assert masked_loss() == loss
     for name, a in lora.items():
-        fd = central_differences(masked_loss, a)
+        fd = finite_diff(masked_loss, a, eps=1e-6)
         assert np.linalg.norm(fd) > 1e-4, name                    # a real gradient, not round-off
-        assert rel_err(hand[name], fd) < 1e-5, name
+        assert rel_error(hand[name], fd) < 1e-5, name
 
 
 # ----------------------------------------------------------------------------- checkpoints

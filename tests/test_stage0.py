@@ -5,6 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
+from numerics import finite_diff, rel_error
 from spikelib.stages import load_stage
 
 s0 = load_stage("0_spike_transformer")
@@ -12,24 +13,8 @@ SURROGATES = ("arctan", "sigmoid", "fast_sigmoid", "triangle")
 TOL = 1e-6
 
 
-def finite_diff(f, x, eps=1e-5):
-    """Central differences of the scalar f() with respect to every entry of x (changed in place)."""
-    g = np.zeros_like(x)
-    it = np.nditer(x, flags=["multi_index"])
-    for _ in it:
-        i = it.multi_index
-        old = x[i]
-        x[i] = old + eps
-        up = f()
-        x[i] = old - eps
-        down = f()
-        x[i] = old
-        g[i] = (up - down) / (2 * eps)
-    return g
-
-
 def assert_close(hand, numeric, what):
-    err = np.linalg.norm(hand - numeric) / max(np.linalg.norm(hand), np.linalg.norm(numeric), 1e-300)
+    err = rel_error(hand, numeric)
     assert np.linalg.norm(numeric) > 0, f"{what}: the numerical gradient is zero, nothing is checked"
     assert err < TOL, f"{what}: relative error {err:.2e}"
 
