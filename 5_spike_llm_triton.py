@@ -7,14 +7,18 @@ as torch nn.Modules. Two implementations of the two spiking hot spots sit side b
                     the readable reference, and the fallback without a GPU or Triton;
   --kernels triton  fused Triton kernels: one kernel runs a neuron over all T timesteps in
                     registers (input read once, spikes written as bf16), its backward
-                    recomputes the membrane from the input instead of storing it; a step
+                    recomputes the membrane from the input instead of storing it; an
+                    attention kernel runs the chunked training form with its state in
+                    registers (forward and backward, saving only the spikes); a step
                     kernel updates the constant-size attention state during generation.
 
 Attention trains in a chunked form (masked matmuls inside a chunk, a decayed state carried
 between chunks) and decodes one token at a time from that state. Matmuls run in bf16 (spikes
 are exact in bf16) with fp32 accumulation; parameters, residual stream and AdamW stay fp32.
+--compile 1 adds torch.compile on top of either path (it fuses the elementwise work between
+the kernels: the fastest way to train on a GPU).
 
-    python 5_spike_llm_triton.py --preset base --source files:path/to/input.txt
+    python 5_spike_llm_triton.py --preset base --source files:path/to/input.txt --compile 1
     python 5_spike_llm_triton.py --resume 1
     python 5_spike_llm_triton.py --generate "ROMEO:"      # stream from out/triton/ckpt.npz
     python 5_spike_llm_triton.py --kernels torch --device cpu --preset tiny   # no GPU needed
@@ -57,7 +61,7 @@ class RunConfig:
     kernels: str = "auto"        # auto (triton on CUDA, else torch) | triton | torch
     device: str = "auto"         # auto | cuda | cpu
     dtype: str = "auto"          # matmul dtype: auto (bfloat16 on CUDA, else float32) | bfloat16 | float32
-    compile: bool = False        # torch.compile the model (with --kernels torch)
+    compile: bool = False        # torch.compile the model (either kernels; first steps compile)
     chunk: int = 64              # attention chunk length for the training form
 
 
@@ -253,6 +257,87 @@ if triton is not None:
             tl.store(state_ptr + pid * DH + i, y)
         tl.store(y_ptr + pid * DH + i, y)
 
+    @triton.jit
+    def chunk_decays_tl(h, C: tl.constexpr):
+        """For head h (gamma = 1 - 2^(-5-h)): Dc[i, j] = gamma^(i-j) for j <= i (else 0),
+        into_i = gamma^(i+1), outof_j = gamma^(C-1-j) and gamma^C (attention_chunked's factors)."""
+        lg = tl.log2(1.0 - tl.exp2(-5.0 - h.to(tl.float32)))
+        i = tl.arange(0, C).to(tl.float32)
+        lag = i[:, None] - i[None, :]
+        Dc = tl.where(lag >= 0, tl.exp2(tl.maximum(lag, 0.0) * lg), 0.0)
+        return Dc, tl.exp2((i + 1) * lg)[:, None], tl.exp2((C - 1 - i) * lg)[:, None], tl.exp2(C * lg)
+
+    @triton.jit
+    def chunk_tl(ptr, base, m, L, H, C: tl.constexpr, DH: tl.constexpr):
+        """Chunk m (C positions, zero past L) of one head of a (N, L, H*DH) tensor, as fp32."""
+        rows = m * C + tl.arange(0, C)
+        offs = base + rows[:, None] * (H * DH) + tl.arange(0, DH)[None, :]
+        return tl.load(ptr + offs, mask=rows[:, None] < L, other=0.0).to(tl.float32), offs, rows[:, None] < L
+
+    @triton.jit
+    def attention_fwd_kernel(q_ptr, k_ptr, v_ptr, y_ptr, L, H, LINEAR: tl.constexpr, C: tl.constexpr,
+                             DH: tl.constexpr, PREC: tl.constexpr):
+        """attention_chunked for one (timestep*sequence, head), the state carried in registers:
+        linear    y = (Q K^T * Dc) V + (Q * into) S,   S <- gamma^C S + (K * outof)^T V
+        hadamard  y = Dc (K * V) + into * s,          s <- gamma^C s + sum_j outof_j k_j v_j"""
+        pid = tl.program_id(0).to(tl.int64)                # over N * H
+        base = (pid // H) * L * H * DH + (pid % H) * DH
+        Dc, into, outof, gc = chunk_decays_tl(pid % H, C)
+        S = tl.zeros([DH, DH] if LINEAR else [1, DH], tl.float32)
+        for m in range(0, tl.cdiv(L, C)):
+            k, offs, mask = chunk_tl(k_ptr, base, m, L, H, C, DH)
+            v, _, _ = chunk_tl(v_ptr, base, m, L, H, C, DH)
+            if LINEAR:
+                q, _, _ = chunk_tl(q_ptr, base, m, L, H, C, DH)
+                A = tl.dot(q, tl.trans(k), input_precision=PREC) * Dc
+                y = tl.dot(A, v, input_precision=PREC) + tl.dot(q * into, S, input_precision=PREC)
+                S = gc * S + tl.dot(tl.trans(k * outof), v, input_precision=PREC)
+            else:
+                y = tl.dot(Dc, k * v, input_precision=PREC) + into * S
+                S = gc * S + tl.sum(outof * k * v, 0)[None, :]
+            tl.store(y_ptr + offs, y, mask=mask)
+
+    @triton.jit
+    def attention_bwd_kernel(q_ptr, k_ptr, v_ptr, dy_ptr, dq_ptr, dk_ptr, dv_ptr, L, H, LINEAR: tl.constexpr,
+                             C: tl.constexpr, DH: tl.constexpr, PREC: tl.constexpr):
+        """Backward of attention_fwd_kernel; states are recomputed, never stored. Linear: a forward
+        sweep gives dQ = (dY V^T * Dc) K + (dY * into) S^T; a backward sweep carries dS, the
+        gradient of the state leaving the chunk: dK = (dY V^T * Dc)^T Q + (V * outof) dS^T,
+        dV = (Q K^T * Dc)^T dY + (K * outof) dS, then dS <- gamma^C dS + (Q * into)^T dY.
+        Hadamard: d(KV) = Dc^T dY + outof * ds, ds <- gamma^C ds + sum_i into_i dy_i."""
+        pid = tl.program_id(0).to(tl.int64)
+        base = (pid // H) * L * H * DH + (pid % H) * DH
+        Dc, into, outof, gc = chunk_decays_tl(pid % H, C)
+        n = tl.cdiv(L, C)
+        if LINEAR:
+            S = tl.zeros([DH, DH], tl.float32)
+            for m in range(0, n):
+                k, offs, mask = chunk_tl(k_ptr, base, m, L, H, C, DH)
+                v, _, _ = chunk_tl(v_ptr, base, m, L, H, C, DH)
+                dy, _, _ = chunk_tl(dy_ptr, base, m, L, H, C, DH)
+                dA = tl.dot(dy, tl.trans(v), input_precision=PREC) * Dc
+                dq = tl.dot(dA, k, input_precision=PREC) + tl.dot(dy * into, tl.trans(S), input_precision=PREC)
+                tl.store(dq_ptr + offs, dq, mask=mask)
+                S = gc * S + tl.dot(tl.trans(k * outof), v, input_precision=PREC)
+        dS = tl.zeros([DH, DH] if LINEAR else [1, DH], tl.float32)
+        for r in range(0, n):
+            k, offs, mask = chunk_tl(k_ptr, base, n - 1 - r, L, H, C, DH)
+            v, _, _ = chunk_tl(v_ptr, base, n - 1 - r, L, H, C, DH)
+            dy, _, _ = chunk_tl(dy_ptr, base, n - 1 - r, L, H, C, DH)
+            if LINEAR:
+                q, _, _ = chunk_tl(q_ptr, base, n - 1 - r, L, H, C, DH)
+                dA = tl.dot(dy, tl.trans(v), input_precision=PREC) * Dc
+                A = tl.dot(q, tl.trans(k), input_precision=PREC) * Dc
+                dk = tl.dot(tl.trans(dA), q, input_precision=PREC) + tl.dot(v * outof, tl.trans(dS), input_precision=PREC)
+                dv = tl.dot(tl.trans(A), dy, input_precision=PREC) + tl.dot(k * outof, dS, input_precision=PREC)
+                dS = gc * dS + tl.dot(tl.trans(q * into), dy, input_precision=PREC)
+            else:
+                dkv = tl.dot(tl.trans(Dc), dy, input_precision=PREC) + outof * dS
+                dk, dv = dkv * v, dkv * k
+                dS = gc * dS + tl.sum(into * dy, 0)[None, :]
+            tl.store(dk_ptr + offs, dk, mask=mask)
+            tl.store(dv_ptr + offs, dv, mask=mask)
+
 
 def neuron_blocks(T, C):
     """Tile shape (rows, channels): fewer elements per program for long T (registers)."""
@@ -295,6 +380,36 @@ class TritonNeuron(torch.autograd.Function):
         if cfg.neuron != "plif":
             return gx, None, None, None, None
         return gx, gbeta.sum(0), gtheta.sum(0), None, None
+
+class TritonAttention(torch.autograd.Function):
+    """Causal decayed attention of spikes q, k, v (N, L, H, dh) -> y (N, L, H, dh) fp32.
+    Saves only its inputs (spikes, compact): the chunk matrices live in registers, not memory.
+    Products with decays run in fp32 for fp32 spikes. For bf16 spikes the forward takes three
+    TF32 products (about fp32: y decides spikes downstream) and the backward one (10-bit mantissa,
+    finer than the bf16 its gradients are handed back in)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, linear, chunk):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        N, L, H, dh = q.shape
+        y = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+        exact = q.dtype == torch.float32
+        ctx.meta = (linear, chunk, "ieee" if exact else "tf32")
+        attention_fwd_kernel[(N * H,)](q, k, v, y, L, H, linear, chunk, dh, "ieee" if exact else "tf32x3",
+                                       num_warps=4)
+        ctx.save_for_backward(q, k, v)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        q, k, v = ctx.saved_tensors
+        linear, chunk, prec = ctx.meta
+        N, L, H, dh = q.shape
+        dk, dv = (torch.empty(q.shape, dtype=torch.float32, device=q.device) for _ in range(2))
+        dq = torch.empty_like(dk) if linear else dk        # hadamard: y does not depend on q
+        attention_bwd_kernel[(N * H,)](q, k, v, dy.contiguous(), dq, dk, dv, L, H, linear, chunk, dh, prec,
+                                       num_warps=8)
+        return (dq if linear else None), dk, dv, None, None
 
 # ----------------------------------------------------------------------------- PyTorch reference neuron
 
@@ -356,7 +471,7 @@ def head_decays(H, device):
 
 
 def attention_chunked(q, k, v, linear, chunk, state=None, want_state=False):
-    """Causal decayed attention, q, k, v: (N, H, L, dh) fp32 (N = T*B), in chunks of c positions.
+    """Causal decayed attention, q, k, v: (N, H, L, dh) fp32 or fp64 (N = T*B), in chunks of c positions.
 
     linear:   y_l = sum_{j<=l} gamma^(l-j) (q_l . k_j) v_j    hadamard: y_l = sum_{j<=l} gamma^(l-j) k_j*v_j
     Inside a chunk: (Q K^T * Dc) V with Dc[i, j] = gamma^(i-j). Across chunks: the state before
@@ -372,13 +487,13 @@ def attention_chunked(q, k, v, linear, chunk, state=None, want_state=False):
     qc, kc, vc = (F.pad(a, pad).view(N, H, n, c, dh) for a in (q, k, v))
     i = torch.arange(c, device=q.device, dtype=torch.float64)
     lag = i[:, None] - i[None, :]
-    Dc = torch.where(lag >= 0, g[:, None, None] ** lag.clamp(min=0), 0.0).float()[None, :, None]  # (1,H,1,c,c)
-    into = (g[:, None] ** (i + 1)).float()[None, :, None, :, None]       # (1, H, 1, c, 1)
-    outof = (g[:, None] ** (c - 1 - i)).float()[None, :, None, :, None]  # (1, H, 1, c, 1)
+    Dc = torch.where(lag >= 0, g[:, None, None] ** lag.clamp(min=0), 0.0).to(q.dtype)[None, :, None]  # (1,H,1,c,c)
+    into = (g[:, None] ** (i + 1)).to(q.dtype)[None, :, None, :, None]       # (1, H, 1, c, 1)
+    outof = (g[:, None] ** (c - 1 - i)).to(q.dtype)[None, :, None, :, None]  # (1, H, 1, c, 1)
     m = torch.arange(n, device=q.device, dtype=torch.float64)
     lagm = m[:, None] - m[None, :] - 1
-    Dn = torch.where(lagm >= 0, g[:, None, None] ** (c * lagm.clamp(min=0)), 0.0).float()   # (H, n, n)
-    init = (g[:, None] ** (c * m)).float()                               # (H, n)
+    Dn = torch.where(lagm >= 0, g[:, None, None] ** (c * lagm.clamp(min=0)), 0.0).to(q.dtype)   # (H, n, n)
+    init = (g[:, None] ** (c * m)).to(q.dtype)                               # (H, n)
     if linear:
         y = ((qc @ kc.transpose(-1, -2)) * Dc) @ vc                      # (N, H, n, c, dh)
         S = torch.einsum("hmp,nhpde->nhmde", Dn, (kc * outof).transpose(-1, -2) @ vc)
@@ -395,11 +510,11 @@ def attention_chunked(q, k, v, linear, chunk, state=None, want_state=False):
     y = y.reshape(N, H, n * c, dh)[:, :, :L]
     if not want_state:
         return y, None
-    w = (g[:, None] ** (L - 1 - torch.arange(L, device=q.device, dtype=torch.float64))).float()   # (H, L)
+    w = (g[:, None] ** (L - 1 - torch.arange(L, device=q.device, dtype=torch.float64))).to(q.dtype)   # (H, L)
     kw = k * w[None, :, :, None]
     new = kw.transpose(-1, -2) @ v if linear else (kw * v).sum(2)
     if state is not None:
-        new = new + (g ** L).float().view(1, H, *([1] * (new.dim() - 2))) * state
+        new = new + (g ** L).to(q.dtype).view(1, H, *([1] * (new.dim() - 2))) * state
     return y, new
 
 
@@ -501,13 +616,18 @@ class Attention(nn.Module):
         T, B, L, D = s.shape
         H, dh = cfg.n_head, D // cfg.n_head
         q, k, v = self.sn_q(mm(s, self.wq), dt), self.sn_k(mm(s, self.wk), dt), self.sn_v(mm(s, self.wv), dt)
-        heads = [a.float().view(T * B, L, H, dh).transpose(1, 2) for a in (q, k, v)]   # (T*B, H, L, dh)
         linear = cfg.attention == "linear"
-        if state is not None and L == 1 and self.run.kernels == "triton" and dh == triton.next_power_of_2(dh):
-            y, state = attention_step_triton(*heads, state, linear)
+        fused = self.run.kernels == "triton" and dh >= 16 and dh == triton.next_power_of_2(dh)
+        if fused and state is None:                                             # training form
+            chunk = max(16, triton.next_power_of_2(self.run.chunk))
+            y = TritonAttention.apply(*(a.view(T * B, L, H, dh) for a in (q, k, v)), linear, chunk)
         else:
-            y, state = attention_chunked(*heads, linear, self.run.chunk, state, want_state=state is not None)
-        y = y.transpose(1, 2)                                                   # (T*B, L, H, dh)
+            heads = [a.float().view(T * B, L, H, dh).transpose(1, 2) for a in (q, k, v)]   # (T*B, H, L, dh)
+            if fused and L == 1:
+                y, state = attention_step_triton(*heads, state, linear)
+            else:
+                y, state = attention_chunked(*heads, linear, self.run.chunk, state, want_state=state is not None)
+            y = y.transpose(1, 2)                                               # (T*B, L, H, dh)
         n = norm(y, self.norm.weight.view(H, dh), cfg.norm_eps, self.run).reshape(T, B, L, D)
         z = self.sn_o(n, dt)
         o = z if linear else q * z

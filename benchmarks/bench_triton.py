@@ -4,10 +4,12 @@
     python benchmarks/bench_triton.py --only neuron   # neuron | step | generate | profile
 
 neuron:   multi-step LIF forward+backward, 8.4M neurons per step, T = 4 and 16: the fused
-          Triton kernel vs the eager PyTorch loop and torch.compile of it, against the memory
-          floor (the bytes it must move over the measured device-to-device copy bandwidth).
+          Triton kernel vs the eager PyTorch loop, torch.compile of it, and snnTorch and
+          SpikingJelly where installed, against the memory floor (the bytes it must move over
+          the measured device-to-device copy bandwidth).
 step:     one training step of the `base` preset (fwd + bwd + AdamW): tokens/s and peak memory
-          for --kernels triton, --kernels torch (eager) and torch.compile of the torch path.
+          for --kernels triton, with and without torch.compile, --kernels torch (eager) and
+          torch.compile of the torch path.
 generate: per-token latency of recurrent decoding after a prompt of 128 ... 32k tokens.
 """
 import argparse
@@ -81,7 +83,7 @@ def neuron_table(bw):
         floor32 = 5 * 4 * T * N / bw * 1e3                 # read x, write s; read x, gs, write gx (fp32)
         floor16 = (4 + 2 + 4 + 2 + 4) * T * N / bw * 1e3   # same with bf16 spikes and spike grads
         res = {"triton fp32 s/gs": triton_fp32, "triton bf16 s/gs": triton_bf16, "eager loop": eager,
-               "torch.compile": comp}
+               "torch.compile": comp, **library_neurons(x, gs32, cfg)}
         for name, fn in res.items():
             try:
                 ms = bench(fn, warmup=3, rep=10 if name == "eager loop" else 20)
@@ -97,12 +99,43 @@ def neuron_table(bw):
     return "\n".join(head + rows) + note
 
 
+def library_neurons(x, gs, cfg):
+    """The same LIF (leak 0.5, soft reset, arctan surrogate, fp32) in snnTorch and SpikingJelly's
+    multi-step node, where installed: {name: fwd+bwd function}."""
+    out = {}
+    if importlib.util.find_spec("snntorch"):
+        import snntorch
+        lif = snntorch.Leaky(beta=cfg.beta, threshold=cfg.theta, reset_mechanism="subtract",
+                             spike_grad=snntorch.surrogate.atan(alpha=cfg.alpha)).to(x.device)
+
+        def snn_torch():
+            x.grad = None                                  # no gradient accumulation pass
+            mem, spikes = lif.init_leaky(), []
+            for t in range(x.shape[0]):
+                s, mem = lif(x[t], mem)
+                spikes.append(s)
+            torch.stack(spikes).backward(gs)
+        out[f"snnTorch {snntorch.__version__}"] = snn_torch
+    if importlib.util.find_spec("spikingjelly"):
+        import spikingjelly
+        from spikingjelly.activation_based import functional, neuron, surrogate
+        node = neuron.LIFNode(tau=1 / (1 - cfg.beta), decay_input=False, v_threshold=cfg.theta, v_reset=None,
+                              surrogate_function=surrogate.ATan(alpha=cfg.alpha), step_mode="m")
+
+        def spiking_jelly():
+            x.grad = None                                  # no gradient accumulation pass
+            functional.reset_net(node)
+            node(x).backward(gs)
+        out[f"SpikingJelly {getattr(spikingjelly, '__version__', '')} (multi-step)"] = spiking_jelly
+    return out
+
+
 def step_table(args):
     mcfg, tcfg = S3.make_configs("base", vocab_size=2000)
     B, L = args.batch or tcfg.batch_size, mcfg.context
     rows = []
-    paths = (("triton", "triton", False), ("torch eager", "torch", False), ("torch.compile", "torch", True),
-             ("triton + torch.compile", "triton", True))
+    paths = (("triton", "triton", False), ("triton + torch.compile", "triton", True),
+             ("torch eager", "torch", False), ("torch.compile", "torch", True))
     for name, kernels, comp in (p for p in paths if p[0] in args.paths.split(",")):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# TinyShakespeare quality run of stage 5 on one GPU: the `base` spiking model trained for a
+# wall-clock budget (default 10 minutes), then its ANN twin for the same number of steps (the
+# same tokens; one timestep, so it needs less time).
+#   bash benchmarks/train_shakespeare_triton.sh ../shared/data/tinyshakespeare.txt [minutes] [steps] [extra options]
+# steps sizes the cosine schedule to end near the budget (measure ms/step first:
+# python benchmarks/bench_triton.py --only step). Stage 1 splits off the last 10% as validation.
+# Each run prints "val @ context 512: ... bits/char" at every evaluation (and at 4x the
+# context); the last lines give the best and the final value of each run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TEXT=${1:?usage: train_shakespeare_triton.sh PATH/TO/tinyshakespeare.txt [minutes] [steps] [options]}
+MINUTES=${2:-10}
+STEPS=${3:-3000}
+PY=${PYTHON:-python}
+mkdir -p out
+COMMON=(--preset base --source "files:$TEXT" --max_steps "$STEPS" --warmup 200 --eval_interval 100
+        --eval_tokens 40000 --max_new_tokens 200 "${@:4}")
+$PY 5_spike_llm_triton.py "${COMMON[@]}" --max_minutes "$MINUTES" --out_dir out/shakespeare_base_snn \
+    | tee out/shakespeare_base_snn.log
+$PY 5_spike_llm_triton.py "${COMMON[@]}" --spiking 0 --out_dir out/shakespeare_base_ann \
+    | tee out/shakespeare_base_ann.log
+for run in snn ann; do             # best and last validation figure at the training context
+    grep -o "step [0-9]*: val @ context 512: .* bits/char" "out/shakespeare_base_$run.log" \
+        | awk -v run="$run" '{bpc = $(NF-1); if (best == "" || bpc < best) {best = bpc; at = $2; sub(":", "", at)}; last = bpc}
+              END {print run ": best " best " bits/char at step " at " last " last}'
+done
