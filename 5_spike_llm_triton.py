@@ -258,6 +258,11 @@ if triton is not None:
         tl.store(y_ptr + pid * DH + i, y)
 
     @triton.jit
+    def dot_tl(a, b, PREC: tl.constexpr):
+        """a @ b with fp32 accumulation; PREC: how fp32 inputs are multiplied (ieee, tf32, tf32x3)."""
+        return tl.dot(a, b, input_precision=PREC)
+
+    @triton.jit
     def chunk_decays_tl(h, C: tl.constexpr):
         """For head h (gamma = 1 - 2^(-5-h)): Dc[i, j] = gamma^(i-j) for j <= i (else 0),
         into_i = gamma^(i+1), outof_j = gamma^(C-1-j) and gamma^C (attention_chunked's factors)."""
@@ -289,11 +294,11 @@ if triton is not None:
             v, _, _ = chunk_tl(v_ptr, base, m, L, H, C, DH)
             if LINEAR:
                 q, _, _ = chunk_tl(q_ptr, base, m, L, H, C, DH)
-                A = tl.dot(q, tl.trans(k), input_precision=PREC) * Dc
-                y = tl.dot(A, v, input_precision=PREC) + tl.dot(q * into, S, input_precision=PREC)
-                S = gc * S + tl.dot(tl.trans(k * outof), v, input_precision=PREC)
+                A = dot_tl(q, tl.trans(k), PREC) * Dc
+                y = dot_tl(A, v, PREC) + dot_tl(q * into, S, PREC)
+                S = gc * S + dot_tl(tl.trans(k * outof), v, PREC)
             else:
-                y = tl.dot(Dc, k * v, input_precision=PREC) + into * S
+                y = dot_tl(Dc, k * v, PREC) + into * S
                 S = gc * S + tl.sum(outof * k * v, 0)[None, :]
             tl.store(y_ptr + offs, y, mask=mask)
 
@@ -315,24 +320,25 @@ if triton is not None:
                 k, offs, mask = chunk_tl(k_ptr, base, m, L, H, C, DH)
                 v, _, _ = chunk_tl(v_ptr, base, m, L, H, C, DH)
                 dy, _, _ = chunk_tl(dy_ptr, base, m, L, H, C, DH)
-                dA = tl.dot(dy, tl.trans(v), input_precision=PREC) * Dc
-                dq = tl.dot(dA, k, input_precision=PREC) + tl.dot(dy * into, tl.trans(S), input_precision=PREC)
+                dA = dot_tl(dy, tl.trans(v), PREC) * Dc
+                dq = dot_tl(dA, k, PREC) + dot_tl(dy * into, tl.trans(S), PREC)
                 tl.store(dq_ptr + offs, dq, mask=mask)
-                S = gc * S + tl.dot(tl.trans(k * outof), v, input_precision=PREC)
+                S = gc * S + dot_tl(tl.trans(k * outof), v, PREC)
         dS = tl.zeros([DH, DH] if LINEAR else [1, DH], tl.float32)
         for r in range(0, n):
-            k, offs, mask = chunk_tl(k_ptr, base, n - 1 - r, L, H, C, DH)
-            v, _, _ = chunk_tl(v_ptr, base, n - 1 - r, L, H, C, DH)
-            dy, _, _ = chunk_tl(dy_ptr, base, n - 1 - r, L, H, C, DH)
+            m = n - 1 - r
+            k, offs, mask = chunk_tl(k_ptr, base, m, L, H, C, DH)
+            v, _, _ = chunk_tl(v_ptr, base, m, L, H, C, DH)
+            dy, _, _ = chunk_tl(dy_ptr, base, m, L, H, C, DH)
             if LINEAR:
-                q, _, _ = chunk_tl(q_ptr, base, n - 1 - r, L, H, C, DH)
-                dA = tl.dot(dy, tl.trans(v), input_precision=PREC) * Dc
-                A = tl.dot(q, tl.trans(k), input_precision=PREC) * Dc
-                dk = tl.dot(tl.trans(dA), q, input_precision=PREC) + tl.dot(v * outof, tl.trans(dS), input_precision=PREC)
-                dv = tl.dot(tl.trans(A), dy, input_precision=PREC) + tl.dot(k * outof, dS, input_precision=PREC)
-                dS = gc * dS + tl.dot(tl.trans(q * into), dy, input_precision=PREC)
+                q, _, _ = chunk_tl(q_ptr, base, m, L, H, C, DH)
+                dA = dot_tl(dy, tl.trans(v), PREC) * Dc
+                A = dot_tl(q, tl.trans(k), PREC) * Dc
+                dk = dot_tl(tl.trans(dA), q, PREC) + dot_tl(v * outof, tl.trans(dS), PREC)
+                dv = dot_tl(tl.trans(A), dy, PREC) + dot_tl(k * outof, dS, PREC)
+                dS = gc * dS + dot_tl(tl.trans(q * into), dy, PREC)
             else:
-                dkv = tl.dot(tl.trans(Dc), dy, input_precision=PREC) + outof * dS
+                dkv = dot_tl(tl.trans(Dc), dy, PREC) + outof * dS
                 dk, dv = dkv * v, dkv * k
                 dS = gc * dS + tl.sum(into * dy, 0)[None, :]
             tl.store(dk_ptr + offs, dk, mask=mask)
