@@ -24,7 +24,7 @@ validation, exactly as nanoGPT does, so results compare.
 
     python 1_data.py                          # wikipedia if online, else builtin
     python 1_data.py --source builtin
-    python 1_data.py --source files:../shared/data/tinyshakespeare.txt
+    python 1_data.py --source files:path/to/tinyshakespeare.txt
 
 From Python (later stages): `load_stage("1_data").prepare("builtin")` returns the
 dataset folder, doing nothing when it is already prepared with the same settings.

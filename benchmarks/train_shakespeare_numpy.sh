@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # TinyShakespeare quality run of stage 3: the `small` spiking model and its ANN twin, each
 # given the same wall-clock budget (default 30 minutes) on this machine's CPU.
-#   bash benchmarks/train_shakespeare_numpy.sh ../shared/data/tinyshakespeare.txt [minutes]
+#   bash benchmarks/train_shakespeare_numpy.sh path/to/tinyshakespeare.txt [minutes]
 # Stage 1 splits off the last 10% as validation (as nanoGPT does). Each run prints
 # "val @ context 64: ... bits/char" at every evaluation (and at 4x the context) and
 # finishes with its spike statistics and a sample; checkpoints go to out/shakespeare_{snn,ann}.

@@ -2,7 +2,7 @@
 # TinyShakespeare quality run of stage 5 on one GPU: the `base` spiking model trained for a
 # wall-clock budget (default 10 minutes), then its ANN twin for the same number of steps (the
 # same tokens; one timestep, so it needs less time).
-#   bash benchmarks/train_shakespeare_triton.sh ../shared/data/tinyshakespeare.txt [minutes] [steps] [extra options]
+#   bash benchmarks/train_shakespeare_triton.sh path/to/tinyshakespeare.txt [minutes] [steps] [extra options]
 # steps sizes the cosine schedule to end near the budget (measure ms/step first:
 # python benchmarks/bench_triton.py --only step). Stage 1 splits off the last 10% as validation.
 # Each run prints "val @ context 512: ... bits/char" at every evaluation (and at 4x the
