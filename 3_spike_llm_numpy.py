@@ -58,6 +58,7 @@ class ModelConfig:
     alif_kappa: float = 0.5       # ALIF threshold increase per spike
     attention: str = "linear"     # linear | hadamard
     spiking: bool = True          # False: the ANN twin (relu instead of spikes, one timestep)
+    dropout: float = 0.0          # training only: on the embedding and on each residual branch
     tie_embeddings: bool = True
     norm_eps: float = 1e-5
 
@@ -71,6 +72,8 @@ class ModelConfig:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
         if min(self.vocab_size, self.n_layer, self.n_head, self.d_ff, self.T, self.context) < 1:
             raise ValueError("sizes must be positive")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout={self.dropout} must lie in [0, 1)")
 
 
 @dataclass
@@ -440,13 +443,21 @@ def attention_recurrent(q, k, v, cfg, state, i):
 # ----------------------------------------------------------------------------- model
 
 
+def dropout_mask(shape, p, rng):
+    """Inverted dropout: keep each unit with probability 1 - p and scale it by 1/(1 - p), so the
+    expected residual stream is the one evaluation sees (1.0: keep all). Backward: dy * mask."""
+    if rng is None or p == 0:
+        return 1.0
+    return (rng.random(shape, dtype=np.float32) >= p) / np.float32(1 - p)
+
+
 def neuron_site(params, prefix, site, x, cfg, smooth):
     """Run the neuron at a named site, with its PLIF parameters when the neuron is PLIF."""
     return neuron_forward(x, cfg, smooth, params.get(f"{prefix}{site}.w"), params.get(f"{prefix}{site}.theta"))
 
 
-def block_forward(params, i, h, cfg, smooth=False, state=None):
-    """One block on the residual stream h (T, B, L, D); state=None: parallel form."""
+def block_forward(params, i, h, cfg, smooth=False, state=None, rng=None):
+    """One block on the residual stream h (T, B, L, D); state=None: parallel form; rng: dropout."""
     p, b, eps = params, f"blocks.{i}.", cfg.norm_eps
     c = {"h": h}
     n1, c["norm1"] = rmsnorm(h, p[b + "norm1.weight"], eps)
@@ -460,13 +471,13 @@ def block_forward(params, i, h, cfg, smooth=False, state=None):
     nrm, c["hnorm"] = headnorm(y, p[b + "attn.norm.weight"], eps)
     c["z"], c["sn_o"] = neuron_site(p, b, "attn.sn_o", nrm, cfg, smooth)
     c["o"] = c["z"] if cfg.attention == "linear" else c["q"] * c["z"]
-    h = h + linear(c["o"], p[b + "attn.wo"])
-    c["h_mid"] = h
+    c["drop_attn"] = dropout_mask(h.shape, cfg.dropout, rng)
+    h = h + linear(c["o"], p[b + "attn.wo"]) * c["drop_attn"]
     n2, c["norm2"] = rmsnorm(h, p[b + "norm2.weight"], eps)
     c["s2"], c["sn2"] = neuron_site(p, b, "sn2", n2, cfg, smooth)
     c["u"], c["sn_h"] = neuron_site(p, b, "mlp.sn_h", linear(c["s2"], p[b + "mlp.w1"]), cfg, smooth)
-    h = h + linear(c["u"], p[b + "mlp.w2"])
-    return h, c
+    c["drop_mlp"] = dropout_mask(h.shape, cfg.dropout, rng)
+    return h + linear(c["u"], p[b + "mlp.w2"]) * c["drop_mlp"], c
 
 
 def neuron_site_backward(ds, c, key, b, site, cfg, grads):
@@ -481,14 +492,14 @@ def block_backward(dh, c, params, i, cfg, grads):
     """Backward of block_forward: returns dL/dh_in and writes the block's grads."""
     p, b = params, f"blocks.{i}."
     # MLP: h_out = h_mid + u @ w2, u = SN_h(s2 @ w1), s2 = SN_2(rmsnorm(h_mid))
-    du, grads[b + "mlp.w2"] = linear_backward(dh, c["u"], p[b + "mlp.w2"])
+    du, grads[b + "mlp.w2"] = linear_backward(dh * c["drop_mlp"], c["u"], p[b + "mlp.w2"])
     da = neuron_site_backward(du, c, "sn_h", b, "mlp.sn_h", cfg, grads)
     ds2, grads[b + "mlp.w1"] = linear_backward(da, c["s2"], p[b + "mlp.w1"])
     dn2 = neuron_site_backward(ds2, c, "sn2", b, "sn2", cfg, grads)
     dx, grads[b + "norm2.weight"] = rmsnorm_backward(dn2, c["norm2"])
     dh = dh + dx
     # attention: h_mid = h + o @ wo
-    do, grads[b + "attn.wo"] = linear_backward(dh, c["o"], p[b + "attn.wo"])
+    do, grads[b + "attn.wo"] = linear_backward(dh * c["drop_attn"], c["o"], p[b + "attn.wo"])
     dz, dq_gate = (do, 0.0) if cfg.attention == "linear" else (do * c["q"], do * c["z"])
     dnrm = neuron_site_backward(dz, c, "sn_o", b, "attn.sn_o", cfg, grads)
     dy, grads[b + "attn.norm.weight"] = headnorm_backward(dnrm, c["hnorm"])
@@ -507,24 +518,21 @@ def readout_weight(params, cfg):
     return params["embed.weight"].T if cfg.tie_embeddings else params["head.weight"]
 
 
-def model_forward(params, cfg, idx, smooth=False, state=None):
-    """Tokens idx (B, L) -> logits (B, L, V) and the cache for backward."""
+def forward(params, cfg, idx, smooth=False, rng=None, state=None):
+    """Tokens idx (B, L) -> logits (B, L, V) and the cache for backward. The parallel (training)
+    form; with a decode state, the recurrent one. rng: draw dropout masks (training)."""
     T = timesteps(cfg)
-    x = params["embed.weight"][idx]                               # (B, L, D)
+    drop_embed = dropout_mask(idx.shape + (cfg.d_model,), cfg.dropout, rng)
+    x = params["embed.weight"][idx] * drop_embed                 # (B, L, D)
     h = np.broadcast_to(x, (T,) + x.shape)                        # (T, B, L, D) residual stream
     caches = []
     for i in range(cfg.n_layer):
-        h, c = block_forward(params, i, h, cfg, smooth, state)
+        h, c = block_forward(params, i, h, cfg, smooth, state, rng)
         caches.append(c)
     hbar = h.mean(0)                                              # (B, L, D)
     xf, fcache = rmsnorm(hbar, params["norm_f.weight"], cfg.norm_eps)
     logits = linear(xf, readout_weight(params, cfg))             # (B, L, V)
-    return logits, {"idx": idx, "blocks": caches, "norm_f": fcache, "xf": xf, "T": T}
-
-
-def forward(params, cfg, idx, smooth=False):
-    """Parallel (training) form over a whole sequence: (logits (B, L, V), cache)."""
-    return model_forward(params, cfg, idx, smooth)
+    return logits, {"idx": idx, "blocks": caches, "norm_f": fcache, "xf": xf, "T": T, "drop_embed": drop_embed}
 
 
 def backward(params, cfg, cache, dlogits):
@@ -538,7 +546,7 @@ def backward(params, cfg, cache, dlogits):
         dh = block_backward(dh, cache["blocks"][i], params, i, cfg, grads)
     E = params["embed.weight"]
     dE = np.zeros_like(E)
-    np.add.at(dE, cache["idx"].ravel(), dh.sum(0).reshape(-1, E.shape[1]))
+    np.add.at(dE, cache["idx"].ravel(), (dh.sum(0) * cache["drop_embed"]).reshape(-1, E.shape[1]))
     if cfg.tie_embeddings:
         dE += dW.T
     else:
@@ -566,9 +574,9 @@ def spike_rates(cache, cfg):
             for c in cache["blocks"]]
 
 
-def loss_and_grads(params, cfg, x, y, smooth=False):
-    """(loss, grads, stats) for inputs x and targets y, both (B, L) ints."""
-    logits, cache = forward(params, cfg, x, smooth)
+def loss_and_grads(params, cfg, x, y, smooth=False, rng=None):
+    """(loss, grads, stats) for inputs x and targets y, both (B, L) ints; rng: dropout masks."""
+    logits, cache = forward(params, cfg, x, smooth, rng)
     loss, dlogits = cross_entropy(logits, y)
     grads = backward(params, cfg, cache, dlogits)
     return loss, grads, {"rates": spike_rates(cache, cfg)}
@@ -583,7 +591,7 @@ def init_decode_state(cfg, batch, dtype=np.float32):
 
 def decode_step(params, cfg, state, token_ids):
     """Recurrent form: feed one token per sequence (B,), return next-token logits (B, V)."""
-    logits, _ = model_forward(params, cfg, np.asarray(token_ids).reshape(-1, 1), state=state)
+    logits, _ = forward(params, cfg, np.asarray(token_ids).reshape(-1, 1), state=state)
     state["pos"] += 1
     return logits[:, 0]
 
@@ -764,9 +772,7 @@ def sample_token(logits, rng, temperature=1.0, top_k=0, top_p=1.0):
     if top_p < 1.0:
         order = np.argsort(-probs)
         keep = np.cumsum(probs[order]) - probs[order] < top_p   # always keeps the most likely
-        mask = np.zeros_like(probs, dtype=bool)
-        mask[order[keep]] = True
-        probs = np.where(mask, probs, 0.0)
+        probs[order[~keep]] = 0.0
         probs /= probs.sum()
     return int(rng.choice(len(probs), p=probs))
 
@@ -856,8 +862,9 @@ def energy_report(params, cfg, x):
 
 def train_step(params, opt, mcfg, tcfg, data, step):
     """One optimisation step on the batch fixed by (seed, step); returns (loss, stats)."""
-    x, y = get_batch(data, tcfg.batch_size, mcfg.context, batch_rng(tcfg.seed, step))
-    loss, grads, stats = loss_and_grads(params, mcfg, x, y)
+    rng = batch_rng(tcfg.seed, step)           # the batch, then the dropout masks: resume is exact
+    x, y = get_batch(data, tcfg.batch_size, mcfg.context, rng)
+    loss, grads, stats = loss_and_grads(params, mcfg, x, y, rng=rng)
     if not math.isfinite(loss):
         return loss, stats                     # the caller stops; params stay untouched
     grads, stats["grad_norm"] = clip_grads(grads, tcfg.grad_clip)

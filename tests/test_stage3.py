@@ -56,6 +56,7 @@ GRADCHECK = [
     {"detach_reset": True, "neuron": "ternary", "reset": "hard"}, {"detach_reset": True, "neuron": "plif"},
     {"tie_embeddings": False}, {"surrogate": "sigmoid"}, {"surrogate": "fast_sigmoid"},
     {"surrogate": "triangle"}, {"surrogate": "triangle", "neuron": "alif", "attention": "hadamard"},
+    {"dropout": 0.3}, {"dropout": 0.3, "tie_embeddings": False, "attention": "hadamard"},
 ]
 
 
@@ -64,19 +65,20 @@ def test_gradients_match_finite_differences(overrides, monkeypatch):
     """Every parameter tensor, 4 entries each (its largest-gradient entry and 3 random ones):
     ||hand - fd|| / (||hand|| + ||fd||) < 1e-5 with central differences (h = 1e-6) of the smooth
     forward in float64. Tensors whose sampled gradients are all below 1e-6 (round-off level of
-    the differences) are held to an absolute 1e-10 instead."""
+    the differences) are held to an absolute 1e-10 instead. Dropout draws the same masks at
+    every evaluation (a generator of fixed seed), so the loss is a fixed function of params."""
     cfg = tiny_cfg(**overrides)
     params = perturbed_params(cfg)
     rng = np.random.default_rng(1)
     x, y = rng.integers(0, cfg.vocab_size, (2, 5)), rng.integers(0, cfg.vocab_size, (2, 5))
     frozen = FrozenReset(monkeypatch) if cfg.detach_reset else None
-    loss, grads, _ = m.loss_and_grads(params, cfg, x, y, smooth=True)
+    loss, grads, _ = m.loss_and_grads(params, cfg, x, y, smooth=True, rng=np.random.default_rng(7))
     assert set(grads) == set(params)
 
     def loss_at():
         if frozen:
             frozen.replay()
-        return m.loss_and_grads(params, cfg, x, y, smooth=True)[0]
+        return m.loss_and_grads(params, cfg, x, y, smooth=True, rng=np.random.default_rng(7))[0]
 
     h = 1e-6
     for name, p in params.items():
@@ -111,18 +113,33 @@ def test_recurrent_decoding_equals_parallel_forward(overrides, smooth):
     cfg = m.make_configs("tiny", **overrides)[0]
     params = perturbed_params(cfg, seed=3)
     idx = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, cfg.context + 8))
-    parallel, _ = m.model_forward(params, cfg, idx, smooth)
+    parallel, _ = m.forward(params, cfg, idx, smooth)
     state = m.init_decode_state(cfg, 2, np.float64)
     shapes = [s.shape for s in state["layers"]]
     steps = []
     for pos in range(idx.shape[1]):
         if smooth:
-            steps.append(m.model_forward(params, cfg, idx[:, pos:pos + 1], True, state)[0][:, 0])
+            steps.append(m.forward(params, cfg, idx[:, pos:pos + 1], True, state=state)[0][:, 0])
         else:
             steps.append(m.decode_step(params, cfg, state, idx[:, pos]))
     assert [s.shape for s in state["layers"]] == shapes          # the state does not grow
     np.testing.assert_allclose(np.stack(steps, 1), parallel, rtol=0, atol=1e-5)
     assert np.abs(parallel).max() > 1e-3                          # not trivially zero
+
+
+def test_dropout_acts_only_in_training_and_keeps_the_mean():
+    """With a generator (training) a fraction p of the units is zeroed and the rest scaled by
+    1/(1 - p); without one (evaluation, generation) the model is exactly the dropout-free one."""
+    cfg, plain = m.make_configs("tiny", dropout=0.25)[0], m.make_configs("tiny")[0]
+    params = m.init_params(cfg, 0)
+    idx = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, cfg.context))
+    evaluated = m.forward(params, cfg, idx)[0]
+    np.testing.assert_array_equal(evaluated, m.forward(params, plain, idx)[0])
+    trained, cache = m.forward(params, cfg, idx, rng=np.random.default_rng(1))
+    assert np.abs(trained - evaluated).max() > 1e-3
+    for mask in (cache["drop_embed"], cache["blocks"][0]["drop_attn"], cache["blocks"][1]["drop_mlp"]):
+        assert set(np.unique(mask).tolist()) == {0.0, np.float32(1 / 0.75)}
+        assert abs(np.mean(mask == 0) - 0.25) < 0.03 and abs(mask.mean() - 1) < 0.04
 
 
 def synthetic_tokens(n=4000, vocab=64, seed=0):
@@ -133,9 +150,11 @@ def synthetic_tokens(n=4000, vocab=64, seed=0):
     return np.where(noise, rng.integers(0, vocab, n), base).astype(np.uint16)
 
 
-def test_resume_equals_uninterrupted_run(tmp_path):
-    """k steps, save, load, continue == the same number of steps straight (bit-identical)."""
-    mcfg, tcfg = m.make_configs("tiny", max_steps=6, warmup=2)
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_resume_equals_uninterrupted_run(tmp_path, dropout):
+    """k steps, save, load, continue == the same number of steps straight (bit-identical):
+    batches and dropout masks both come from the generator fixed by (seed, step)."""
+    mcfg, tcfg = m.make_configs("tiny", max_steps=6, warmup=2, dropout=dropout)
     data = synthetic_tokens()
     straight = m.init_params(mcfg, tcfg.seed)
     opt = m.init_opt_state(straight)
@@ -325,9 +344,9 @@ def test_main_interrupt_resume_and_generate(text_source, tmp_path, monkeypatch, 
 def test_nan_loss_stops_and_keeps_last_checkpoint(text_source, tmp_path, monkeypatch, capsys):
     real, calls = m.loss_and_grads, []
 
-    def nan_from_step_5(params, cfg, x, y, smooth=False):
+    def nan_from_step_5(params, cfg, x, y, smooth=False, rng=None):
         calls.append(1)
-        loss, grads, stats = real(params, cfg, x, y, smooth)
+        loss, grads, stats = real(params, cfg, x, y, smooth, rng)
         return (float("nan") if len(calls) > 5 else loss), grads, stats
 
     monkeypatch.setattr(m, "loss_and_grads", nan_from_step_5)
