@@ -661,12 +661,13 @@ class Block(nn.Module):
         self.norm1, self.norm2 = Weight(D), Weight(D)
         self.sn1, self.sn2 = Neuron(cfg, D, run), Neuron(cfg, D, run)
         self.attn, self.mlp = Attention(cfg, run), MLP(cfg, run)
+        self.drop = nn.Dropout(cfg.dropout)              # on the branch outputs, in training only
 
     def forward(self, h, mm, dt, state=None):          # h (T, B, L, D) real residual stream
         eps, run = self.cfg.norm_eps, self.run
         o, state = self.attn(self.sn1(norm(h, self.norm1.weight, eps, run), dt), mm, dt, state)
-        h = h + o
-        h = h + self.mlp(self.sn2(norm(h, self.norm2.weight, eps, run), dt), mm, dt)
+        h = h + self.drop(o)
+        h = h + self.drop(self.mlp(self.sn2(norm(h, self.norm2.weight, eps, run), dt), mm, dt))
         return h, state
 
 
@@ -679,6 +680,7 @@ class SpikeLM(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, run) for _ in range(cfg.n_layer))
         self.norm_f = Weight(cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
         if not cfg.tie_embeddings:
             self.head = Weight(cfg.d_model, cfg.vocab_size)
         self.dt = getattr(torch, run.dtype)
@@ -691,7 +693,7 @@ class SpikeLM(nn.Module):
         """idx (B, L) -> logits (B, L, V) fp32; with state (a list per layer): recurrent/prefill form."""
         cfg = self.cfg
         T = S3.timesteps(cfg)
-        x = self.embed(idx)                                           # (B, L, D)
+        x = self.drop(self.embed(idx))                                # (B, L, D), one mask for all T
         h = x.unsqueeze(0).expand(T, *x.shape)                        # (T, B, L, D)
         new_state = []
         for i, block in enumerate(self.blocks):
@@ -784,6 +786,7 @@ def export_opt_state(opt):
 def train_step(model, opt, mcfg, tcfg, data, step, device, fwd=None):
     """One step on the batch fixed by (seed, step): (loss, grad norm, lr); params untouched on NaN."""
     x, y = S3.get_batch(data, tcfg.batch_size, mcfg.context, S3.batch_rng(tcfg.seed, step))
+    torch.manual_seed(tcfg.seed * 1_000_003 + step)      # dropout masks, fixed by (seed, step) too
     x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
     logits = (model if fwd is None else fwd)(x)
     loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), y.view(-1))

@@ -207,6 +207,43 @@ def test_hadamard_untied_and_ann_twin_match_stage3(kernels):
     check_parity(model_cfg(spiking=False, n_layer=1), kernels)
 
 
+class FixedMasks(torch.nn.Module):
+    """Stands in for nn.Dropout: multiplies by the given masks, one per call, in call order."""
+
+    def __init__(self, *masks):
+        super().__init__()
+        self.masks = list(masks)
+
+    def forward(self, x):
+        return x * torch.from_numpy(self.masks.pop(0)).to(x.device, x.dtype)
+
+
+@pytest.mark.parametrize("kernels", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_dropout_sits_where_stage3_puts_it(kernels):
+    """Stage 3's masks (embedding, every attention and MLP branch) in place of stage 5's dropout
+    modules give stage 3's logits and gradients; in eval mode the model drops nothing."""
+    cfg = model_cfg(dropout=0.3, n_layer=2)
+    params = S3.init_params(cfg, 4)
+    x, y = np.random.default_rng(4).integers(0, cfg.vocab_size, (2, 2, 20))
+    p64 = {k: v.astype(np.float64) for k, v in params.items()}
+    logits3, cache = S3.forward(p64, cfg, x, rng=np.random.default_rng(9))
+    loss3, dlogits = S3.cross_entropy(logits3, y)
+    grads3 = S3.backward(p64, cfg, cache, dlogits)
+    model = S5.build_model(cfg, run_cfg(kernels), params)
+    model.drop = FixedMasks(cache["drop_embed"])
+    for block, c in zip(model.blocks, cache["blocks"]):
+        block.drop = FixedMasks(c["drop_attn"], c["drop_mlp"])
+    logits = model(torch.from_numpy(x).to(DEVICE))
+    loss = torch.nn.functional.cross_entropy(logits.view(-1, cfg.vocab_size), torch.from_numpy(y).to(DEVICE).view(-1))
+    loss.backward()
+    assert rel(logits.detach().cpu().numpy(), logits3) < 1e-4 and abs(loss.item() - loss3) < 1e-4 * loss3
+    for name, p in model.named_parameters():
+        assert rel(p.grad.cpu().numpy(), grads3[name]) < 1e-3, name
+    with torch.no_grad():
+        evaluated = S5.build_model(cfg, run_cfg(kernels), params).eval()(torch.from_numpy(x).to(DEVICE))
+    assert rel(evaluated.cpu().numpy(), S3.forward(p64, cfg, x)[0]) < 1e-4
+
+
 @pytest.mark.parametrize("attention", ["linear", "hadamard"])
 @pytest.mark.parametrize("kernels", ["torch", pytest.param("triton", marks=needs_triton)])
 def test_recurrent_decoding_matches_parallel_and_stage3(attention, kernels):
@@ -264,8 +301,10 @@ def test_checkpoint_round_trip_with_stage3_and_same_adamw_step(tmp_path):
 
 
 def test_training_resumes_exactly_and_cli_errors(tmp_path, capsys):
-    """4 steps straight == 2 steps, save, resume for 2 (torch kernels on CPU, builtin data)."""
+    """4 steps straight == 2 steps, save, resume for 2 (torch kernels on CPU, builtin data); the
+    dropout masks, like the batches, are fixed by (seed, step)."""
     common = ["--preset", "tiny", "--kernels", "torch", "--device", "cpu", "--data_root", str(tmp_path / "data"),
+              "--dropout", "0.2",
               "--eval_interval", "2", "--eval_tokens", "256", "--max_new_tokens", "4"]
     assert S5.main(common + ["--max_steps", "4", "--out_dir", str(tmp_path / "a")]) == 0
     assert S5.main(common + ["--max_steps", "2", "--out_dir", str(tmp_path / "b")]) == 0
