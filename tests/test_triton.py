@@ -281,8 +281,8 @@ def test_checkpoint_round_trip_with_stage3_and_same_adamw_step(tmp_path):
     loss3, grads3, _ = S3.loss_and_grads(p, cfg, x, y)
     grads3, _ = S3.clip_grads(grads3, tcfg.grad_clip)
     S3.adamw_step(p, grads3, opt, step, tcfg, cfg.n_layer)
-    logits = model(torch.from_numpy(x))
-    loss = torch.nn.functional.cross_entropy(logits.view(-1, cfg.vocab_size), torch.from_numpy(y).view(-1))
+    logits = model(torch.from_numpy(x).to(DEVICE))
+    loss = torch.nn.functional.cross_entropy(logits.view(-1, cfg.vocab_size), torch.from_numpy(y).to(DEVICE).view(-1))
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
     for group in opt5.param_groups:
