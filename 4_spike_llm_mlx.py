@@ -2,9 +2,10 @@
 
 The same model as stage 3 (same parameters, same checkpoint file, same logits), written the way
 MLX code is written: one `nn.Module` per idea, the surrogate spike as an `mx.custom_function`
-with its own vjp, gradients from `nn.value_and_grad`, the whole training step (forward,
-backward, clipping, AdamW) traced once by `mx.compile`, and `mx.eval` once per step. MLX runs
-on the GPU of Apple Silicon when there is one and on the CPU otherwise.
+with its own vjp, dropout as `nn.Dropout` (active only in training mode), gradients from
+`nn.value_and_grad`, the whole training step (forward, backward, clipping, AdamW) traced once
+by `mx.compile`, and `mx.eval` once per step. MLX runs on the GPU of Apple Silicon when there
+is one and on the CPU otherwise.
 
 Everything that is not the model comes from stage 3 by import: ModelConfig, TrainConfig,
 PRESETS, initial parameters, batches, the learning-rate schedule, checkpoint I/O, BPC, sampling
@@ -207,7 +208,8 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """h += SDSA(SN(rmsnorm(h)));  h += MLP(SN(rmsnorm(h))): every matmul is fed by spikes."""
+    """h += drop(SDSA(SN(rmsnorm(h))));  h += drop(MLP(SN(rmsnorm(h)))): every matmul is fed by
+    spikes. Dropout acts on the real branch outputs only, so the spikes stay binary/ternary."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -215,15 +217,16 @@ class Block(nn.Module):
         self.sn1, self.sn2 = Neuron(cfg, cfg.d_model), Neuron(cfg, cfg.d_model)
         self.attn = Attention(cfg)
         self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)                # a fresh mask per call, over all of (T, B, L, D)
 
     def __call__(self, h, state=None):                     # h (T, B, L, D) real residual stream
         s = self.sn1(self.norm1(h))
         o, state, spikes = self.attn(s, state)
-        h = h + o
+        h = h + self.drop(o)
         s2 = self.sn2(self.norm2(h))
         m, u = self.mlp(s2)
         spikes = {"sn1": s, **spikes, "sn2": s2, "mlp.sn_h": u}
-        return h + m, state, spikes
+        return h + self.drop(m), state, spikes
 
 
 class Head(nn.Module):
@@ -237,9 +240,10 @@ class Head(nn.Module):
 class SpikeLM(nn.Module):
     """Tokens (B, L) -> logits (B, L, V), the spikes of every site, and the decoding state.
 
-    x = embed[idx], h = x repeated over T, blocks, hbar = mean_t h, logits = rmsnorm(hbar) @ W_out.
+    x = drop(embed[idx]), h = x repeated over T, blocks, hbar = mean_t h, logits = rmsnorm(hbar) @ W_out.
     With state=None the parallel form runs (training); with a state (list per layer) each call
     takes one position (B, 1) and returns the updated constant-size state (generation).
+    Dropout acts only in training mode (model.train()); build_model returns evaluation mode.
     Since MLX is lazy, the spikes cost nothing unless someone evaluates them.
     """
 
@@ -249,12 +253,13 @@ class SpikeLM(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = [Block(cfg) for _ in range(cfg.n_layer)]
         self.norm_f = nn.RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.drop = nn.Dropout(cfg.dropout)
         if not cfg.tie_embeddings:
             self.head = Head(cfg.d_model, cfg.vocab_size)
 
     def __call__(self, idx, state=None):
         T = ref.timesteps(self.cfg)                        # 1 for the ANN twin
-        x = self.embed(idx)                                # (B, L, D)
+        x = self.drop(self.embed(idx))                     # (B, L, D): one mask for all T
         h = mx.broadcast_to(x, (T,) + x.shape)             # (T, B, L, D)
         spikes, new_state = [], []
         for i, block in enumerate(self.blocks):
@@ -271,10 +276,12 @@ class SpikeLM(nn.Module):
 
 
 def build_model(cfg, params):
-    """An MLX SpikeLM holding the given {name: array} parameters (names as in the checkpoint)."""
+    """An MLX SpikeLM holding the given {name: array} parameters (names as in the checkpoint), in
+    evaluation mode, so evaluation, generation and the energy report never drop; the training
+    step switches training mode on for itself."""
     model = SpikeLM(cfg)
     model.load_weights([(k, mx.array(np.asarray(v, np.float32))) for k, v in params.items()], strict=True)
-    return model
+    return model.eval()
 
 
 def numpy_params(model):
@@ -334,14 +341,18 @@ class AdamW:
 
 
 def make_train_step(model, opt, tcfg):
-    """The compiled step: loss and gradients, global-norm clipping, AdamW. Model parameters
-    and optimizer moments are declared as the state the compiled function reads and writes."""
+    """The compiled step: loss and gradients, global-norm clipping, AdamW. Model parameters,
+    optimizer moments and MLX's random state are declared as the state the compiled function
+    reads and writes: without the random key among them, the dropout masks drawn while tracing
+    would be baked into the graph as constants and replayed at every step."""
     loss_and_grad = nn.value_and_grad(model, loss_fn)
-    state = [model.state, opt.state]
+    state = [model.state, opt.state, mx.random.state]
 
     @partial(mx.compile, inputs=state, outputs=state)
     def step(x, y, lr, t):
+        model.train()       # Dropout reads the mode while the step is traced: the graph drops...
         (loss, rate), grads = loss_and_grad(model, x, y)
+        model.eval()        # ...and the model is back in evaluation mode for everything else
         grads = dict(tree_flatten(grads))
         if tcfg.grad_clip > 0:     # g *= max_norm / ||g|| when the global norm ||g|| exceeds it
             grads, _ = optim.clip_grad_norm(grads, tcfg.grad_clip)
@@ -352,9 +363,11 @@ def make_train_step(model, opt, tcfg):
 
 
 def train_steps(model, opt, step_fn, mcfg, tcfg, data, start, stop):
-    """Run steps start..stop-1 on the batches fixed by (seed, step); yields (step, loss, rate, lr)."""
+    """Run steps start..stop-1 on the batches and dropout masks fixed by (seed, step), so a
+    resumed run draws what an uninterrupted one would; yields (step, loss, rate, lr)."""
     for step in range(start, stop):
         x, y = ref.get_batch(data, tcfg.batch_size, mcfg.context, ref.batch_rng(tcfg.seed, step))
+        mx.random.seed(tcfg.seed * 1_000_003 + step)      # the step's dropout key (stage 5 seeds alike)
         lr = ref.lr_at(step, tcfg)
         loss, rate = step_fn(mx.array(x, mx.int32), mx.array(y, mx.int32), mx.array(lr, mx.float32),
                              mx.array(step + 1, mx.float32))

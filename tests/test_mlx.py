@@ -2,7 +2,8 @@
 
 Same parameters and batch -> same logits, loss, gradients and spikes; the recurrent form equals
 the parallel form; checkpoints move between the stages both ways, optimizer state included,
-and training continues as if it had never switched."""
+and training continues as if it had never switched. Dropout acts only inside a training step,
+where and with the scale stage 3 uses, with fresh masks every step, and never at evaluation."""
 import math
 
 import numpy as np
@@ -185,9 +186,11 @@ def test_checkpoints_move_between_stages_with_optimizer_state(tmp_path, override
     assert_close_run(m4.numpy_params(model), straight, start)
 
 
-def test_mlx_resume_equals_uninterrupted_mlx_run(tmp_path):
-    """Within MLX, k steps + save + load + k steps == 2k steps, bit for bit."""
-    mcfg, tcfg = configs()
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_mlx_resume_equals_uninterrupted_mlx_run(tmp_path, dropout):
+    """Within MLX, k steps + save + load + k steps == 2k steps, bit for bit: with dropout too,
+    since each step's masks are fixed by (seed, step) like its batch."""
+    mcfg, tcfg = configs(dropout=dropout)
     data = synthetic_tokens()
     model = m4.build_model(mcfg, ref.init_params(mcfg, tcfg.seed))
     opt = m4.AdamW(model, tcfg)
@@ -198,6 +201,7 @@ def test_mlx_resume_equals_uninterrupted_mlx_run(tmp_path):
     mlx_steps(first, opt1, mcfg, tcfg, data, 0, K)
     m4.save(tmp_path / "ckpt.npz", m4.snapshot(first, opt1), mcfg, tcfg, K, TOK, "data/x")
     second, _, step, opt_state, _ = m4.load(tmp_path / "ckpt.npz")
+    assert second.cfg == mcfg                          # the checkpoint carries the dropout rate
     opt2 = m4.AdamW(second, tcfg, opt_state)
     mlx_steps(second, opt2, mcfg, tcfg, data, step, 2 * K)
     for k, p in m4.numpy_params(model).items():
@@ -212,6 +216,83 @@ def test_compiled_training_learns():
     opt = m4.AdamW(model, tcfg)
     losses = mlx_steps(model, opt, mcfg, tcfg, data, 0, 60)
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.5, losses
+
+
+P = 0.25   # dropout rate of the dropout tests
+
+
+@pytest.mark.parametrize("overrides", [{}, {"attention": "hadamard", "neuron": "plif"}], ids=name)
+def test_dropout_is_off_at_evaluation_so_stage_3_parity_holds(overrides):
+    """With dropout in the config, the model is built in evaluation mode and a training step
+    leaves it there: logits equal stage 3's forward without an rng (no dropout), before and after."""
+    mcfg, tcfg = configs(dropout=P, **overrides)
+    model = m4.build_model(mcfg, perturbed_params(mcfg, seed=1))
+    x, y = np.random.default_rng(2).integers(0, mcfg.vocab_size, (2, 4, mcfg.context))
+
+    def assert_parity():
+        assert not model.training
+        assert rel(model(mx.array(x))[0], ref.forward(m4.numpy_params(model), mcfg, x)[0]) < 1e-4
+
+    assert_parity()
+    before = m4.numpy_params(model)
+    step = m4.make_train_step(model, m4.AdamW(model, tcfg), tcfg)
+    mx.eval(step(mx.array(x), mx.array(y), mx.array(1e-2), mx.array(1.0)))
+    assert not np.array_equal(m4.numpy_params(model)["blocks.0.attn.wq"], before["blocks.0.attn.wq"])
+    assert_parity()
+
+
+def assert_dropped(out, full, p):
+    """out is inverted dropout of full: each entry either 0 or full / (1 - p), about p of them 0."""
+    out, full = np.array(out), np.array(full)
+    big = np.abs(full) > 1e-2 * np.abs(full).max()               # entries whose fate is unambiguous
+    zero = np.abs(out) < 1e-5 * np.abs(full).max()
+    np.testing.assert_allclose(out[big & ~zero], full[big & ~zero] / (1 - p), rtol=1e-4)
+    assert abs(zero[big].mean() - p) < 0.05, zero[big].mean()
+    return zero
+
+
+def test_dropout_drops_p_of_each_residual_branch_and_scales_the_rest():
+    """In training mode a block adds drop(o @ wo) and drop(u @ w2): with the other branch zeroed,
+    the change of the residual stream is the branch with ~p of it zeroed and the rest / (1 - p);
+    the masks differ across timesteps."""
+    cfg = ref.make_configs("tiny", dropout=P)[0]
+    h = mx.array(np.random.default_rng(5).normal(0, 1, (cfg.T, 2, 16, cfg.d_model)).astype(np.float32))
+    for zeroed, branch in (("mlp.w2", lambda b, s: s["wo_input"] @ b.attn.wo),
+                           ("attn.wo", lambda b, s: s["mlp.sn_h"] @ b.mlp.w2)):
+        params = perturbed_params(cfg, seed=4)
+        params["blocks.0." + zeroed][:] = 0
+        block = m4.build_model(cfg, params).train().blocks[0]
+        out, _, spikes = block(h)                                 # (T, B, L, D)
+        zero = assert_dropped(out - h, branch(block, spikes), P)
+        assert not np.array_equal(zero[0], zero[1])               # a fresh mask per timestep
+
+
+def test_dropout_on_the_embedding_uses_one_mask_for_all_timesteps():
+    """With both branches of every block zeroed and an identity readout, the logits are
+    mean_t h = drop(embed[idx]): 0 or embed / (1 - p), which a mask per timestep would break."""
+    cfg = ref.make_configs("tiny", dropout=P, tie_embeddings=False)[0]
+    params = perturbed_params(cfg, seed=6)
+    params.update({k: np.zeros_like(v) for k, v in params.items() if k.endswith(("attn.wo", "mlp.w2"))})
+    params["head.weight"] = np.eye(cfg.d_model, cfg.vocab_size, dtype=np.float32)
+    model = m4.build_model(cfg, params).train()
+    model.norm_f = nn.Identity()
+    idx = np.random.default_rng(7).integers(0, cfg.vocab_size, (4, cfg.context))
+    logits = model(mx.array(idx))[0][..., :cfg.d_model]          # (B, L, D)
+    assert_dropped(logits, params["embed.weight"][idx], P)
+
+
+@pytest.mark.parametrize("dropout", [0.0, P])
+def test_compiled_step_draws_fresh_dropout_masks_every_call(dropout):
+    """Compiled steps on the same batch from the same parameters (lr = 0 leaves them as they
+    are) draw different masks, hence different losses; with dropout 0 the losses are equal.
+    A random state left out of mx.compile's inputs and outputs replays the traced mask."""
+    mcfg, tcfg = configs(dropout=dropout)
+    model = m4.build_model(mcfg, perturbed_params(mcfg, seed=8))
+    step = m4.make_train_step(model, m4.AdamW(model, tcfg), tcfg)
+    x, y = (mx.array(a) for a in np.random.default_rng(9).integers(0, mcfg.vocab_size, (2, 4, mcfg.context)))
+    mx.random.seed(0)
+    losses = [step(x, y, mx.array(0.0), mx.array(t + 1.0))[0].item() for t in range(3)]
+    assert len(set(losses)) == (3 if dropout else 1), losses
 
 
 @pytest.fixture(scope="module")
