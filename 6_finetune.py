@@ -412,7 +412,7 @@ def triton_backend(mcfg):
     import torch.nn.functional as F
     S5 = load_stage("5_spike_llm_triton")
     run = S5.resolve(S5.RunConfig(dtype="float32"))
-    model = S5.build_model(mcfg, run)
+    model = S5.build_model(mcfg, run).eval()          # no dropout: every backend, the same gradients
 
     def grad_fn(params, x, y, mask):
         S5.load_params(model, params)
