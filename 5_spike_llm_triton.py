@@ -831,6 +831,8 @@ def energy_report(model, x):
     model.set_record(False)
     rates = model.spike_rates()
     ops = S3.synaptic_ops(cfg, rates)
+    if not cfg.spiking:       # the twin itself: every layer is dense multiply-accumulates
+        ops.update(ac=0.0, mac=ops["ann_mac"])
     e_snn, e_ann = ops["ac"] * S3.E_AC + ops["mac"] * S3.E_MAC, ops["ann_mac"] * S3.E_MAC
     sites = list(rates[0])
     lines = ["layer " + " ".join(f"{s.replace('attn.', ''):>9}" for s in sites)]

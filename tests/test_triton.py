@@ -244,6 +244,21 @@ def test_dropout_sits_where_stage3_puts_it(kernels):
     assert rel(evaluated.cpu().numpy(), S3.forward(p64, cfg, x)[0]) < 1e-4
 
 
+@pytest.mark.parametrize("spiking", [True, False])
+def test_energy_report_matches_stage3(spiking):
+    """Same spike rates, operation counts and energy per token as stage 3's report (the ANN
+    twin's own energy is all multiply-accumulates)."""
+    cfg = model_cfg(spiking=spiking)
+    params = S3.init_params(cfg, 6)
+    x = np.random.default_rng(6).integers(0, cfg.vocab_size, (2, 24))
+    text, rates = S5.energy_report(S5.build_model(cfg, run_cfg("torch"), params).eval(), torch.from_numpy(x).to(DEVICE))
+    ref = S3.energy_report(params, cfg, x)[1]
+    assert all(abs(r[k] - r3[k]) < 1e-6 for r, r3 in zip(rates, ref["rates"]) for k in r3)
+    ops = ref["ops"]
+    assert f"spiking {ops['ac'] / 1e6:.2f} M AC + {ops['mac'] / 1e6:.2f} M MAC = {ref['energy_snn'] * 1e9:.2f} nJ" in text
+    assert f"ANN twin {ops['ann_mac'] / 1e6:.2f} M MAC = {ref['energy_ann'] * 1e9:.2f} nJ" in text
+
+
 @pytest.mark.parametrize("attention", ["linear", "hadamard"])
 @pytest.mark.parametrize("kernels", ["torch", pytest.param("triton", marks=needs_triton)])
 def test_recurrent_decoding_matches_parallel_and_stage3(attention, kernels):
