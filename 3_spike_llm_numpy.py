@@ -491,14 +491,14 @@ def neuron_site_backward(ds, c, key, b, site, cfg, grads):
 def block_backward(dh, c, params, i, cfg, grads):
     """Backward of block_forward: returns dL/dh_in and writes the block's grads."""
     p, b = params, f"blocks.{i}."
-    # MLP: h_out = h_mid + u @ w2, u = SN_h(s2 @ w1), s2 = SN_2(rmsnorm(h_mid))
+    # MLP: h_out = h_mid + (u @ w2) * m, u = SN_h(s2 @ w1), s2 = SN_2(rmsnorm(h_mid)), m dropout
     du, grads[b + "mlp.w2"] = linear_backward(dh * c["drop_mlp"], c["u"], p[b + "mlp.w2"])
     da = neuron_site_backward(du, c, "sn_h", b, "mlp.sn_h", cfg, grads)
     ds2, grads[b + "mlp.w1"] = linear_backward(da, c["s2"], p[b + "mlp.w1"])
     dn2 = neuron_site_backward(ds2, c, "sn2", b, "sn2", cfg, grads)
     dx, grads[b + "norm2.weight"] = rmsnorm_backward(dn2, c["norm2"])
     dh = dh + dx
-    # attention: h_mid = h + o @ wo
+    # attention: h_mid = h + (o @ wo) * m
     do, grads[b + "attn.wo"] = linear_backward(dh * c["drop_attn"], c["o"], p[b + "attn.wo"])
     dz, dq_gate = (do, 0.0) if cfg.attention == "linear" else (do * c["q"], do * c["z"])
     dnrm = neuron_site_backward(dz, c, "sn_o", b, "attn.sn_o", cfg, grads)
