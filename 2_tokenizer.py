@@ -36,9 +36,11 @@ Vocabulary layout (ids):
     python 2_tokenizer.py                                # data/builtin (runs stage 1 if needed)
     python 2_tokenizer.py --data data/shakespeare --vocab-size 2000
     python 2_tokenizer.py --source files:my_books/       # runs stage 1 for it first
+    python 2_tokenizer.py --data data/shakespeare --vocab-size 264   # no pieces: characters
 
 From Python: `load_stage("2_tokenizer").build(data_dir)` (a no-op when the files
-are up to date) and `Tokenizer.load(data_dir / "tokenizer.json")`.
+are up to date; it keeps the vocabulary size the dataset was built with) and
+`Tokenizer.load(data_dir / "tokenizer.json")`.
 """
 import argparse
 import hashlib
@@ -458,11 +460,21 @@ def is_up_to_date(data_dir: Path, settings, inputs):
         return False
 
 
-def build(data_dir, vocab_size=2000, lang="en_US", min_count=2, force=False) -> Path:
+def recorded_settings(data_dir: Path):
+    """The settings tokens.json says this dataset was last built with ({} if none)."""
+    try:
+        return json.loads((data_dir / "tokens.json").read_text(encoding="utf-8"))["settings"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def build(data_dir, vocab_size=None, lang=None, min_count=None, force=False) -> Path:
     """Train on data_dir/train.txt; write tokenizer.json, train.bin, val.bin, tokens.json.
 
-    Does nothing when tokens.json records the same settings and input sha256s
-    and the outputs are unchanged. Returns data_dir.
+    A setting left None keeps the one the dataset was last built with (else the
+    TokenizerConfig default), so a later stage never replaces a tokenizer that
+    was built here with --vocab-size. Does nothing when tokens.json records the
+    same settings and input sha256s and the outputs are unchanged. Returns data_dir.
     """
     t0 = time.time()
     data_dir = Path(data_dir)
@@ -470,7 +482,10 @@ def build(data_dir, vocab_size=2000, lang="en_US", min_count=2, force=False) -> 
         if not (data_dir / name).is_file():
             raise FileNotFoundError(f"{data_dir / name} not found: prepare the dataset with "
                                     f"python 1_data.py first")
-    settings = build_settings(vocab_size, lang, min_count)
+    given = {"vocab_size": vocab_size, "lang": lang, "min_count": min_count}
+    recorded, default = recorded_settings(data_dir), asdict(TokenizerConfig())
+    settings = build_settings(**{k: v if v is not None else recorded.get(k, default[k]) for k, v in given.items()})
+    vocab_size, lang, min_count = settings["vocab_size"], settings["lang"], settings["min_count"]
     inputs = {name: sha256_file(data_dir / name) for name in ("train.txt", "val.txt")}
     if not force and is_up_to_date(data_dir, settings, inputs):
         log(f"{data_dir} tokens are up to date (same settings and inputs): nothing to do")

@@ -298,6 +298,25 @@ def test_build_rebuilds_for_new_settings_or_input(tmp_path):
     assert " quartz" in tk.Tokenizer.load(d / "tokenizer.json").pieces
 
 
+def test_build_without_settings_keeps_the_datasets_tokenizer(tmp_path):
+    """A later stage calls build(d): it must not replace a tokenizer built with --vocab-size."""
+    d = tmp_path / "chars"
+    d.mkdir()
+    (d / "train.txt").write_text(ENGLISH * 30, encoding="utf-8")
+    (d / "val.txt").write_text(ENGLISH, encoding="utf-8")
+    tk.build(d, vocab_size=tk.PIECE0)                  # bytes only: one token per ASCII character
+    sha = json.loads((d / "tokens.json").read_text())["tokenizer_sha256"]
+    tk.build(d)
+    meta = json.loads((d / "tokens.json").read_text())
+    assert (meta["vocab_size"], meta["tokenizer_sha256"]) == (tk.PIECE0, sha)
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    for name in ("train.txt", "val.txt"):
+        (fresh / name).write_text((d / name).read_text(encoding="utf-8"), encoding="utf-8")
+    tk.build(fresh)                                    # nothing recorded: the config's default
+    assert json.loads((fresh / "tokens.json").read_text())["settings"]["vocab_size"] == tk.TokenizerConfig().vocab_size
+
+
 def test_build_needs_the_text_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="1_data.py"):
         tk.build(tmp_path)
