@@ -26,7 +26,6 @@ questions: the answer is a span of a short context from the corpus it was traine
 """
 import argparse
 import hashlib
-import itertools
 import json
 import math
 import re
@@ -48,6 +47,7 @@ S3 = load_stage("3_spike_llm_numpy")      # the reference model, optimizer, chec
 
 METHODS = ("full", "freeze", "lora")
 BACKENDS = ("numpy", "mlx", "triton")
+DECODINGS = ("span", "free")
 LORA_SITES = {"wq": "attn.wq", "wk": "attn.wk", "wv": "attn.wv", "wo": "attn.wo", "w1": "mlp.w1", "w2": "mlp.w2"}
 
 
@@ -76,6 +76,7 @@ class FinetuneConfig:
     test_fraction: float = 0.1     # generator: share of questions held out
     eval_questions: int = 200      # held-out questions scored (the first n, fixed)
     max_answer_tokens: int = 24    # greedy decoding stops here if <eos> does not come first
+    decode: str = "span"           # span: the answer is kept a span of the prompt (extractive); free: any tokens
     eval_tokens: int = 8192        # validation tokens of the corpus for BPC
 
 
@@ -462,29 +463,66 @@ def finetune(params, mcfg, cfg, train_examples, grad_fn, progress=True):
 # ----------------------------------------------------------------------------- evaluation
 
 
-def greedy_answers(params, mcfg, prompts, eos_id, max_new=24, batch=64):
+def span_pick(logits, source, nexts, eos_id, started):
+    """Extractive decoding: the greedy choice among the tokens that keep the answer a span of source.
+
+    nexts holds every position k where the answer so far ends in source (answer = source[k-j:k]);
+    the allowed tokens are source[k] for those k, and <eos> once the answer is non-empty. An
+    extractive reader points at a start and an end in its context; this lets the language model
+    do the same with its own logits. Returns (token, the positions after it)."""
+    allowed = sorted({source[k] for k in nexts if k < len(source)} | ({eos_id} if started else set()))
+    token = allowed[int(np.argmax(logits[allowed]))]
+    return token, [k + 1 for k in nexts if k < len(source) and source[k] == token]
+
+
+def greedy_answers(params, mcfg, prompts, eos_id, max_new=24, batch=64, sources=None):
     """Greedy answers for many prompts at once with the recurrent form: each sequence reads its own
-    prompt, then feeds back its argmax until <eos>; sequences of different lengths share the steps."""
+    prompt, then feeds back its choice until <eos>; sequences of different lengths share the steps.
+    sources[i] (token ids, or None = free decoding) keeps answer i a span of it (span_pick)."""
+    sources = sources or [None] * len(prompts)
     answers = []
     for s in range(0, len(prompts), batch):
-        group = prompts[s:s + batch]
+        group, srcs = prompts[s:s + batch], sources[s:s + batch]
         state = S3.init_decode_state(mcfg, len(group), params["embed.weight"].dtype)
         out, done = [[] for _ in group], [False] * len(group)
+        nexts = [range(len(src)) if src else None for src in srcs]
         cur = [p[0] for p in group]
         for pos in range(max(len(p) for p in group) + max_new):
-            nxt = S3.decode_step(params, mcfg, state, cur).argmax(-1)
+            logits = S3.decode_step(params, mcfg, state, cur)          # (B, V)
             for b, p in enumerate(group):
                 if pos + 1 < len(p):
                     cur[b] = p[pos + 1]
                 elif not done[b]:
-                    done[b] = int(nxt[b]) == eos_id or len(out[b]) >= max_new
+                    if srcs[b]:
+                        nxt, nexts[b] = span_pick(logits[b], srcs[b], nexts[b], eos_id, bool(out[b]))
+                    else:
+                        nxt = int(logits[b].argmax())
+                    done[b] = nxt == eos_id or len(out[b]) >= max_new
                     if not done[b]:
-                        out[b].append(int(nxt[b]))
-                    cur[b] = int(nxt[b])
+                        out[b].append(nxt)
+                    cur[b] = nxt
             if all(done):
                 break
         answers += out
     return answers
+
+
+def stream_answer(params, mcfg, prompt, eos_id, max_new, source=None):
+    """One prompt's greedy answer, a token at a time (for printing as it comes), ending before <eos>;
+    kept a span of source when one is given (span_pick)."""
+    state = S3.init_decode_state(mcfg, 1, params["embed.weight"].dtype)
+    for t in prompt[:-1]:
+        S3.decode_step(params, mcfg, state, [t])
+    cur, nexts = prompt[-1], range(len(source)) if source else None
+    for j in range(max_new):
+        logits = S3.decode_step(params, mcfg, state, [cur])[0]
+        if source:
+            cur, nexts = span_pick(logits, source, nexts, eos_id, j > 0)
+        else:
+            cur = int(logits.argmax())
+        if cur == eos_id:
+            return
+        yield cur
 
 
 def normalize(text):
@@ -503,12 +541,15 @@ def token_f1(pred, gold):
     return 2 * prec * rec / (prec + rec)
 
 
-def qa_scores(params, mcfg, tok, pairs, max_new=24):
-    """Exact match and mean token F1 of greedy answers, and the answers themselves."""
+def qa_scores(params, mcfg, tok, pairs, max_new=24, decode="free"):
+    """Exact match and mean token F1 of greedy answers, and the answers themselves. decode="span"
+    keeps the answer to a question with a context a span of its prompt (between <q> and <a>)."""
     if not pairs:
         return {"em": float("nan"), "f1": float("nan"), "n": 0, "answers": []}
     prompts = [prompt_ids(tok, p["question"], p.get("context", "")) for p in pairs]
-    answers = [tok.decode(a, skip_special=True).strip() for a in greedy_answers(params, mcfg, prompts, tok.eos_id, max_new)]
+    sources = [q[1:-1] if decode == "span" and p.get("context") else None for q, p in zip(prompts, pairs)]
+    answers = [tok.decode(a, skip_special=True).strip()
+               for a in greedy_answers(params, mcfg, prompts, tok.eos_id, max_new, sources=sources)]
     em = np.mean([normalize(a) == normalize(p["answer"]) for a, p in zip(answers, pairs)])
     f1 = np.mean([token_f1(a, p["answer"]) for a, p in zip(answers, pairs)])
     return {"em": float(em), "f1": float(f1), "n": len(pairs), "answers": answers}
@@ -589,12 +630,14 @@ def qa_pairs(cfg, config):
 
 def print_table(rows):
     """Markdown table of results rows (dicts from run())."""
-    head = "| method | backend | trained params | time | steps | EM test | F1 test | EM train | BPC before | BPC after |"
-    lines = [head, "|" + "---|" * 10]
+    head = ("| method | backend | trained params | time | steps | decode | EM test | F1 test | EM test, free | "
+            "EM train | BPC before | BPC after |")
+    lines = [head, "|" + "---|" * 12]
     for r in rows:
         lines.append(f"| {r['method']} | {r['backend']} | {r['trained']:,} ({100 * r['fraction']:.2f}%) | "
-                     f"{r['seconds']:.0f} s | {r['steps']} | {100 * r['em_test']:.1f}% | {100 * r['f1_test']:.1f}% | "
-                     f"{100 * r['em_train']:.1f}% | {r['bpc_before']:.3f} | {r['bpc_after']:.3f} |")
+                     f"{r['seconds']:.0f} s | {r['steps']} | {r['decode']} | {100 * r['em_test']:.1f}% | "
+                     f"{100 * r['f1_test']:.1f}% | {100 * r['em_test_free']:.1f}% | {100 * r['em_train']:.1f}% | "
+                     f"{r['bpc_before']:.3f} | {r['bpc_after']:.3f} |")
     return "\n".join(lines)
 
 
@@ -615,7 +658,7 @@ def run(cfg, progress=True):
     n_total = sum(p.size for p in params.values())
     has_val = bool(data_dir) and (Path(data_dir) / "val.bin").exists()
     bpc_before = val_bpc(params, mcfg, tok, data_dir, cfg.eval_tokens) if has_val else float("nan")
-    before = qa_scores(params, mcfg, tok, test, cfg.max_answer_tokens)
+    before = qa_scores(params, mcfg, tok, test, cfg.max_answer_tokens, cfg.decode)
     print(f"before: held-out EM {100 * before['em']:.1f}%, F1 {100 * before['f1']:.1f}%, val BPC {bpc_before:.3f}")
     t0 = time.time()
     trainable, losses = finetune(params, mcfg, cfg, train, BACKEND[cfg.backend](mcfg), progress)
@@ -629,12 +672,14 @@ def run(cfg, progress=True):
         tuned = params
         saved = save_finetuned(out / f"{cfg.method}.npz", params, mcfg, config, cfg)
     n_trained = sum(p.size for p in trainable.values())
-    after = qa_scores(tuned, mcfg, tok, test, cfg.max_answer_tokens)
-    on_train = qa_scores(tuned, mcfg, tok, train_eval, cfg.max_answer_tokens)
+    after = qa_scores(tuned, mcfg, tok, test, cfg.max_answer_tokens, cfg.decode)
+    free = after if cfg.decode == "free" else qa_scores(tuned, mcfg, tok, test, cfg.max_answer_tokens)
+    on_train = qa_scores(tuned, mcfg, tok, train_eval, cfg.max_answer_tokens, cfg.decode)
     bpc_after = val_bpc(tuned, mcfg, tok, data_dir, cfg.eval_tokens) if has_val else float("nan")
     result = {"method": cfg.method, "backend": cfg.backend, "trained": int(n_trained), "fraction": n_trained / n_total,
               "seconds": seconds, "steps": cfg.max_steps, "loss_first": losses[0], "loss_last": float(np.mean(losses[-10:])),
-              "em_before": before["em"], "em_test": after["em"], "f1_test": after["f1"], "em_train": on_train["em"],
+              "decode": cfg.decode, "em_before": before["em"], "em_test": after["em"], "f1_test": after["f1"],
+              "em_test_free": free["em"], "em_train": on_train["em"],
               "n_test": after["n"], "bpc_before": bpc_before, "bpc_after": bpc_after, "output": str(saved)}
     for p, a in list(zip(test, after["answers"]))[:5]:
         print(f"  Q: {p['question']}\n     gold: {p['answer']!r}  model: {a!r}")
@@ -664,8 +709,8 @@ def ask(cfg, question, context="", ckpt=None, adapters=None, out=None):
         lora, scale = load_lora(adapters, params)
         params = apply_lora(params, lora, scale)
     ids = prompt_ids(tok, question, context)
-    greedy = S3.generate(params, mcfg, ids, cfg.max_answer_tokens, np.random.default_rng(0), temperature=0)
-    answer = itertools.takewhile(lambda t: t != tok.eos_id, greedy)     # the answer ends at <eos>
+    source = ids[1:-1] if context and cfg.decode == "span" else None
+    answer = stream_answer(params, mcfg, ids, tok.eos_id, cfg.max_answer_tokens, source)
     return S3.print_stream(tok, "", [], answer, out).strip()
 
 
@@ -690,8 +735,8 @@ def main(argv=None):
     over = {f.name: getattr(args, f.name) for f in fields(FinetuneConfig) if getattr(args, f.name) is not None}
     cfg = FinetuneConfig(**dict(PRESETS[args.preset], **over))
     try:
-        if cfg.method not in METHODS or cfg.backend not in BACKENDS:
-            raise ValueError(f"--method must be one of {METHODS} and --backend one of {BACKENDS}")
+        if cfg.method not in METHODS or cfg.backend not in BACKENDS or cfg.decode not in DECODINGS:
+            raise ValueError(f"--method must be one of {METHODS}, --backend one of {BACKENDS}, --decode one of {DECODINGS}")
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
         if args.ask is not None:
             ask(cfg, args.ask, args.context, args.ckpt, args.adapters)

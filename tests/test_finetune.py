@@ -346,3 +346,40 @@ def test_cli_finetunes_merges_and_answers(tmp_path, capsys):
     F.load_base(out / "lora_merged.npz")
     assert F.main(args + ["--ask", "Sky color?"]) == 0
     assert capsys.readouterr().out.endswith("\n")
+
+
+def is_span(answer, source):
+    return any(source[i:i + len(answer)] == answer for i in range(len(source) - len(answer) + 1))
+
+
+def test_span_decoding_picks_the_best_span_continuation():
+    """Extractive decoding against a brute-force reference: at each step the full (non-recurrent)
+    forward's argmax over every token t for which answer + [t] is still a span of the source, or
+    <eos> once the answer is non-empty. float64, an untied random head; token 34 plays <eos> and
+    sits in the sources so that a span may run into it. Batched, one at a time (stream_answer)
+    and the reference agree, and every answer is a span while free decoding leaves the sources."""
+    mcfg = S3.make_configs("tiny", vocab_size=40, tie_embeddings=False)[0]
+    rng = np.random.default_rng(1)
+    params = {k: v.astype(np.float64) + rng.normal(0, 1.0, v.shape) for k, v in S3.init_params(mcfg).items()}
+    prompts = [[3] + list(rng.integers(3, 40, n)) + [4] for n in (12, 5, 9, 20)]
+    prompts[1][3] = 34
+
+    def reference(prompt, source, max_new=6):
+        answer = []
+        while len(answer) < max_new:
+            logits = S3.forward(params, mcfg, np.array([prompt + answer]))[0][0, -1]
+            allowed = [t for t in range(40) if is_span(answer + [t], source)] + ([34] if answer else [])
+            best = max(allowed, key=lambda t: logits[t])
+            if best == 34:
+                break
+            answer.append(best)
+        return answer
+
+    sources = [p[1:-1] for p in prompts]
+    want = [reference(p, s) for p, s in zip(prompts, sources)]
+    got = F.greedy_answers(params, mcfg, prompts, eos_id=34, max_new=6, batch=3, sources=sources)
+    assert got == want
+    assert [list(F.stream_answer(params, mcfg, p, 34, 6, s)) for p, s in zip(prompts, sources)] == want
+    assert all(a and is_span(a, s) for a, s in zip(got, sources))
+    free = F.greedy_answers(params, mcfg, prompts, eos_id=34, max_new=6)
+    assert free != got and not all(is_span(a, s) for a, s in zip(free, sources))
