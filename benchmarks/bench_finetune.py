@@ -35,6 +35,9 @@ def pretrain(args):
     """Stage 3 (numpy) or stage 5 (triton) training of the `small` preset on args.data."""
     mcfg, tcfg = S3.make_configs("small", max_steps=args.pretrain_steps, max_minutes=args.pretrain_minutes,
                                  batch_size=args.pretrain_batch, out_dir=str(Path(args.base).parent))
+    data = Path(args.data)
+    if not (data / "tokens.json").exists():           # stages 1 and 2 for data/builtin, data/shakespeare
+        S3.prepare_dataset(data.name, str(data.parent))
     t0 = time.time()
     if args.pretrain == "triton":
         S5 = load_stage("5_spike_llm_triton")
