@@ -6,7 +6,9 @@
 neuron:   multi-step LIF forward+backward, 8.4M neurons per step, T = 4 and 16: the fused
           Triton kernel vs the eager PyTorch loop, torch.compile of it, and snnTorch and
           SpikingJelly where installed, against the memory floor (the bytes it must move over
-          the measured device-to-device copy bandwidth).
+          the measured device-to-device copy bandwidth). Each is timed queued (calls back to
+          back), as a lone call, and replayed from a CUDA graph (the GPU's own time, without
+          the host's launch work).
 step:     one training step of the `base` preset (fwd + bwd + AdamW): tokens/s and peak memory
           for --kernels triton, with and without torch.compile, --kernels torch (eager) and
           torch.compile of the torch path.
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import triton.testing
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -48,6 +51,16 @@ def bench(fn, warmup=3, rep=20, queued=False):
             torch.cuda.synchronize()
     torch.cuda.synchronize()
     return float(np.median([a.elapsed_time(b) for a, b in events]))
+
+
+def graph_ms(fn):
+    """Milliseconds of fn() replayed from a CUDA graph: the GPU's own time, with the host's launch
+    work (Python, autograd, the kernel launchers) taken out. None where fn cannot be captured."""
+    try:
+        return triton.testing.do_bench_cudagraph(fn)
+    except Exception as err:                               # e.g. a library that syncs with the host
+        print(f"CUDA graph capture failed: {str(err)[:120]}")
+        return None
 
 
 def copy_bandwidth():
@@ -96,11 +109,13 @@ def neuron_table(bw):
             except Exception as err:                       # report, keep going
                 print(f"{name} T={T} failed: {err}")
                 ms = lone = float("nan")
+            graph = graph_ms(fn)
             x.grad = None
             floor = floor16 if "bf16" in name else floor32
-            rows.append(f"| {T} | {name} | {ms:.3f} | {ms / floor:.2f} | {lone:.3f} | {lone / floor:.2f} | {floor:.3f} |")
-    head = ["| T | implementation | fwd+bwd ms, queued | x floor | lone call ms | x floor | floor ms |",
-            "|---|---|---|---|---|---|---|"]
+            g = f"{graph:.3f} | {graph / floor:.2f}" if graph else "n/a | n/a"
+            rows.append(f"| {T} | {name} | {ms:.3f} | {ms / floor:.2f} | {lone:.3f} | {lone / floor:.2f} | {g} | {floor:.3f} |")
+    head = ["| T | implementation | fwd+bwd ms, queued | x floor | lone call ms | x floor | CUDA graph ms | x floor | floor ms |",
+            "|---|---|---|---|---|---|---|---|---|"]
     missing = [p for p in ("snntorch", "spikingjelly") if importlib.util.find_spec(p) is None]
     note = f"\n(not installed on this machine, so not measured: {', '.join(missing)})" if missing else ""
     return "\n".join(head + rows) + note
