@@ -2,7 +2,8 @@
 # TinyShakespeare quality run of stage 5 on one GPU: the `base` spiking model trained for a
 # wall-clock budget (default 10 minutes), then its ANN twin for the same number of steps (the
 # same tokens; one timestep, so it needs less time).
-#   bash benchmarks/train_shakespeare_triton.sh path/to/tinyshakespeare.txt [minutes] [steps] [extra options]
+#   [VOCAB=264] bash benchmarks/train_shakespeare_triton.sh path/to/tinyshakespeare.txt [minutes] [steps] [extra options]
+# VOCAB is the tokenizer's vocabulary size (default 2000 syllables; 264 = characters only).
 # steps sizes the cosine schedule to end near the budget (measure ms/step first:
 # python benchmarks/bench_triton.py --only step). Stage 1 splits off the last 10% as validation.
 # The README's figures: ... 10 2500 --kernels triton --compile 1 --lr 3e-4 --min_lr 3e-5 --dropout 0.2
@@ -14,8 +15,10 @@ TEXT=${1:?usage: train_shakespeare_triton.sh PATH/TO/tinyshakespeare.txt [minute
 MINUTES=${2:-10}
 STEPS=${3:-3000}
 PY=${PYTHON:-python}
+VOCAB=${VOCAB:-2000}
 mkdir -p out
-COMMON=(--preset base --source "files:$TEXT" --max_steps "$STEPS" --warmup 200 --eval_interval 100
+$PY 2_tokenizer.py --source "files:$TEXT" --vocab-size "$VOCAB"
+COMMON=(--preset base --source "files:$TEXT" --vocab_size "$VOCAB" --max_steps "$STEPS" --warmup 200 --eval_interval 100
         --eval_tokens 40000 --max_new_tokens 200 "${@:4}")
 $PY 5_spike_llm_triton.py "${COMMON[@]}" --max_minutes "$MINUTES" --out_dir out/shakespeare_base_snn \
     | tee out/shakespeare_base_snn.log
