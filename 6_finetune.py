@@ -17,6 +17,8 @@ questions: the answer is a span of a short context from the corpus it was traine
        returns the gradients of the loss, the update (AdamW) is stage 3's.
     5. Results: exact match and token F1 of greedy answers on held-out questions, and the
        validation bits per character on the original corpus before and after (forgetting).
+       --decode span (default) keeps each answer a span of its prompt, as an extractive
+       reader's start and end pointers do; free decoding is reported beside it.
 
     python 3_spike_llm_numpy.py                           # pretrain first: out/numpy/ckpt.npz
     python 6_finetune.py --method full                    # -> out/finetune/full.npz
