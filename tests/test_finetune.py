@@ -346,6 +346,12 @@ def test_cli_finetunes_merges_and_answers(tmp_path, capsys):
     F.load_base(out / "lora_merged.npz")
     assert F.main(args + ["--ask", "Sky color?"]) == 0
     assert capsys.readouterr().out.endswith("\n")
+    context = "The sky is blue."                      # span decoding: the answer is a piece of the prompt
+    assert F.main(args + ["--ask", "Sky color?", "--context", context, "--max_answer_tokens", "4"]) == 0
+    answer = capsys.readouterr().out.strip()
+    assert answer and answer in f"{context}\nSky color?", answer
+    assert F.main(args + ["--decode", "beam"]) == 1
+    assert "--decode one of" in capsys.readouterr().err
 
 
 def is_span(answer, source):
