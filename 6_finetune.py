@@ -465,13 +465,16 @@ def finetune(params, mcfg, cfg, train_examples, grad_fn, progress=True):
 # ----------------------------------------------------------------------------- evaluation
 
 
-def span_pick(logits, source, nexts, eos_id, started):
-    """Extractive decoding: the greedy choice among the tokens that keep the answer a span of source.
+def pick_token(logits, source, nexts, eos_id, started):
+    """The greedy next token: the argmax (source None), or extractive decoding, the best of the
+    tokens that keep the answer a span of source.
 
     nexts holds every position k where the answer so far ends in source (answer = source[k-j:k]);
     the allowed tokens are source[k] for those k, and <eos> once the answer is non-empty. An
     extractive reader points at a start and an end in its context; this lets the language model
     do the same with its own logits. Returns (token, the positions after it)."""
+    if not source:
+        return int(logits.argmax()), None
     allowed = sorted({source[k] for k in nexts if k < len(source)} | ({eos_id} if started else set()))
     token = allowed[int(np.argmax(logits[allowed]))]
     return token, [k + 1 for k in nexts if k < len(source) and source[k] == token]
@@ -480,14 +483,14 @@ def span_pick(logits, source, nexts, eos_id, started):
 def greedy_answers(params, mcfg, prompts, eos_id, max_new=24, batch=64, sources=None):
     """Greedy answers for many prompts at once with the recurrent form: each sequence reads its own
     prompt, then feeds back its choice until <eos>; sequences of different lengths share the steps.
-    sources[i] (token ids, or None = free decoding) keeps answer i a span of it (span_pick)."""
+    sources[i] (token ids, or None = free decoding) keeps answer i a span of it (pick_token)."""
     sources = sources or [None] * len(prompts)
     answers = []
     for s in range(0, len(prompts), batch):
         group, srcs = prompts[s:s + batch], sources[s:s + batch]
         state = S3.init_decode_state(mcfg, len(group), params["embed.weight"].dtype)
         out, done = [[] for _ in group], [False] * len(group)
-        nexts = [range(len(src)) if src else None for src in srcs]
+        nexts = [range(len(src)) if src else None for src in srcs]   # every start is open
         cur = [p[0] for p in group]
         for pos in range(max(len(p) for p in group) + max_new):
             logits = S3.decode_step(params, mcfg, state, cur)          # (B, V)
@@ -495,10 +498,7 @@ def greedy_answers(params, mcfg, prompts, eos_id, max_new=24, batch=64, sources=
                 if pos + 1 < len(p):
                     cur[b] = p[pos + 1]
                 elif not done[b]:
-                    if srcs[b]:
-                        nxt, nexts[b] = span_pick(logits[b], srcs[b], nexts[b], eos_id, bool(out[b]))
-                    else:
-                        nxt = int(logits[b].argmax())
+                    nxt, nexts[b] = pick_token(logits[b], srcs[b], nexts[b], eos_id, bool(out[b]))
                     done[b] = nxt == eos_id or len(out[b]) >= max_new
                     if not done[b]:
                         out[b].append(nxt)
@@ -511,17 +511,13 @@ def greedy_answers(params, mcfg, prompts, eos_id, max_new=24, batch=64, sources=
 
 def stream_answer(params, mcfg, prompt, eos_id, max_new, source=None):
     """One prompt's greedy answer, a token at a time (for printing as it comes), ending before <eos>;
-    kept a span of source when one is given (span_pick)."""
+    kept a span of source when one is given (pick_token)."""
     state = S3.init_decode_state(mcfg, 1, params["embed.weight"].dtype)
     for t in prompt[:-1]:
         S3.decode_step(params, mcfg, state, [t])
     cur, nexts = prompt[-1], range(len(source)) if source else None
     for j in range(max_new):
-        logits = S3.decode_step(params, mcfg, state, [cur])[0]
-        if source:
-            cur, nexts = span_pick(logits, source, nexts, eos_id, j > 0)
-        else:
-            cur = int(logits.argmax())
+        cur, nexts = pick_token(S3.decode_step(params, mcfg, state, [cur])[0], source, nexts, eos_id, j > 0)
         if cur == eos_id:
             return
         yield cur
