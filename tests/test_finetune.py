@@ -282,6 +282,17 @@ def test_finetuning_raises_exact_match(qa_setup, method, lr, steps):
     assert np.mean(losses[-10:]) < losses[0]
 
 
+def test_span_answers_come_from_the_context_not_the_question(qa_setup):
+    """Scored with span decoding, every answer of a random model is a piece of its context, though
+    the prompt also holds the question (whose words are not in the context)."""
+    tok, _, _, mcfg = qa_setup
+    pairs = [{"question": f"{q} {a}?", "answer": "x", "context": ctx}
+             for q, a in QA for ctx in ("Snow white.", "Cat says meow. Dog says woof.")]
+    for seed in range(3):
+        answers = F.qa_scores(S3.init_params(mcfg, seed), mcfg, tok, pairs, max_new=4, decode="span")["answers"]
+        assert all(a and a in p["context"] for a, p in zip(answers, pairs)), list(zip(answers, pairs))
+
+
 def test_batched_greedy_answers_equal_one_prompt_at_a_time():
     """Prompts of different lengths decoded together (two groups of up to 3) give each prompt's own
     greedy continuation from stage 3's generate, cut at <eos>. float64, an untied random head so
