@@ -480,10 +480,10 @@ def pick_token(logits, source, nexts, eos_id, started):
     if not source:
         return int(logits.argmax()), None
     cont = sorted({source[k] for k in nexts if k < len(source)})
-    others = np.delete(logits, eos_id)
-    go_on = others.max() + np.log(np.exp(others - others.max()).sum())
-    if started and (not cont or logits[eos_id] > go_on):
-        return eos_id, []
+    if started:
+        others = np.delete(logits, eos_id)
+        if not cont or logits[eos_id] > others.max() + np.log(np.exp(others - others.max()).sum()):
+            return eos_id, []
     token = cont[int(np.argmax(logits[cont]))]
     return token, [k + 1 for k in nexts if k < len(source) and source[k] == token]
 
