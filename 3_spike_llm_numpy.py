@@ -57,6 +57,8 @@ class ModelConfig:
     alif_rho: float = 0.9         # ALIF adaptation decay
     alif_kappa: float = 0.5       # ALIF threshold increase per spike
     attention: str = "linear"     # linear | hadamard
+    decay_start: float = 1.0      # head h decays as gamma_h = 1 - 2^-(decay_start + decay_step * h),
+    decay_step: float = 1.5       # so it remembers about 2^(decay_start + decay_step * h) positions
     spiking: bool = True          # False: the ANN twin (relu instead of spikes, one timestep)
     dropout: float = 0.0          # training only: on the embedding and on each residual branch
     tie_embeddings: bool = True
@@ -72,6 +74,8 @@ class ModelConfig:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
         if min(self.vocab_size, self.n_layer, self.n_head, self.d_ff, self.T, self.context) < 1:
             raise ValueError("sizes must be positive")
+        if self.decay_start <= 0 or self.decay_step < 0:
+            raise ValueError("decay_start must be positive and decay_step non-negative (0 < gamma < 1)")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout={self.dropout} must lie in [0, 1)")
 
@@ -378,16 +382,17 @@ def headnorm_backward(dn, cache):
     return dy.transpose(0, 1, 3, 2, 4), dg.reshape(-1)
 
 
-def head_decays(H):
-    """gamma_h = 1 - 2^(-5-h): head h remembers about 2^(5+h) positions (no position cap)."""
-    return 1.0 - 2.0 ** (-5.0 - np.arange(H))
+def head_decays(H, start, step):
+    """gamma_h = 1 - 2^-(start + step h): head h remembers about 2^(start + step h) positions. The decays
+    are the only sense of order (no position embeddings): gamma = 1/2 tells the last few tokens apart."""
+    return 1.0 - 2.0 ** -(start + step * np.arange(H))
 
 
 @lru_cache(maxsize=16)
-def decay_mask(H, L, dtype):
+def decay_mask(H, L, dtype, start, step):
     """Dmask[h, l, j] = gamma_h^(l-j) for j <= l, else 0.  Shape (H, L, L), read-only."""
     lag = np.arange(L)[:, None] - np.arange(L)[None, :]
-    D = np.where(lag >= 0, head_decays(H)[:, None, None] ** np.maximum(lag, 0), 0.0).astype(dtype)
+    D = np.where(lag >= 0, head_decays(H, start, step)[:, None, None] ** np.maximum(lag, 0), 0.0).astype(dtype)
     D.flags.writeable = False
     return D
 
@@ -401,7 +406,7 @@ def attention(q, k, v, cfg):
     """
     H = cfg.n_head
     Q, K, V = split_heads(q, H), split_heads(k, H), split_heads(v, H)
-    Dm = decay_mask(H, q.shape[2], np.dtype(q.dtype))
+    Dm = decay_mask(H, q.shape[2], np.dtype(q.dtype), cfg.decay_start, cfg.decay_step)
     if cfg.attention == "linear":
         A = (Q @ K.swapaxes(-1, -2)) * Dm                   # (T, B, H, L, L)
         return A @ V, (Q, K, V, A, Dm)
@@ -430,7 +435,7 @@ def attention_recurrent(q, k, v, cfg, state, i):
     """
     H = cfg.n_head
     Q, K, V = (split_heads(a, H)[:, :, :, 0] for a in (q, k, v))     # (T, B, H, dh)
-    gamma = head_decays(H).astype(q.dtype)
+    gamma = head_decays(H, cfg.decay_start, cfg.decay_step).astype(q.dtype)
     if cfg.attention == "linear":
         S = gamma[:, None, None] * state["layers"][i] + K[..., :, None] * V[..., None, :]
         y = (Q[..., None, :] @ S)[..., 0, :]
@@ -614,8 +619,7 @@ def layer_depth(name, n_layer):
 
 
 def init_opt_state(params):
-    return {"m": {k: np.zeros_like(v) for k, v in params.items()},
-            "v": {k: np.zeros_like(v) for k, v in params.items()}}
+    return {moment: {k: np.zeros_like(v) for k, v in params.items()} for moment in ("m", "v")}
 
 
 def clip_grads(grads, max_norm):
@@ -670,9 +674,8 @@ def get_batch(data, batch_size, context, rng):
     if len(data) < context + 2:
         raise ValueError(f"split has {len(data)} tokens, fewer than context+2 = {context + 2}")
     starts = rng.integers(0, len(data) - context, size=batch_size)
-    x = np.stack([data[i:i + context] for i in starts]).astype(np.int64)
-    y = np.stack([data[i + 1:i + 1 + context] for i in starts]).astype(np.int64)
-    return x, y
+    windows = np.stack([data[i:i + context + 1] for i in starts]).astype(np.int64)   # (B, L+1)
+    return windows[:, :-1].copy(), windows[:, 1:].copy()     # contiguous, as callers may view them
 
 
 def bits_per_char(total_nats, n_chars):
@@ -726,11 +729,10 @@ def load_model(path):
         raise CheckpointError(f"checkpoint {path} has an invalid model config: {err}") from None
     shapes = param_shapes(mcfg)
     check_shapes(path, params, shapes)
-    if opt is not None:
-        if set(opt) != {"m", "v"}:
-            raise CheckpointError(f"checkpoint {path}: optimizer state needs m and v, found {sorted(opt)}")
-        for moment in opt.values():
-            check_shapes(path, moment, shapes)
+    if opt is not None and set(opt) != {"m", "v"}:
+        raise CheckpointError(f"checkpoint {path}: optimizer state needs m and v, found {sorted(opt)}")
+    for moment in (opt or {}).values():
+        check_shapes(path, moment, shapes)
     for name, p in params.items():
         if not np.all(np.isfinite(p)):
             raise CheckpointError(f"checkpoint {path}: parameter {name} has non-finite values")

@@ -124,9 +124,9 @@ class Neuron(nn.Module):
 
 
 @lru_cache(maxsize=16)
-def decay_mask(H, L):
+def decay_mask(H, L, start, step):
     """Dmask[h, l, j] = gamma_h^(l-j) for j <= l else 0, (H, L, L): stage 3's table, in MLX."""
-    return mx.array(ref.decay_mask(H, L, np.dtype(np.float32)))
+    return mx.array(ref.decay_mask(H, L, np.dtype(np.float32), start, step))
 
 
 class HeadNorm(nn.Module):
@@ -145,7 +145,7 @@ class HeadNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Spike-driven causal linear attention with a decay gamma_h = 1 - 2^(-5-h) per head.
+    """Spike-driven causal linear attention with a decay gamma_h = 1 - 2^-(decay_start + decay_step h) per head.
 
     linear:   y_l = sum_{j<=l} gamma^(l-j) (q_l . k_j) v_j   parallel: (Q K^T * Dmask) V
     hadamard: y_l = sum_{j<=l} gamma^(l-j) k_j * v_j         parallel: Dmask (K * V)
@@ -166,14 +166,15 @@ class Attention(nn.Module):
         return x.reshape(T, B, L, H, D // H).transpose(0, 1, 3, 2, 4)
 
     def parallel(self, Q, K, V):
-        Dm = decay_mask(self.cfg.n_head, Q.shape[3])       # (H, L, L)
-        if self.cfg.attention == "linear":
+        cfg = self.cfg
+        Dm = decay_mask(cfg.n_head, Q.shape[3], cfg.decay_start, cfg.decay_step)     # (H, L, L)
+        if cfg.attention == "linear":
             return ((Q @ K.swapaxes(-1, -2)) * Dm) @ V
         return Dm @ (K * V)
 
     def recurrent(self, Q, K, V, S):
         """One position; S (T, B, H, dh, dh) linear or (T, B, H, dh) hadamard."""
-        gamma = mx.array(ref.head_decays(self.cfg.n_head).astype(np.float32))
+        gamma = mx.array(ref.head_decays(self.cfg.n_head, self.cfg.decay_start, self.cfg.decay_step).astype(np.float32))
         Q, K, V = Q[:, :, :, 0], K[:, :, :, 0], V[:, :, :, 0]            # (T, B, H, dh)
         if self.cfg.attention == "linear":
             S = gamma[:, None, None] * S + K[..., :, None] * V[..., None, :]

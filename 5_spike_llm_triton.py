@@ -237,12 +237,12 @@ if triton is not None:
             tl.store(gtheta_ptr + out, tl.sum(tl.where(mask, dtheta, 0.0), 0), mask=cols < C)
 
     @triton.jit
-    def decode_attention_kernel(q_ptr, k_ptr, v_ptr, state_ptr, y_ptr, H,
+    def decode_attention_kernel(q_ptr, k_ptr, v_ptr, state_ptr, y_ptr, H, d0, d1,
                                 LINEAR: tl.constexpr, DH: tl.constexpr):
         """One position for one (timestep, sequence, head): S = gamma S + k^T v, y = q S
         (linear; S is dh x dh) or c = gamma c + k * v, y = c (hadamard). State updated in place."""
         pid = tl.program_id(0).to(tl.int64)                # over T * B * H
-        gamma = 1.0 - tl.exp2(-5.0 - (pid % H).to(tl.float32))
+        gamma = 1.0 - tl.exp2(-d0 - d1 * (pid % H).to(tl.float32))
         i = tl.arange(0, DH)
         k = tl.load(k_ptr + pid * DH + i).to(tl.float32)
         v = tl.load(v_ptr + pid * DH + i).to(tl.float32)
@@ -263,10 +263,10 @@ if triton is not None:
         return tl.dot(a, b, input_precision=PREC)
 
     @triton.jit
-    def chunk_decays_tl(h, C: tl.constexpr):
-        """For head h (gamma = 1 - 2^(-5-h)): Dc[i, j] = gamma^(i-j) for j <= i (else 0),
+    def chunk_decays_tl(h, d0, d1, C: tl.constexpr):
+        """For head h (gamma = 1 - 2^-(d0 + d1 h)): Dc[i, j] = gamma^(i-j) for j <= i (else 0),
         into_i = gamma^(i+1), outof_j = gamma^(C-1-j) and gamma^C (attention_chunked's factors)."""
-        lg = tl.log2(1.0 - tl.exp2(-5.0 - h.to(tl.float32)))
+        lg = tl.log2(1.0 - tl.exp2(-d0 - d1 * h.to(tl.float32)))
         i = tl.arange(0, C).to(tl.float32)
         lag = i[:, None] - i[None, :]
         Dc = tl.where(lag >= 0, tl.exp2(tl.maximum(lag, 0.0) * lg), 0.0)
@@ -280,14 +280,14 @@ if triton is not None:
         return tl.load(ptr + offs, mask=rows[:, None] < L, other=0.0).to(tl.float32), offs, rows[:, None] < L
 
     @triton.jit
-    def attention_fwd_kernel(q_ptr, k_ptr, v_ptr, y_ptr, L, H, LINEAR: tl.constexpr, C: tl.constexpr,
+    def attention_fwd_kernel(q_ptr, k_ptr, v_ptr, y_ptr, L, H, d0, d1, LINEAR: tl.constexpr, C: tl.constexpr,
                              DH: tl.constexpr, PREC: tl.constexpr):
         """attention_chunked for one (timestep*sequence, head), the state carried in registers:
         linear    y = (Q K^T * Dc) V + (Q * into) S,   S <- gamma^C S + (K * outof)^T V
         hadamard  y = Dc (K * V) + into * s,          s <- gamma^C s + sum_j outof_j k_j v_j"""
         pid = tl.program_id(0).to(tl.int64)                # over N * H
         base = (pid // H) * L * H * DH + (pid % H) * DH
-        Dc, into, outof, gc = chunk_decays_tl(pid % H, C)
+        Dc, into, outof, gc = chunk_decays_tl(pid % H, d0, d1, C)
         S = tl.zeros([DH, DH] if LINEAR else [1, DH], tl.float32)
         for m in range(0, tl.cdiv(L, C)):
             k, offs, mask = chunk_tl(k_ptr, base, m, L, H, C, DH)
@@ -303,7 +303,7 @@ if triton is not None:
             tl.store(y_ptr + offs, y, mask=mask)
 
     @triton.jit
-    def attention_bwd_kernel(q_ptr, k_ptr, v_ptr, dy_ptr, dq_ptr, dk_ptr, dv_ptr, L, H, LINEAR: tl.constexpr,
+    def attention_bwd_kernel(q_ptr, k_ptr, v_ptr, dy_ptr, dq_ptr, dk_ptr, dv_ptr, L, H, d0, d1, LINEAR: tl.constexpr,
                              C: tl.constexpr, DH: tl.constexpr, PREC: tl.constexpr):
         """Backward of attention_fwd_kernel; states are recomputed, never stored. Linear: a forward
         sweep gives dQ = (dY V^T * Dc) K + (dY * into) S^T; a backward sweep carries dS, the
@@ -312,7 +312,7 @@ if triton is not None:
         Hadamard: d(KV) = Dc^T dY + outof * ds, ds <- gamma^C ds + sum_i into_i dy_i."""
         pid = tl.program_id(0).to(tl.int64)
         base = (pid // H) * L * H * DH + (pid % H) * DH
-        Dc, into, outof, gc = chunk_decays_tl(pid % H, C)
+        Dc, into, outof, gc = chunk_decays_tl(pid % H, d0, d1, C)
         n = tl.cdiv(L, C)
         if LINEAR:
             S = tl.zeros([DH, DH], tl.float32)
@@ -395,13 +395,13 @@ class TritonAttention(torch.autograd.Function):
     finer than the bf16 its gradients are handed back in)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, linear, chunk):
+    def forward(ctx, q, k, v, linear, chunk, decay):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         N, L, H, dh = q.shape
         y = torch.empty(q.shape, dtype=torch.float32, device=q.device)
         exact = q.dtype == torch.float32
-        ctx.meta = (linear, chunk, "ieee" if exact else "tf32")
-        attention_fwd_kernel[(N * H,)](q, k, v, y, L, H, linear, chunk, dh, "ieee" if exact else "tf32x3",
+        ctx.meta = (linear, chunk, decay, "ieee" if exact else "tf32")
+        attention_fwd_kernel[(N * H,)](q, k, v, y, L, H, *decay, linear, chunk, dh, "ieee" if exact else "tf32x3",
                                        num_warps=4)
         ctx.save_for_backward(q, k, v)
         return y
@@ -409,13 +409,13 @@ class TritonAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         q, k, v = ctx.saved_tensors
-        linear, chunk, prec = ctx.meta
+        linear, chunk, decay, prec = ctx.meta
         N, L, H, dh = q.shape
         dk, dv = (torch.empty(q.shape, dtype=torch.float32, device=q.device) for _ in range(2))
         dq = torch.empty_like(dk) if linear else dk        # hadamard: y does not depend on q
-        attention_bwd_kernel[(N * H,)](q, k, v, dy.contiguous(), dq, dk, dv, L, H, linear, chunk, dh, prec,
+        attention_bwd_kernel[(N * H,)](q, k, v, dy.contiguous(), dq, dk, dv, L, H, *decay, linear, chunk, dh, prec,
                                        num_warps=8)
-        return (dq if linear else None), dk, dv, None, None
+        return (dq if linear else None), dk, dv, None, None, None
 
 # ----------------------------------------------------------------------------- PyTorch reference neuron
 
@@ -471,12 +471,12 @@ def neuron_torch(x, beta, theta, cfg):
 # ----------------------------------------------------------------------------- attention
 
 
-def head_decays(H, device):
-    """gamma_h = 1 - 2^(-5-h), float64 (powers are taken before rounding to fp32)."""
-    return 1.0 - 2.0 ** (-5.0 - torch.arange(H, device=device, dtype=torch.float64))
+def head_decays(H, decay, device):
+    """gamma_h = 1 - 2^-(d0 + d1 h), decay = (d0, d1); float64 (powers are taken before rounding to fp32)."""
+    return 1.0 - 2.0 ** -(decay[0] + decay[1] * torch.arange(H, device=device, dtype=torch.float64))
 
 
-def attention_chunked(q, k, v, linear, chunk, state=None, want_state=False):
+def attention_chunked(q, k, v, linear, chunk, decay, state=None, want_state=False):
     """Causal decayed attention, q, k, v: (N, H, L, dh) fp32 or fp64 (N = T*B), in chunks of c positions.
 
     linear:   y_l = sum_{j<=l} gamma^(l-j) (q_l . k_j) v_j    hadamard: y_l = sum_{j<=l} gamma^(l-j) k_j*v_j
@@ -486,7 +486,7 @@ def attention_chunked(q, k, v, linear, chunk, state=None, want_state=False):
     Returns y (N, H, L, dh) and, if want_state, the state after the last position.
     """
     N, H, L, dh = q.shape
-    g = head_decays(H, q.device)
+    g = head_decays(H, decay, q.device)
     c = min(chunk, L)
     n = -(-L // c)
     pad = (0, 0, 0, n * c - L)
@@ -524,11 +524,11 @@ def attention_chunked(q, k, v, linear, chunk, state=None, want_state=False):
     return y, new
 
 
-def attention_step_triton(q, k, v, state, linear):
+def attention_step_triton(q, k, v, state, linear, decay):
     """One position (L = 1) with the Triton step kernel; q, k, v (N, H, 1, dh); state in place."""
     N, H, _, dh = q.shape
     y = torch.empty(N, H, 1, dh, dtype=torch.float32, device=q.device)
-    decode_attention_kernel[(N * H,)](q.contiguous(), k.contiguous(), v.contiguous(), state, y, H,
+    decode_attention_kernel[(N * H,)](q.contiguous(), k.contiguous(), v.contiguous(), state, y, H, *decay,
                                       LINEAR=linear, DH=dh)
     return y, state
 
@@ -622,17 +622,17 @@ class Attention(nn.Module):
         T, B, L, D = s.shape
         H, dh = cfg.n_head, D // cfg.n_head
         q, k, v = self.sn_q(mm(s, self.wq), dt), self.sn_k(mm(s, self.wk), dt), self.sn_v(mm(s, self.wv), dt)
-        linear = cfg.attention == "linear"
+        linear, decay = cfg.attention == "linear", (cfg.decay_start, cfg.decay_step)
         fused = self.run.kernels == "triton" and dh >= 16 and dh == triton.next_power_of_2(dh)
         if fused and state is None:                                             # training form
             chunk = max(16, triton.next_power_of_2(self.run.chunk))
-            y = TritonAttention.apply(*(a.view(T * B, L, H, dh) for a in (q, k, v)), linear, chunk)
+            y = TritonAttention.apply(*(a.view(T * B, L, H, dh) for a in (q, k, v)), linear, chunk, decay)
         else:
             heads = [a.float().view(T * B, L, H, dh).transpose(1, 2) for a in (q, k, v)]   # (T*B, H, L, dh)
             if fused and L == 1:
-                y, state = attention_step_triton(*heads, state, linear)
+                y, state = attention_step_triton(*heads, state, linear, decay)
             else:
-                y, state = attention_chunked(*heads, linear, self.run.chunk, state, want_state=state is not None)
+                y, state = attention_chunked(*heads, linear, self.run.chunk, decay, state, want_state=state is not None)
             y = y.transpose(1, 2)                                               # (T*B, L, H, dh)
         n = norm(y, self.norm.weight.view(H, dh), cfg.norm_eps, self.run).reshape(T, B, L, D)
         z = self.sn_o(n, dt)

@@ -22,7 +22,10 @@ from pathlib import Path
 import numpy as np
 
 FORMAT = "spike-transformer-checkpoint"
-VERSION = 1
+VERSION = 2
+# Version 1 predates the per-head decay fields: its heads all decayed as gamma_h = 1 - 2^-(5 + h),
+# which version 2 writes as decay_start 5, decay_step 1. Version 1 files load with those values.
+V1_DECAYS = {"decay_start": 5.0, "decay_step": 1.0}
 
 
 class CheckpointError(ValueError):
@@ -80,7 +83,9 @@ def load_checkpoint(path, expected_shapes: dict | None = None):
         raise CheckpointError(f"checkpoint {path} has an unreadable config: {err}") from None
     if config.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a {FORMAT} file (format={config.get('format')!r})")
-    if config.get("version") != VERSION:
+    if config.get("version") == 1 and isinstance(config.get("model"), dict):
+        config["model"] = dict(V1_DECAYS, **config["model"])
+    elif config.get("version") != VERSION:
         raise CheckpointError(f"{path} has format version {config.get('version')}, this code reads {VERSION}")
     params, opt = {}, {}
     for key, value in arrays.items():

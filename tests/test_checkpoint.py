@@ -1,8 +1,10 @@
 """The shared checkpoint file: round trip, atomic replace, and clear errors."""
+import json
+
 import numpy as np
 import pytest
 
-from spikelib.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from spikelib.checkpoint import FORMAT, VERSION, CheckpointError, load_checkpoint, save_checkpoint
 
 
 def sample():
@@ -59,4 +61,31 @@ def test_foreign_npz_is_rejected(tmp_path):
     path = tmp_path / "other.npz"
     np.savez(path, x=np.zeros(3))
     with pytest.raises(CheckpointError, match="config.json"):
+        load_checkpoint(path)
+
+
+def write_raw(path, doc, params):
+    """A checkpoint file written by hand, so its version can be any number."""
+    arrays = {"config.json": np.frombuffer(json.dumps(doc).encode(), dtype=np.uint8)}
+    np.savez(path, **arrays, **{"param/" + k: v.astype(np.float32) for k, v in params.items()})
+    return path
+
+
+def test_version_1_files_load_with_the_decays_they_were_trained_with(tmp_path):
+    params, config, _ = sample()
+    doc = dict(config, format=FORMAT, version=1)
+    _, cfg, _ = load_checkpoint(write_raw(tmp_path / "v1.npz", doc, params))
+    assert cfg["model"] == {"d_model": 3, "decay_start": 5.0, "decay_step": 1.0}
+    doc["model"] = {"d_model": 3, "decay_start": 2.0, "decay_step": 0.5}    # values it names win
+    _, cfg, _ = load_checkpoint(write_raw(tmp_path / "v1b.npz", doc, params))
+    assert (cfg["model"]["decay_start"], cfg["model"]["decay_step"]) == (2.0, 0.5)
+    _, cfg, _ = load_checkpoint(save_checkpoint(tmp_path / "v2.npz", params, config))
+    assert cfg["version"] == VERSION == 2 and cfg["model"] == {"d_model": 3}
+
+
+@pytest.mark.parametrize("version", [0, 3, None])
+def test_unknown_versions_are_refused(tmp_path, version):
+    params, config, _ = sample()
+    path = write_raw(tmp_path / "ck.npz", dict(config, format=FORMAT, version=version), params)
+    with pytest.raises(CheckpointError, match="format version"):
         load_checkpoint(path)

@@ -265,7 +265,7 @@ def test_freeze_leaves_frozen_parameters_bit_identical(qa_setup):
         assert np.array_equal(params[n], before[n]) == (n in frozen), n      # every trainable one moved
 
 
-@pytest.mark.parametrize("method, lr, steps", [("full", 1e-2, 100), ("freeze", 1e-2, 100), ("lora", 2e-2, 200)])
+@pytest.mark.parametrize("method, lr, steps", [("full", 1e-2, 100), ("freeze", 1e-2, 100), ("lora", 2e-2, 300)])
 def test_finetuning_raises_exact_match(qa_setup, method, lr, steps):
     """From the tiny preset's random init, greedy answers to the six training questions go from
     exact match 0 to >= 4/6 (5/6 or 6/6 for init seeds 0..9 with these settings; LoRA rank 8,
@@ -296,7 +296,7 @@ def test_span_answers_come_from_the_context_not_the_question(qa_setup):
 def test_batched_greedy_answers_equal_one_prompt_at_a_time():
     """Prompts of different lengths decoded together (two groups of up to 3) give each prompt's own
     greedy continuation from stage 3's generate, cut at <eos>. float64, an untied random head so
-    the continuations vary; token 34 plays <eos> and ends two of them early."""
+    the continuations vary; token 25 plays <eos> and ends two of them early."""
     mcfg = S3.make_configs("tiny", vocab_size=40, tie_embeddings=False)[0]
     rng = np.random.default_rng(0)
     params = {k: v.astype(np.float64) + rng.normal(0, 1.0, v.shape) for k, v in S3.init_params(mcfg).items()}
@@ -304,9 +304,9 @@ def test_batched_greedy_answers_equal_one_prompt_at_a_time():
     want = []
     for p in prompts:
         out = list(S3.generate(params, mcfg, p, 6, np.random.default_rng(0), temperature=0))
-        want.append(out[:out.index(34)] if 34 in out else out)
-    assert [len(w) for w in want] == [6, 2, 4, 6]
-    assert F.greedy_answers(params, mcfg, prompts, eos_id=34, max_new=6, batch=3) == want
+        want.append(out[:out.index(25)] if 25 in out else out)
+    assert [len(w) for w in want] == [2, 6, 6, 5]
+    assert F.greedy_answers(params, mcfg, prompts, eos_id=25, max_new=6, batch=3) == want
 
 
 @pytest.mark.parametrize("backend, package", [("mlx", "mlx.core"), ("triton", "torch")])

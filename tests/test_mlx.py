@@ -32,7 +32,7 @@ VARIANTS = [
     {"detach_reset": True}, {"detach_reset": True, "reset": "hard", "neuron": "alif"},
     {"detach_reset": True, "neuron": "plif"},
     {"surrogate": "sigmoid"}, {"surrogate": "fast_sigmoid"}, {"surrogate": "triangle"},
-    {"tie_embeddings": False},
+    {"tie_embeddings": False}, {"decay_start": 5.0, "decay_step": 1.0},
 ]
 
 
@@ -92,7 +92,8 @@ def test_same_logits_loss_gradients_and_spikes_as_numpy(overrides):
 
 @pytest.mark.parametrize("overrides", [{}, {"attention": "hadamard"}, {"neuron": "plif"}, {"neuron": "alif"},
                                        {"neuron": "ternary", "reset": "hard"}, {"spiking": False},
-                                       {"attention": "hadamard", "neuron": "alif", "reset": "hard"}], ids=name)
+                                       {"attention": "hadamard", "neuron": "alif", "reset": "hard"},
+                                       {"decay_start": 5.0, "decay_step": 1.0}], ids=name)
 def test_recurrent_generation_equals_parallel_forward(overrides):
     """Token by token with the constant-size state == the parallel logits at every position,
     past the training context too."""

@@ -105,7 +105,8 @@ def test_gradients_match_finite_differences(overrides, monkeypatch):
 
 @pytest.mark.parametrize("overrides", [{}, {"attention": "hadamard"}, {"neuron": "alif"}, {"neuron": "plif"},
                                        {"neuron": "ternary", "reset": "hard"}, {"spiking": False},
-                                       {"attention": "hadamard", "neuron": "alif", "reset": "hard"}])
+                                       {"attention": "hadamard", "neuron": "alif", "reset": "hard"},
+                                       {"decay_start": 5.0, "decay_step": 1.0}])
 @pytest.mark.parametrize("smooth", [False, True])
 def test_recurrent_decoding_equals_parallel_forward(overrides, smooth):
     """Decoding token by token with the constant-size state gives the parallel logits at every
@@ -125,6 +126,29 @@ def test_recurrent_decoding_equals_parallel_forward(overrides, smooth):
     assert [s.shape for s in state["layers"]] == shapes          # the state does not grow
     np.testing.assert_allclose(np.stack(steps, 1), parallel, rtol=0, atol=1e-5)
     assert np.abs(parallel).max() > 1e-3                          # not trivially zero
+
+
+@pytest.mark.parametrize("start, step", [(1.0, 1.5), (5.0, 1.0), (0.5, 0.0)])
+def test_each_head_forgets_at_its_configured_rate(start, step):
+    """One key at position 0 (hadamard: y_l = sum_j gamma^(l-j) k_j v_j): head h reads
+    gamma_h^l at position l, gamma_h = 1 - 2^-(start + step h), in both the parallel and the
+    recurrent form."""
+    cfg = m.make_configs("tiny", attention="hadamard", n_head=4, d_model=16, decay_start=start, decay_step=step)[0]
+    L = 12
+    kv = np.zeros((1, 1, L, cfg.d_model))
+    kv[:, :, 0] = 1.0
+    y = m.attention(np.ones_like(kv), kv, kv, cfg)[0][0, 0, :, :, 0]              # (H, L)
+    gamma = 1.0 - 0.5 ** (start + step * np.arange(4))
+    np.testing.assert_allclose(y, gamma[:, None] ** np.arange(L), rtol=1e-12)
+    state = m.init_decode_state(cfg, 1, np.float64)
+    steps = [m.attention_recurrent(*(a[:, :, l:l + 1] for a in (kv, kv, kv)), cfg, state, 0) for l in range(L)]
+    np.testing.assert_allclose(np.concatenate(steps, 3)[0, 0, :, :, 0], y, rtol=1e-12)
+
+
+@pytest.mark.parametrize("bad", [{"decay_start": 0.0}, {"decay_start": -1.0}, {"decay_step": -0.5}])
+def test_decays_outside_zero_to_one_are_refused(bad):
+    with pytest.raises(ValueError, match="decay"):
+        m.make_configs("tiny", **bad)
 
 
 def test_dropout_acts_only_in_training_and_keeps_the_mean():

@@ -119,16 +119,16 @@ def attention_grads(fn, q, k, v, dy):
     return y.detach().double().cpu(), [None if a.grad is None else a.grad.double().cpu() for a in (q, k, v)]
 
 
-def check_attention_kernel(N, L, H, dh, chunk, linear, dtype, tol, seed=0):
+def check_attention_kernel(N, L, H, dh, chunk, linear, dtype, tol, seed=0, decay=(1.0, 1.5)):
     """TritonAttention vs attention_chunked (autograd through the torch path, float64)."""
     g = torch.Generator(device=DEVICE).manual_seed(seed)
     q, k, v = ((torch.rand(N, L, H, dh, device=DEVICE, generator=g) < 0.3).to(dtype) for _ in range(3))
     dy = torch.randn(N, L, H, dh, device=DEVICE, generator=g)
-    y, grads = attention_grads(lambda q, k, v: S5.TritonAttention.apply(q, k, v, linear, chunk), q, k, v, dy)
+    y, grads = attention_grads(lambda q, k, v: S5.TritonAttention.apply(q, k, v, linear, chunk, decay), q, k, v, dy)
 
     def reference(q, k, v):
         heads = (a.double().transpose(1, 2) for a in (q, k, v))
-        return S5.attention_chunked(*heads, linear, 8 if DEVICE == "cpu" else 64)[0].transpose(1, 2)
+        return S5.attention_chunked(*heads, linear, 8 if DEVICE == "cpu" else 64, decay)[0].transpose(1, 2)
     y_ref, grads_ref = attention_grads(reference, q, k, v, dy.double())
     assert rel(y, y_ref) < tol
     assert (grads[0] is None) == (not linear)
@@ -138,10 +138,10 @@ def check_attention_kernel(N, L, H, dh, chunk, linear, dtype, tol, seed=0):
 
 @needs_triton
 @pytest.mark.parametrize("linear", [True, False])
-@pytest.mark.parametrize("L,chunk", [(37, 16), (20, 32), (64, 16)])
-def test_attention_kernel_matches_chunked_torch(linear, L, chunk):
+@pytest.mark.parametrize("L,chunk,decay", [(37, 16, (1.0, 1.5)), (20, 32, (5.0, 1.0)), (64, 16, (0.5, 2.0))])
+def test_attention_kernel_matches_chunked_torch(linear, L, chunk, decay):
     """Forward and backward, ragged last chunks (L not a multiple of the chunk) and L < chunk."""
-    check_attention_kernel(2, L, 2, 16, chunk, linear, torch.float32, 1e-5)
+    check_attention_kernel(2, L, 2, 16, chunk, linear, torch.float32, 1e-5, decay=decay)
 
 # ----------------------------------------------------------------------------- whole model vs stage 3
 
@@ -262,9 +262,10 @@ def test_energy_report_matches_stage3(spiking):
 
 @pytest.mark.parametrize("attention", ["linear", "hadamard"])
 @pytest.mark.parametrize("kernels", ["torch", pytest.param("triton", marks=needs_triton)])
-def test_recurrent_decoding_matches_parallel_and_stage3(attention, kernels):
+@pytest.mark.parametrize("decay", [(1.0, 1.5), (5.0, 1.0)])
+def test_recurrent_decoding_matches_parallel_and_stage3(attention, kernels, decay):
     """Prefill (chunked, returning the state) + one-token steps == parallel logits == stage 3."""
-    cfg = model_cfg(attention=attention, n_layer=1)
+    cfg = model_cfg(attention=attention, n_layer=1, decay_start=decay[0], decay_step=decay[1])
     params = S3.init_params(cfg, 2)
     x = np.random.default_rng(2).integers(0, cfg.vocab_size, (2, 13))
     model = S5.build_model(cfg, run_cfg(kernels, chunk=4), params)
