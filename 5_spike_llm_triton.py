@@ -242,7 +242,7 @@ if triton is not None:
         """One position for one (timestep, sequence, head): S = gamma S + k^T v, y = q S
         (linear; S is dh x dh) or c = gamma c + k * v, y = c (hadamard). State updated in place."""
         pid = tl.program_id(0).to(tl.int64)                # over T * B * H
-        gamma = 1.0 - tl.exp2(-d0 - d1 * (pid % H).to(tl.float32))
+        gamma = 1.0 - tl.exp2(-(d0 + d1 * (pid % H)).to(tl.float32))     # d0, d1 may come as fp64
         i = tl.arange(0, DH)
         k = tl.load(k_ptr + pid * DH + i).to(tl.float32)
         v = tl.load(v_ptr + pid * DH + i).to(tl.float32)
@@ -266,7 +266,7 @@ if triton is not None:
     def chunk_decays_tl(h, d0, d1, C: tl.constexpr):
         """For head h (gamma = 1 - 2^-(d0 + d1 h)): Dc[i, j] = gamma^(i-j) for j <= i (else 0),
         into_i = gamma^(i+1), outof_j = gamma^(C-1-j) and gamma^C (attention_chunked's factors)."""
-        lg = tl.log2(1.0 - tl.exp2(-d0 - d1 * h.to(tl.float32)))
+        lg = tl.log2(1.0 - tl.exp2(-(d0 + d1 * h).to(tl.float32)))        # fp32 even for fp64 d0, d1
         i = tl.arange(0, C).to(tl.float32)
         lag = i[:, None] - i[None, :]
         Dc = tl.where(lag >= 0, tl.exp2(tl.maximum(lag, 0.0) * lg), 0.0)

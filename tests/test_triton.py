@@ -373,6 +373,26 @@ def test_gpu_attention_kernel_real_shape(linear):
 
 
 @gpu
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_gpu_compiled_model_equals_eager(kernels):
+    """--compile 1: torch.compile of the model (which traces through the Triton kernels' launches)
+    gives the eager logits (1e-4) and gradients (1e-3), fp32; inductor's fused elementwise work
+    rounds differently, which could flip a spike sitting on its threshold, hence not exact."""
+    cfg = model_cfg(n_layer=2)
+    params = S3.init_params(cfg, 4)
+    x, y = (torch.from_numpy(a).to(DEVICE) for a in np.random.default_rng(4).integers(0, cfg.vocab_size, (2, 2, 32)))
+    out = []
+    for compiled in (False, True):
+        model = S5.build_model(cfg, run_cfg(kernels, "float32", chunk=16), params)
+        logits = (torch.compile(model) if compiled else model)(x)
+        torch.nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), y.view(-1)).backward()
+        out.append((logits.detach().cpu().numpy(), [p.grad.float().cpu().numpy() for p in model.parameters()]))
+    assert rel(out[1][0], out[0][0]) < 1e-4
+    for a, b in zip(out[1][1], out[0][1]):
+        assert rel(a, b) < 1e-3
+
+
+@gpu
 @pytest.mark.parametrize("neuron", ["lif", "plif", "alif"])
 def test_gpu_model_matches_stage3_at_seed_width(neuron):
     """d 256, 8 heads, ffn 1024, context 128 (2 layers, 5M spikes). Strict: Triton == the eager
