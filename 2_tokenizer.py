@@ -451,21 +451,21 @@ def build_settings(vocab_size, lang, min_count):
             "stage_sha256": sha256_file(Path(__file__))}   # edited code means new output
 
 
-def is_up_to_date(data_dir: Path, settings, inputs):
+def last_build(data_dir: Path):
+    """tokens.json of the dataset's last build: {} if there is none or it cannot be read."""
     try:
         meta = json.loads((data_dir / "tokens.json").read_text(encoding="utf-8"))
-        return (meta["settings"] == settings and meta["inputs"] == inputs and all(
-            sha256_file(data_dir / name) == digest for name, digest in meta["outputs"].items()))
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-
-
-def recorded_settings(data_dir: Path):
-    """The settings tokens.json says this dataset was last built with ({} if none)."""
-    try:
-        return json.loads((data_dir / "tokens.json").read_text(encoding="utf-8"))["settings"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError):
         return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def is_up_to_date(data_dir: Path, last, settings, inputs):
+    try:
+        return (last["settings"] == settings and last["inputs"] == inputs and all(
+            sha256_file(data_dir / name) == digest for name, digest in last["outputs"].items()))
+    except (OSError, KeyError, TypeError, AttributeError):
+        return False
 
 
 def build(data_dir, vocab_size=None, lang=None, min_count=None, force=False) -> Path:
@@ -483,11 +483,12 @@ def build(data_dir, vocab_size=None, lang=None, min_count=None, force=False) -> 
             raise FileNotFoundError(f"{data_dir / name} not found: prepare the dataset with "
                                     f"python 1_data.py first")
     given = {"vocab_size": vocab_size, "lang": lang, "min_count": min_count}
-    recorded, default = recorded_settings(data_dir), asdict(TokenizerConfig())
+    last, default = last_build(data_dir), asdict(TokenizerConfig())
+    recorded = last.get("settings") if isinstance(last.get("settings"), dict) else {}
     settings = build_settings(**{k: v if v is not None else recorded.get(k, default[k]) for k, v in given.items()})
     vocab_size, lang, min_count = settings["vocab_size"], settings["lang"], settings["min_count"]
     inputs = {name: sha256_file(data_dir / name) for name in ("train.txt", "val.txt")}
-    if not force and is_up_to_date(data_dir, settings, inputs):
+    if not force and is_up_to_date(data_dir, last, settings, inputs):
         log(f"{data_dir} tokens are up to date (same settings and inputs): nothing to do")
         return data_dir
     train_text = (data_dir / "train.txt").read_text(encoding="utf-8")
