@@ -174,9 +174,10 @@ class Attention(nn.Module):
 
     def recurrent(self, Q, K, V, S):
         """One position; S (T, B, H, dh, dh) linear or (T, B, H, dh) hadamard."""
-        gamma = mx.array(ref.head_decays(self.cfg.n_head, self.cfg.decay_start, self.cfg.decay_step).astype(np.float32))
+        cfg = self.cfg
+        gamma = mx.array(ref.head_decays(cfg.n_head, cfg.decay_start, cfg.decay_step).astype(np.float32))
         Q, K, V = Q[:, :, :, 0], K[:, :, :, 0], V[:, :, :, 0]            # (T, B, H, dh)
-        if self.cfg.attention == "linear":
+        if cfg.attention == "linear":
             S = gamma[:, None, None] * S + K[..., :, None] * V[..., None, :]
             y = (Q[..., None, :] @ S)[..., 0, :]
         else:
