@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from spikelib.checkpoint import CheckpointError, check_shapes, load_checkpoint, save_checkpoint  # noqa: E402
+from spikelib.report import print_stream  # noqa: E402
 from spikelib.stages import load_stage  # noqa: E402
 
 # ----------------------------------------------------------------------------- config
@@ -788,23 +789,6 @@ def generate(params, cfg, prompt_ids, max_new_tokens, rng, temperature=1.0, top_
         nxt = sample_token(logits[0], rng, temperature, top_k, top_p)
         yield nxt
         logits = decode_step(params, cfg, state, [nxt])
-
-
-def print_stream(tok, prompt, ids, new_tokens, out=None):
-    """Print the prompt, then each new piece of text as soon as it is complete (a byte-level
-    token may end mid-character: wait for the rest before printing). Stages 4 and 5 use it too."""
-    out = out or sys.stdout
-    out.write(prompt)
-    ids, shown = list(ids), tok.decode(ids)
-    for nxt in new_tokens:
-        ids.append(nxt)
-        text = tok.decode(ids)
-        if not text.endswith("\ufffd"):
-            out.write(text[len(shown):] if text.startswith(shown) else "")
-            out.flush()
-            shown = text
-    out.write("\n")
-    return tok.decode(ids)
 
 
 def stream_text(tok, params, cfg, prompt, max_new_tokens, seed=0, temperature=0.8, top_k=40, top_p=0.95, out=None):

@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from spikelib.checkpoint import CheckpointError  # noqa: E402
+from spikelib.report import print_stream  # noqa: E402
 from spikelib.stages import load_stage  # noqa: E402
 
 ref = load_stage("3_spike_llm_numpy")          # the reference stage: config, data, schedule, I/O
@@ -437,7 +438,7 @@ def stream_text(tok, model, prompt, max_new_tokens, seed=0, temperature=0.8, top
     """Sample max_new_tokens after the prompt and print them as they come (stage 3's printer)."""
     ids = tok.encode(prompt) or [tok.bos_id]
     new = generate(model, list(ids), max_new_tokens, np.random.default_rng(seed), temperature, top_k, top_p)
-    return ref.print_stream(tok, prompt, ids, new, out)
+    return print_stream(tok, prompt, ids, new, out)
 
 # ----------------------------------------------------------------------------- spikes and energy
 

@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from spikelib.checkpoint import CheckpointError, save_checkpoint  # noqa: E402
+from spikelib.report import print_stream  # noqa: E402
 from spikelib.stages import load_stage  # noqa: E402
 
 S3 = load_stage("3_spike_llm_numpy")      # the reference model, optimizer, checkpoints, eval
@@ -729,7 +730,7 @@ def ask(cfg, question, context="", ckpt=None, adapters=None, out=None):
     ids = prompt_ids(tok, question, context)
     source = tok.encode(context) if context and cfg.decode == "span" else None
     answer = stream_answer(params, mcfg, ids, tok.eos_id, cfg.max_answer_tokens, source)
-    return S3.print_stream(tok, "", [], answer, out).strip()
+    return print_stream(tok, "", [], answer, out).strip()
 
 
 def build_parser():
