@@ -15,12 +15,9 @@ checked against finite differences (tests/test_stage3.py).
 
 Command-line overrides use the field names: `--n_layer 6 --neuron alif --spiking 0 --lr 1e-3`.
 """
-import argparse
-import json
 import math
 import sys
-import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -28,9 +25,15 @@ import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from spikelib.checkpoint import CheckpointError, check_shapes, load_checkpoint, save_checkpoint  # noqa: E402
-from spikelib.report import print_stream  # noqa: E402
-from spikelib.stages import load_stage  # noqa: E402
+from spikelib.evaluation import bits_per_char, eval_batch, eval_result, eval_windows  # noqa: E402, F401
+from spikelib.cli import (config_from_args, fail, given_options, preset_configs,  # noqa: E402
+                          resumed_config, stage_parser)
+from spikelib.loop import run_steps  # noqa: E402
+from spikelib.report import energy_summary, eval_line, model_line, print_stream, print_summary  # noqa: E402
+from spikelib.runs import (batch_rng, check_tokenizer, get_batch, load_dataset_info,  # noqa: E402, F401
+                           load_tokenizer, open_split, prepare_dataset, save_model)
+from spikelib.runs import load_model as read_model  # noqa: E402
+from spikelib.sampling import sample_token  # noqa: E402, F401
 
 # ----------------------------------------------------------------------------- config
 
@@ -41,29 +44,29 @@ SITES = ("sn1", "attn.sn_q", "attn.sn_k", "attn.sn_v", "attn.sn_o", "sn2", "mlp.
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = 2000
-    n_layer: int = 4
-    n_head: int = 4
-    d_model: int = 128
-    d_ff: int = 512
-    T: int = 4                    # spike timesteps
+    vocab_size: int = 2000        # tokens in the vocabulary (raised to the tokenizer's when smaller)
+    n_layer: int = 4              # transformer blocks
+    n_head: int = 4               # attention heads per block (must divide d_model)
+    d_model: int = 128            # width of the residual stream
+    d_ff: int = 512               # hidden width of the MLP
+    T: int = 4                    # spike timesteps per token
     context: int = 128            # training context (positions); decoding is not capped by it
-    neuron: str = "lif"           # lif | plif | alif | ternary
-    surrogate: str = "arctan"     # arctan | sigmoid | fast_sigmoid | triangle
+    neuron: str = "lif"           # lif | plif (learned leak, threshold) | alif (adaptive) | ternary
+    surrogate: str = "arctan"     # gradient of the spike: arctan | sigmoid | fast_sigmoid | triangle
     alpha: float = 2.0            # surrogate sharpness
     beta: float = 0.5             # membrane leak (PLIF: initial value)
-    theta: float = 1.0            # threshold (PLIF: initial value)
-    reset: str = "soft"           # soft (subtract) | hard (to zero)
+    theta: float = 1.0            # firing threshold (PLIF: initial value)
+    reset: str = "soft"           # after a spike: soft (subtract the threshold) | hard (to zero)
     detach_reset: bool = False    # backward treats the spike in the reset term as a constant
     alif_rho: float = 0.9         # ALIF adaptation decay
     alif_kappa: float = 0.5       # ALIF threshold increase per spike
-    attention: str = "linear"     # linear | hadamard
-    decay_start: float = 1.0      # head h decays as gamma_h = 1 - 2^-(decay_start + decay_step * h),
-    decay_step: float = 1.5       # so it remembers about 2^(decay_start + decay_step * h) positions
-    spiking: bool = True          # False: the ANN twin (relu instead of spikes, one timestep)
+    attention: str = "linear"     # linear (q (K^T V)) | hadamard (k * v, gated by q)
+    decay_start: float = 1.0      # head h decays as gamma_h = 1 - 2^-(decay_start + decay_step * h)
+    decay_step: float = 1.5       # so head h remembers about 2^(decay_start + decay_step * h) positions
+    spiking: bool = True          # 0: the ANN twin (relu instead of spikes, one timestep)
     dropout: float = 0.0          # training only: on the embedding and on each residual branch
-    tie_embeddings: bool = True
-    norm_eps: float = 1e-5
+    tie_embeddings: bool = True   # the readout reuses the embedding matrix
+    norm_eps: float = 1e-5        # epsilon of the RMS norms
 
     def __post_init__(self):
         choices = {"neuron": NEURONS, "surrogate": SURROGATES, "reset": ("soft", "hard"),
@@ -84,20 +87,29 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     source: str = "builtin"       # dataset for stage 1: builtin | shakespeare | wikipedia | files:PATH
-    data_root: str = "data"
+    data_root: str = "data"       # folder that holds the prepared datasets
     out_dir: str = "out/numpy"    # the checkpoint is out_dir/ckpt.npz
-    batch_size: int = 16
-    max_steps: int = 400
+    batch_size: int = 16          # sequences per step
+    max_steps: int = 400          # optimizer steps of the whole run (the schedule ends here)
     max_minutes: float = 0.0      # stop (and save) after this wall time; 0 = no limit
-    lr: float = 2e-3
-    min_lr: float = 2e-4
-    warmup: int = 30
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
+    lr: float = 2e-3              # peak learning rate (AdamW)
+    min_lr: float = 2e-4          # learning rate at the end of the cosine decay
+    warmup: int = 30              # steps of linear warm-up
+    weight_decay: float = 0.1     # AdamW decoupled weight decay on matrices
+    grad_clip: float = 1.0        # clip the global gradient norm to this
     layer_lr_decay: float = 1.0   # < 1: lower learning rates for layers nearer the input
-    seed: int = 1337
-    eval_interval: int = 100
+    seed: int = 1337              # parameters and batches (a resumed run draws the same batches)
+    eval_interval: int = 100      # evaluate and save every this many steps
     eval_tokens: int = 16384      # validation tokens per evaluation (a fixed slice from the start)
+
+
+@dataclass
+class SampleConfig:
+    max_new_tokens: int = 120     # tokens to sample after the prompt
+    temperature: float = 0.8      # softmax temperature; 0 always picks the most likely token
+    top_k: int = 40               # sample only among the k most likely tokens (0: all)
+    top_p: float = 0.95           # ... and the smallest set of them whose probability reaches top_p
+    sample_seed: int = 0          # seed of the sampler
 
 
 # Presets: threshold 0.5 (spike rates near 0.25 rather than 0.13 at theta = 1, and lower loss),
@@ -123,16 +135,7 @@ PRESETS = {
 
 def make_configs(preset="small", **overrides):
     """(ModelConfig, TrainConfig) for a preset, with any field of either overridden by name."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {list(PRESETS)}")
-    model_names = {f.name for f in fields(ModelConfig)}
-    train_names = {f.name for f in fields(TrainConfig)}
-    unknown = set(overrides) - model_names - train_names
-    if unknown:
-        raise ValueError(f"unknown config fields {sorted(unknown)}")
-    m = dict(PRESETS[preset]["model"], **{k: v for k, v in overrides.items() if k in model_names})
-    t = dict(PRESETS[preset]["train"], **{k: v for k, v in overrides.items() if k in train_names})
-    return ModelConfig(**m), TrainConfig(**t)
+    return preset_configs(PRESETS, preset, overrides, model=ModelConfig, train=TrainConfig)
 
 
 def param_shapes(cfg):
@@ -254,10 +257,10 @@ def neuron_forward(x, cfg, smooth=False, w=None, th=None):
     v_t = beta*v+_{t-1} + x_t,  s_t = H(v_t - thr_t),  v+_t = reset(v_t, s_t),  v+_0 = 0.
     LIF: beta, thr fixed. PLIF: beta = sigmoid(w), thr = th per channel (learned).
     ALIF: thr_t = theta + a_t, a_{t+1} = rho*a_t + kappa*s_t, a_1 = 0.
-    ANN twin (cfg.spiking False): relu(x).
+    ANN twin (cfg.spiking False): relu(x). The cache always holds the output as "s".
     """
     if not cfg.spiking:
-        return np.maximum(x, 0), {"x": x}
+        return np.maximum(x, 0), {"s": np.maximum(x, 0)}
     beta = 1 / (1 + np.exp(-w)) if cfg.neuron == "plif" else cfg.beta
     theta = th if cfg.neuron == "plif" else cfg.theta
     v, s = np.empty_like(x), np.empty_like(x)
@@ -286,14 +289,16 @@ def thresholds(s, theta, cfg):
 def neuron_backward(ds, cache, cfg):
     """Backprop through time of neuron_forward: returns (dx, dw, dth); dw, dth only for PLIF.
 
-    Going backwards, g_v = dL/dv_{t+1} and g_a = dL/da_{t+1} carry the recurrence:
-      dL/dv+_t = beta*g_v;  soft: dv += dL/dv+, dthr -= dL/dv+ * r, dr = -dL/dv+ * thr
-                            hard: dv += dL/dv+ * (1 - r),           dr = -dL/dv+ * v
-      (detach_reset: dr = 0);  ds_t += kappa*g_a (ALIF);  du = (ds + dr) S'(u), dv += du, dthr -= du
-      ALIF: g_a = rho*g_a + dthr.  PLIF: dbeta += g_v * v+_t, dtheta += dthr.
+    The forward at step t, with thr_t = theta + a_t and r_t the reset amount (r = s):
+      (1) charge  v_t     = beta v+_{t-1} + x_t
+      (2) fire    s_t     = H(u_t), u_t = v_t - thr_t      (ternary: H(v_t - thr) - H(-v_t - thr))
+      (3) reset   v+_t    = v_t - thr_t r_t   (soft)   or   v_t (1 - r_t)   (hard)
+      (4) adapt   a_{t+1} = rho a_t + kappa s_t            (ALIF only)
+    H has no useful derivative: backward uses the surrogate S'(u) in its place. Walking t
+    backwards, g_v = dL/dv_{t+1} and g_a = dL/da_{t+1} carry the gradient through time.
     """
     if not cfg.spiking:
-        return ds * (cache["x"] > 0), None, None
+        return ds * (cache["s"] > 0), None, None               # relu'(x) = [x > 0]
     v, s, beta, theta, smooth = cache["v"], cache["s"], cache["beta"], cache["theta"], cache["smooth"]
     C = v.shape[-1]
     thrs = thresholds(s, theta, cfg)
@@ -302,31 +307,40 @@ def neuron_backward(ds, cache, cfg):
     for t in reversed(range(v.shape[0])):
         thr = thrs[t]
         _, r = fire(v[t], thr, cfg, smooth)
-        g_vp = beta * g_v
-        if cfg.neuron == "plif":
+        g_vp = beta * g_v                                      # dL/dv+_t, through (1) at t+1
+        if cfg.neuron == "plif":                               # dL/dbeta += g_v v+_t, through (1) at t+1
             dbeta = dbeta + (g_v * reset_membrane(v[t], r, thr, cfg.reset)).reshape(-1, C).sum(0)
-        dst = ds[t] + cfg.alif_kappa * g_a if cfg.neuron == "alif" else ds[t]
-        if cfg.reset == "soft":
-            dv, dthr, dr = g_vp, -g_vp * r, -g_vp * thr
-        else:
-            dv, dthr, dr = g_vp * (1 - r), 0.0, -g_vp * v[t]
-        if cfg.detach_reset:
-            dr = 0.0
-        if cfg.neuron == "ternary":
-            dsp, dsn = (dst + dr, -dst - dr) if cfg.reset == "soft" else (dst + dr, dr - dst)
-            dv = dv + dsp * surrogate_grad(v[t] - thr, cfg) - dsn * surrogate_grad(-v[t] - thr, cfg)
-        else:
-            du = (dst + dr) * surrogate_grad(v[t] - thr, cfg)
-            dv, dthr = dv + du, dthr - du
+        dst = ds[t]                                            # dL/ds_t from the layers above ...
         if cfg.neuron == "alif":
-            g_a = cfg.alif_rho * g_a + dthr
+            dst = dst + cfg.alif_kappa * g_a                   # ... and through (4): da_{t+1}/ds_t = kappa
+        if cfg.reset == "soft":                                # (3) soft: v+ = v - thr r
+            dv = g_vp                                          #   dv+/dv = 1
+            dthr = -g_vp * r                                   #   dv+/dthr = -r
+            dr = -g_vp * thr                                   #   dv+/dr = -thr
+        else:                                                  # (3) hard: v+ = v (1 - r)
+            dv = g_vp * (1 - r)                                #   dv+/dv = 1 - r
+            dthr = 0.0                                         #   no threshold in the hard reset
+            dr = -g_vp * v[t]                                  #   dv+/dr = -v
+        if cfg.detach_reset:
+            dr = 0.0                                           # the reset's spike counts as a constant
+        if cfg.neuron == "ternary":                            # s = sp - sn; r = sp -/+ sn (soft/hard)
+            dsp = dst + dr                                     # dL/dsp
+            dsn = -dst - dr if cfg.reset == "soft" else dr - dst   # dL/dsn
+            dv = dv + dsp * surrogate_grad(v[t] - thr, cfg)    # dsp/dv = S'(v - thr)
+            dv = dv - dsn * surrogate_grad(-v[t] - thr, cfg)   # dsn/dv = -S'(-v - thr)
+        else:
+            du = (dst + dr) * surrogate_grad(v[t] - thr, cfg)  # (2) with r = s: dL/du = (dL/ds + dL/dr) S'(u)
+            dv = dv + du                                       #   du/dv = 1
+            dthr = dthr - du                                   #   du/dthr = -1
+        if cfg.neuron == "alif":
+            g_a = cfg.alif_rho * g_a + dthr                    # dL/da_t: (4) at t, and thr_t = theta + a_t
         if cfg.neuron == "plif":
-            dtheta = dtheta + np.broadcast_to(dthr, v[t].shape).reshape(-1, C).sum(0)
-        dx[t] = dv
+            dtheta = dtheta + np.broadcast_to(dthr, v[t].shape).reshape(-1, C).sum(0)   # thr = theta
+        dx[t] = dv                                             # (1): dv_t/dx_t = 1
         g_v = dv
     if cfg.neuron != "plif":
         return dx, None, None
-    return dx, dbeta * beta * (1 - beta), dtheta
+    return dx, dbeta * beta * (1 - beta), dtheta               # beta = sigmoid(w): dbeta/dw = beta (1 - beta)
 
 # ----------------------------------------------------------------------------- layers
 
@@ -393,7 +407,8 @@ def head_decays(H, start, step):
 def decay_mask(H, L, dtype, start, step):
     """Dmask[h, l, j] = gamma_h^(l-j) for j <= l, else 0.  Shape (H, L, L), read-only."""
     lag = np.arange(L)[:, None] - np.arange(L)[None, :]
-    D = np.where(lag >= 0, head_decays(H, start, step)[:, None, None] ** np.maximum(lag, 0), 0.0).astype(dtype)
+    gamma = head_decays(H, start, step)[:, None, None]                 # (H, 1, 1)
+    D = np.where(lag >= 0, gamma ** np.maximum(lag, 0), 0.0).astype(dtype)
     D.flags.writeable = False
     return D
 
@@ -457,37 +472,44 @@ def dropout_mask(shape, p, rng):
     return (rng.random(shape, dtype=np.float32) >= p) / np.float32(1 - p)
 
 
-def neuron_site(params, prefix, site, x, cfg, smooth):
-    """Run the neuron at a named site, with its PLIF parameters when the neuron is PLIF."""
-    return neuron_forward(x, cfg, smooth, params.get(f"{prefix}{site}.w"), params.get(f"{prefix}{site}.theta"))
+def neuron_site(params, b, site, x, cfg, smooth, c):
+    """Run the neuron at a named site of block prefix b (with its PLIF parameters when the neuron is
+    PLIF), keep its cache as c[site] and return its spikes."""
+    s, c[site] = neuron_forward(x, cfg, smooth, params.get(f"{b}{site}.w"), params.get(f"{b}{site}.theta"))
+    return s
 
 
 def block_forward(params, i, h, cfg, smooth=False, state=None, rng=None):
-    """One block on the residual stream h (T, B, L, D); state=None: parallel form; rng: dropout."""
+    """One block on the residual stream h (T, B, L, D); state=None: parallel form; rng: dropout.
+
+    The cache names each tensor once: a neuron site's cache under the site's name (its spikes
+    are c[site]["s"]), the norms, the attention, wo's input and the dropout masks."""
     p, b, eps = params, f"blocks.{i}.", cfg.norm_eps
-    c = {"h": h}
+    c = {}
     n1, c["norm1"] = rmsnorm(h, p[b + "norm1.weight"], eps)
-    c["s"], c["sn1"] = neuron_site(p, b, "sn1", n1, cfg, smooth)
-    for name, w in (("q", "wq"), ("k", "wk"), ("v", "wv")):
-        c[name], c["sn_" + name] = neuron_site(p, b, "attn.sn_" + name, linear(c["s"], p[b + "attn." + w]), cfg, smooth)
+    s1 = neuron_site(p, b, "sn1", n1, cfg, smooth, c)                             # (T, B, L, D) spikes
+    q = neuron_site(p, b, "attn.sn_q", linear(s1, p[b + "attn.wq"]), cfg, smooth, c)
+    k = neuron_site(p, b, "attn.sn_k", linear(s1, p[b + "attn.wk"]), cfg, smooth, c)
+    v = neuron_site(p, b, "attn.sn_v", linear(s1, p[b + "attn.wv"]), cfg, smooth, c)
     if state is None:
-        y, c["att"] = attention(c["q"], c["k"], c["v"], cfg)
+        y, c["attn"] = attention(q, k, v, cfg)                                     # (T, B, H, L, dh)
     else:
-        y = attention_recurrent(c["q"], c["k"], c["v"], cfg, state, i)
-    nrm, c["hnorm"] = headnorm(y, p[b + "attn.norm.weight"], eps)
-    c["z"], c["sn_o"] = neuron_site(p, b, "attn.sn_o", nrm, cfg, smooth)
-    c["o"] = c["z"] if cfg.attention == "linear" else c["q"] * c["z"]
+        y = attention_recurrent(q, k, v, cfg, state, i)
+    nrm, c["attn.norm"] = headnorm(y, p[b + "attn.norm.weight"], eps)
+    z = neuron_site(p, b, "attn.sn_o", nrm, cfg, smooth, c)
+    c["wo_input"] = z if cfg.attention == "linear" else q * z                     # hadamard: gated by q
     c["drop_attn"] = dropout_mask(h.shape, cfg.dropout, rng)
-    h = h + linear(c["o"], p[b + "attn.wo"]) * c["drop_attn"]
+    h = h + linear(c["wo_input"], p[b + "attn.wo"]) * c["drop_attn"]
     n2, c["norm2"] = rmsnorm(h, p[b + "norm2.weight"], eps)
-    c["s2"], c["sn2"] = neuron_site(p, b, "sn2", n2, cfg, smooth)
-    c["u"], c["sn_h"] = neuron_site(p, b, "mlp.sn_h", linear(c["s2"], p[b + "mlp.w1"]), cfg, smooth)
+    s2 = neuron_site(p, b, "sn2", n2, cfg, smooth, c)
+    u = neuron_site(p, b, "mlp.sn_h", linear(s2, p[b + "mlp.w1"]), cfg, smooth, c)  # (T, B, L, F)
     c["drop_mlp"] = dropout_mask(h.shape, cfg.dropout, rng)
-    return h + linear(c["u"], p[b + "mlp.w2"]) * c["drop_mlp"], c
+    return h + linear(u, p[b + "mlp.w2"]) * c["drop_mlp"], c
 
 
-def neuron_site_backward(ds, c, key, b, site, cfg, grads):
-    dx, dw, dth = neuron_backward(ds, c[key], cfg)
+def neuron_site_backward(ds, c, b, site, cfg, grads):
+    """Backward of neuron_site: dL/dx, writing the site's PLIF gradients."""
+    dx, dw, dth = neuron_backward(ds, c[site], cfg)
     if dw is not None:
         grads[f"{b}{site}.w"] = dw
         grads[f"{b}{site}.theta"] = dth
@@ -498,24 +520,27 @@ def block_backward(dh, c, params, i, cfg, grads):
     """Backward of block_forward: returns dL/dh_in and writes the block's grads."""
     p, b = params, f"blocks.{i}."
     # MLP: h_out = h_mid + (u @ w2) * m, u = SN_h(s2 @ w1), s2 = SN_2(rmsnorm(h_mid)), m dropout
-    du, grads[b + "mlp.w2"] = linear_backward(dh * c["drop_mlp"], c["u"], p[b + "mlp.w2"])
-    da = neuron_site_backward(du, c, "sn_h", b, "mlp.sn_h", cfg, grads)
-    ds2, grads[b + "mlp.w1"] = linear_backward(da, c["s2"], p[b + "mlp.w1"])
-    dn2 = neuron_site_backward(ds2, c, "sn2", b, "sn2", cfg, grads)
+    du, grads[b + "mlp.w2"] = linear_backward(dh * c["drop_mlp"], c["mlp.sn_h"]["s"], p[b + "mlp.w2"])
+    da = neuron_site_backward(du, c, b, "mlp.sn_h", cfg, grads)
+    ds2, grads[b + "mlp.w1"] = linear_backward(da, c["sn2"]["s"], p[b + "mlp.w1"])
+    dn2 = neuron_site_backward(ds2, c, b, "sn2", cfg, grads)
     dx, grads[b + "norm2.weight"] = rmsnorm_backward(dn2, c["norm2"])
     dh = dh + dx
-    # attention: h_mid = h + (o @ wo) * m
-    do, grads[b + "attn.wo"] = linear_backward(dh * c["drop_attn"], c["o"], p[b + "attn.wo"])
-    dz, dq_gate = (do, 0.0) if cfg.attention == "linear" else (do * c["q"], do * c["z"])
-    dnrm = neuron_site_backward(dz, c, "sn_o", b, "attn.sn_o", cfg, grads)
-    dy, grads[b + "attn.norm.weight"] = headnorm_backward(dnrm, c["hnorm"])
-    dq, dk, dv = attention_backward(dy, c["att"], cfg)
-    ds = 0.0
-    for name, w, d in (("q", "wq", dq + dq_gate), ("k", "wk", dk), ("v", "wv", dv)):
-        da = neuron_site_backward(d, c, "sn_" + name, b, "attn.sn_" + name, cfg, grads)
-        dsw, grads[b + "attn." + w] = linear_backward(da, c["s"], p[b + "attn." + w])
-        ds = ds + dsw
-    dn1 = neuron_site_backward(ds, c, "sn1", b, "sn1", cfg, grads)
+    # attention: h_mid = h + (o @ wo) * m, o = z (linear) or q * z (hadamard), z = SN_o(headnorm(y))
+    do, grads[b + "attn.wo"] = linear_backward(dh * c["drop_attn"], c["wo_input"], p[b + "attn.wo"])
+    dz, dq_gate = do, 0.0
+    if cfg.attention == "hadamard":
+        dz, dq_gate = do * c["attn.sn_q"]["s"], do * c["attn.sn_o"]["s"]
+    dnrm = neuron_site_backward(dz, c, b, "attn.sn_o", cfg, grads)
+    dy, grads[b + "attn.norm.weight"] = headnorm_backward(dnrm, c["attn.norm"])
+    dq, dk, dv = attention_backward(dy, c["attn"], cfg)
+    # q, k, v = SN(s1 @ w): each adds its share to dL/ds1
+    ds1 = 0.0
+    for name, d in (("q", dq + dq_gate), ("k", dk), ("v", dv)):
+        da = neuron_site_backward(d, c, b, "attn.sn_" + name, cfg, grads)
+        dsw, grads[b + "attn.w" + name] = linear_backward(da, c["sn1"]["s"], p[b + "attn.w" + name])
+        ds1 = ds1 + dsw
+    dn1 = neuron_site_backward(ds1, c, b, "sn1", cfg, grads)
     dx, grads[b + "norm1.weight"] = rmsnorm_backward(dn1, c["norm1"])
     return dh + dx
 
@@ -538,7 +563,8 @@ def forward(params, cfg, idx, smooth=False, rng=None, state=None):
     hbar = h.mean(0)                                              # (B, L, D)
     xf, fcache = rmsnorm(hbar, params["norm_f.weight"], cfg.norm_eps)
     logits = linear(xf, readout_weight(params, cfg))             # (B, L, V)
-    return logits, {"idx": idx, "blocks": caches, "norm_f": fcache, "xf": xf, "T": T, "drop_embed": drop_embed}
+    cache = {"idx": idx, "blocks": caches, "norm_f": fcache, "xf": xf, "T": T, "drop_embed": drop_embed}
+    return logits, cache
 
 
 def backward(params, cfg, cache, dlogits):
@@ -573,11 +599,13 @@ def cross_entropy(logits, y):
 
 
 def spike_rates(cache, cfg):
-    """Per layer: fraction of nonzero outputs at each neuron site, and of wo's input o."""
-    names = {"s": "sn1", "q": "attn.sn_q", "k": "attn.sn_k", "v": "attn.sn_v", "z": "attn.sn_o",
-             "s2": "sn2", "u": "mlp.sn_h", "o": "wo_input"}
-    return [{site: float(np.count_nonzero(c[key]) / c[key].size) for key, site in names.items()}
-            for c in cache["blocks"]]
+    """Per layer: the fraction of nonzero outputs at each neuron site, and of wo's input."""
+    rates = []
+    for c in cache["blocks"]:
+        layer = {site: float(np.count_nonzero(c[site]["s"]) / c[site]["s"].size) for site in SITES}
+        layer["wo_input"] = float(np.count_nonzero(c["wo_input"]) / c["wo_input"].size)
+        rates.append(layer)
+    return rates
 
 
 def loss_and_grads(params, cfg, x, y, smooth=False, rng=None):
@@ -653,45 +681,7 @@ def adamw_step(params, grads, opt, step, tcfg, n_layer, b1=0.9, b2=0.95, eps=1e-
 # ----------------------------------------------------------------------------- data, eval, checkpoints
 
 
-def prepare_dataset(source="builtin", root="data"):
-    """Dataset dir with train/val .bin and tokens.json: runs stage 1 and stage 2 (no-ops when done)."""
-    data_dir = Path(load_stage("1_data").prepare(source, root))
-    load_stage("2_tokenizer").build(data_dir)
-    return data_dir
-
-
-def open_split(data_dir, split):
-    """The token ids of a split as a read-only memory map (uint16)."""
-    return np.memmap(Path(data_dir) / f"{split}.bin", dtype=np.uint16, mode="r")
-
-
-def batch_rng(seed, step):
-    """A generator fixed by (seed, step): a resumed run draws exactly the same batches."""
-    return np.random.default_rng([seed, step])
-
-
-def get_batch(data, batch_size, context, rng):
-    """Random windows: x = data[i:i+L], y = data[i+1:i+L+1]; both (B, L) int64."""
-    if len(data) < context + 2:
-        raise ValueError(f"split has {len(data)} tokens, fewer than context+2 = {context + 2}")
-    starts = rng.integers(0, len(data) - context, size=batch_size)
-    windows = np.stack([data[i:i + context + 1] for i in starts]).astype(np.int64)   # (B, L+1)
-    return windows[:, :-1].copy(), windows[:, 1:].copy()     # contiguous, as callers may view them
-
-
-def bits_per_char(total_nats, n_chars):
-    """BPC = total loss in nats / ln 2 / characters of the evaluated text."""
-    return total_nats / math.log(2) / n_chars
-
-
-def eval_windows(val, context, max_tokens):
-    """The fixed evaluation slice: the first n non-overlapping windows of val, x and y (n, L)."""
-    n = min(max_tokens // context, (len(val) - 1) // context)
-    ids = np.asarray(val[:n * context + 1], dtype=np.int64)
-    return ids[:-1].reshape(n, context), ids[1:].reshape(n, context)
-
-
-def evaluate(params, cfg, x, y, batch=8):
+def evaluate(params, cfg, x, y, batch):
     """Total nats over all targets y (n, L), forward only."""
     total = 0.0
     for b in range(0, len(x), batch):
@@ -701,83 +691,34 @@ def evaluate(params, cfg, x, y, batch=8):
 
 
 def eval_report(params, cfg, val, context, max_tokens, decode):
-    """nats/token, perplexity and BPC on the fixed slice; BPC counts the characters of the
-    evaluated target tokens exactly, by decoding them: len(decode(y))."""
+    """Validation figures on the fixed slice of val at the given context (None if it is empty)."""
     x, y = eval_windows(val, context, max_tokens)
     if len(x) == 0:
         return None
-    batch = max(1, 8 * cfg.context ** 2 // context ** 2)   # keep the (L x L) attention small
-    nats = evaluate(params, cfg, x, y, batch)
-    n_chars = len(decode(y.ravel().tolist()))
-    return {"nats": nats / y.size, "ppl": math.exp(nats / y.size), "bpc": bits_per_char(nats, n_chars),
-            "tokens": int(y.size), "chars": n_chars, "context": context}
-
-
-def save_model(path, params, mcfg, tcfg, step, opt_state=None, tokenizer_info=None, data_dir=None):
-    """Atomic checkpoint: params, optimizer moments and the config JSON of SPEC."""
-    tok = dict(tokenizer_info or {})
-    config = {"model": asdict(mcfg), "train": dict(asdict(tcfg), step=int(step)), "tokenizer": tok,
-              "data": {"dir": str(data_dir if data_dir else Path(tok["path"]).parent if tok.get("path") else "")}}
-    return save_checkpoint(path, params, config, opt_state)
+    return eval_result(evaluate(params, cfg, x, y, eval_batch(cfg.context, context)), y, decode)
 
 
 def load_model(path):
-    """(params, ModelConfig, train dict, step, opt_state|None, config); CheckpointError on any problem."""
-    params, config, opt = load_checkpoint(path)
-    try:
-        mcfg = ModelConfig(**config["model"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise CheckpointError(f"checkpoint {path} has an invalid model config: {err}") from None
-    shapes = param_shapes(mcfg)
-    check_shapes(path, params, shapes)
-    if opt is not None and set(opt) != {"m", "v"}:
-        raise CheckpointError(f"checkpoint {path}: optimizer state needs m and v, found {sorted(opt)}")
-    for moment in (opt or {}).values():
-        check_shapes(path, moment, shapes)
-    for name, p in params.items():
-        if not np.all(np.isfinite(p)):
-            raise CheckpointError(f"checkpoint {path}: parameter {name} has non-finite values")
-    train = config.get("train", {})
-    return params, mcfg, train, int(train.get("step", 0)), opt, config
+    """(params, ModelConfig, train dict, step, opt_state or None, config) of a checkpoint;
+    CheckpointError on any problem."""
+    return read_model(path, ModelConfig, param_shapes)
 
 
-def check_tokenizer(config, sha256, path="checkpoint"):
-    """Refuse to pair a checkpoint with a tokenizer other than the one it was trained with."""
-    have = config.get("tokenizer", {}).get("sha256")
-    if have != sha256:
-        raise CheckpointError(f"{path} was trained with tokenizer sha256 {str(have)[:12]}..., "
-                              f"but the dataset's tokenizer is {sha256[:12]}...; use the matching data dir")
+def start_params(mcfg, tcfg, ckpt_path, resume, vocab_size, tok_info):
+    """(params, mcfg, step, opt_state or None) a run starts from: the checkpoint's when resuming
+    (with its own model config), else stage 3's initial parameters, the vocabulary raised to
+    the tokenizer's. Stages 4 and 5 start from the same numbers."""
+    if resume:
+        params, mcfg, _, step, opt, config = load_model(ckpt_path)
+        check_tokenizer(config, tok_info["sha256"], ckpt_path)
+        print(f"resuming {ckpt_path} at step {step}")
+        return params, mcfg, step, opt
+    if mcfg.vocab_size < vocab_size:
+        mcfg = replace(mcfg, vocab_size=vocab_size)
+    return init_params(mcfg, tcfg.seed), mcfg, 0, None
 
-
-def load_dataset_info(data_dir):
-    """(tokens.json dict, tokenizer, tokenizer_info) of a prepared dataset dir."""
-    data_dir = Path(data_dir)
-    meta = json.loads((data_dir / "tokens.json").read_text())
-    tok = load_stage("2_tokenizer").Tokenizer.load(data_dir / "tokenizer.json")
-    info = {"path": str(data_dir / "tokenizer.json"), "sha256": meta["tokenizer_sha256"],
-            "vocab_size": meta["vocab_size"]}
-    return meta, tok, info
 
 # ----------------------------------------------------------------------------- generation
-
-
-def sample_token(logits, rng, temperature=1.0, top_k=0, top_p=1.0):
-    """Sample from softmax(logits / temperature), keeping the top_k tokens and the smallest set
-    whose probability reaches top_p; temperature 0 picks the argmax."""
-    logits = logits.astype(np.float64)
-    if temperature <= 0:
-        return int(np.argmax(logits))
-    logits = logits / temperature
-    if top_k > 0:
-        logits[logits < np.sort(logits)[-min(top_k, len(logits))]] = -np.inf
-    probs = np.exp(logits - logits.max())
-    probs /= probs.sum()
-    if top_p < 1.0:
-        order = np.argsort(-probs)
-        keep = np.cumsum(probs[order]) - probs[order] < top_p   # always keeps the most likely
-        probs[order[~keep]] = 0.0
-        probs /= probs.sum()
-    return int(rng.choice(len(probs), p=probs))
 
 
 def generate(params, cfg, prompt_ids, max_new_tokens, rng, temperature=1.0, top_k=0, top_p=1.0):
@@ -791,16 +732,14 @@ def generate(params, cfg, prompt_ids, max_new_tokens, rng, temperature=1.0, top_
         logits = decode_step(params, cfg, state, [nxt])
 
 
-def stream_text(tok, params, cfg, prompt, max_new_tokens, seed=0, temperature=0.8, top_k=40, top_p=0.95, out=None):
-    """Sample max_new_tokens after the prompt and print them as they come."""
+def stream_text(tok, params, cfg, prompt, sc, out=None):
+    """Sample sc.max_new_tokens after the prompt and print them as they come."""
     ids = tok.encode(prompt) or [tok.bos_id]
-    new = generate(params, cfg, list(ids), max_new_tokens, np.random.default_rng(seed), temperature, top_k, top_p)
+    rng = np.random.default_rng(sc.sample_seed)
+    new = generate(params, cfg, list(ids), sc.max_new_tokens, rng, sc.temperature, sc.top_k, sc.top_p)
     return print_stream(tok, prompt, ids, new, out)
 
 # ----------------------------------------------------------------------------- spikes, synaptic ops, energy
-
-E_AC, E_MAC = 0.9e-12, 4.6e-12    # joules per accumulate / multiply-accumulate, 45 nm (Horowitz 2014)
-
 
 def synaptic_ops(cfg, rates):
     """Per-token operation counts of the spiking model (ACs on spikes, MACs on reals) and of
@@ -824,24 +763,11 @@ def synaptic_ops(cfg, rates):
 
 
 def energy_report(params, cfg, x):
-    """Spike rates per layer and site on a batch, operation counts and 45 nm energy per token."""
+    """Spike rates per layer and site on a batch x (B, L), with the operations and energy per token
+    they imply: (report text, figures)."""
     _, cache = forward(params, cfg, x)
     rates = spike_rates(cache, cfg)
-    ops = synaptic_ops(cfg, rates)
-    if not cfg.spiking:       # the twin itself: every layer is dense multiply-accumulates
-        ops.update(ac=0.0, mac=ops["ann_mac"])
-    e_snn = ops["ac"] * E_AC + ops["mac"] * E_MAC
-    e_ann = ops["ann_mac"] * E_MAC
-    sites = list(rates[0])
-    lines = ["layer " + " ".join(f"{s.replace('attn.', ''):>9}" for s in sites)]
-    lines += [f"{i:5d} " + " ".join(f"{r[s]:9.3f}" for s in sites) for i, r in enumerate(rates)]
-    mean = float(np.mean([r[s] for r in rates for s in SITES if s in r]))
-    lines.append(f"mean spike rate {mean:.3f} over {cfg.T} timesteps" if cfg.spiking else
-                 "(ANN twin: fraction of nonzero activations)")
-    lines.append(f"per token: spiking {ops['ac'] / 1e6:.2f} M AC + {ops['mac'] / 1e6:.2f} M MAC"
-                 f" = {e_snn * 1e9:.2f} nJ;  ANN twin {ops['ann_mac'] / 1e6:.2f} M MAC = {e_ann * 1e9:.2f} nJ"
-                 f"  (x{e_ann / e_snn:.2f}, 45 nm: AC 0.9 pJ, MAC 4.6 pJ)")
-    return "\n".join(lines), {"rates": rates, "ops": ops, "energy_snn": e_snn, "energy_ann": e_ann}
+    return energy_summary(cfg, synaptic_ops(cfg, rates), rates)
 
 # ----------------------------------------------------------------------------- training
 
@@ -859,123 +785,72 @@ def train_step(params, opt, mcfg, tcfg, data, step):
 
 
 def train(mcfg, tcfg, data_dir, ckpt_path, resume=False):
-    """The training loop: tqdm, periodic eval + checkpoint, exact resume, Ctrl-C saves."""
+    """Train from scratch or from the checkpoint; spikelib.loop runs train_step with a progress bar,
+    periodic evaluation and checkpoints, the time limit, the NaN guard and Ctrl-C."""
     meta, tok, tok_info = load_dataset_info(data_dir)
     train_data, val = open_split(data_dir, "train"), open_split(data_dir, "val")
-    step, opt = 0, None
-    if resume:
-        params, mcfg, _, step, opt, config = load_model(ckpt_path)
-        check_tokenizer(config, tok_info["sha256"], ckpt_path)
-        print(f"resuming {ckpt_path} at step {step}")
-    else:
-        if mcfg.vocab_size < meta["vocab_size"]:
-            mcfg = ModelConfig(**dict(asdict(mcfg), vocab_size=meta["vocab_size"]))
-        params = init_params(mcfg, tcfg.seed)
+    params, mcfg, step, opt = start_params(mcfg, tcfg, ckpt_path, resume, meta["vocab_size"], tok_info)
     opt = opt or init_opt_state(params)
     n_params = sum(p.size for p in params.values())
-    print(f"model: {n_params / 1e6:.2f} M parameters, {mcfg.n_layer} layers, d={mcfg.d_model}, T={mcfg.T}, "
-          f"context {mcfg.context}, {mcfg.neuron if mcfg.spiking else 'ANN twin'}; "
-          f"data: {len(train_data):,} train / {len(val):,} val tokens")
-
-    def save(done):
-        save_model(ckpt_path, params, mcfg, tcfg, done, opt, tok_info, data_dir)
+    print(model_line(n_params, mcfg, len(train_data), len(val)))
 
     def evaluate_now(done):
         for ctx in (mcfg.context, 4 * mcfg.context):
             r = eval_report(params, mcfg, val, ctx, tcfg.eval_tokens, tok.decode)
             if r:
-                tqdm.write(f"step {done}: val @ context {ctx}: {r['nats']:.4f} nats/token, ppl {r['ppl']:.2f}, "
-                           f"{r['bpc']:.4f} bits/char ({r['tokens']} tokens, {r['chars']} chars)")
+                tqdm.write(eval_line(done, r))
 
-    t0, tokens_seen, done = time.time(), 0, step
-    bar = tqdm(range(step, tcfg.max_steps), initial=step, total=tcfg.max_steps, desc="train", dynamic_ncols=True)
-    try:
-        for step in bar:
-            loss, stats = train_step(params, opt, mcfg, tcfg, train_data, step)
-            if not math.isfinite(loss):
-                bar.close()
-                raise FloatingPointError(f"loss is {loss} at step {step}: stopping without saving; the last good "
-                                         f"checkpoint ({ckpt_path}, if any) is kept. Try a lower --lr.")
-            done, tokens_seen = step + 1, tokens_seen + tcfg.batch_size * mcfg.context
-            rate = np.mean([r["sn1"] for r in stats["rates"]])
-            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{stats['lr']:.1e}", spikes=f"{rate:.2f}",
-                            tok_s=f"{tokens_seen / (time.time() - t0):.0f}")
-            out_of_time = tcfg.max_minutes > 0 and time.time() - t0 > 60 * tcfg.max_minutes
-            if done % tcfg.eval_interval == 0 or done == tcfg.max_steps or out_of_time:
-                evaluate_now(done)
-                save(done)
-            if out_of_time:
-                tqdm.write(f"max_minutes={tcfg.max_minutes} reached at step {done}; resume with --resume 1")
-                break
-    except KeyboardInterrupt:
-        bar.close()
-        save(done)
-        print(f"\ninterrupted: saved step {done} to {ckpt_path}; continue with --resume 1")
-        raise
-    bar.close()
+    def save(done):
+        save_model(ckpt_path, params, mcfg, tcfg, done, opt, tok_info, data_dir)
+
+    def one_step(step):
+        return train_step(params, opt, mcfg, tcfg, train_data, step)
+
+    run_steps(one_step, step, tcfg, tcfg.batch_size * mcfg.context, evaluate_now, save, ckpt_path)
     return params, mcfg, tok
 
 # ----------------------------------------------------------------------------- main
 
-
-def parse_bool(text):
-    if str(text).lower() not in ("0", "1", "true", "false"):
-        raise argparse.ArgumentTypeError(f"expected 0/1/true/false, got {text!r}")
-    return str(text).lower() in ("1", "true")
+ERRORS = (ValueError, OSError, FloatingPointError)    # CheckpointError is a ValueError
 
 
 def build_parser():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--preset", default="small", choices=list(PRESETS))
-    ap.add_argument("--resume", type=parse_bool, default=False, help="continue from the checkpoint")
-    ap.add_argument("--ckpt", default=None, help="checkpoint path (default: OUT_DIR/ckpt.npz)")
-    ap.add_argument("--generate", default=None, metavar="PROMPT", help="only generate from the checkpoint")
-    ap.add_argument("--max_new_tokens", type=int, default=120)
-    ap.add_argument("--temperature", type=float, default=0.8)
-    ap.add_argument("--top_k", type=int, default=40)
-    ap.add_argument("--top_p", type=float, default=0.95)
-    ap.add_argument("--sample_seed", type=int, default=0)
-    for group, cls in (("model (ModelConfig)", ModelConfig), ("training (TrainConfig)", TrainConfig)):
-        g = ap.add_argument_group(group, "preset values are used unless given")
-        for f in fields(cls):
-            kind = parse_bool if f.type in (bool, "bool") else type(f.default)
-            g.add_argument(f"--{f.name}", type=kind, default=None, help=f"default {f.default!r} or the preset's")
-    return ap
+    """--help lists every field of the configs, explained by its comment above; see spikelib.cli."""
+    return stage_parser(__doc__, PRESETS, SampleConfig, ModelConfig, TrainConfig)
+
+
+def run_configs(args, out_dir="out/numpy"):
+    """(ModelConfig, TrainConfig, checkpoint path) from parsed options; when resuming, the saved
+    run's own training config with only the options given now changed."""
+    overrides = given_options(args, ModelConfig, TrainConfig)
+    overrides.setdefault("out_dir", out_dir)
+    mcfg, tcfg = make_configs(args.preset, **overrides)
+    ckpt = Path(args.ckpt or Path(tcfg.out_dir) / "ckpt.npz")
+    if args.resume:
+        tcfg = resumed_config(TrainConfig, load_model(ckpt)[2], overrides, tcfg)
+    return mcfg, tcfg, ckpt
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    names = {f.name for f in fields(ModelConfig)} | {f.name for f in fields(TrainConfig)}
-    overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
-    mcfg, tcfg = make_configs(args.preset, **overrides)
-    ckpt = Path(args.ckpt or Path(tcfg.out_dir) / "ckpt.npz")
+    sc = config_from_args(SampleConfig, args)
     try:
-        if args.resume:       # the run's own training config, with only the options given here changed
-            saved = load_model(ckpt)[2]
-            tcfg = TrainConfig(**{f.name: overrides.get(f.name, saved.get(f.name, getattr(tcfg, f.name)))
-                                  for f in fields(TrainConfig)})
+        mcfg, tcfg, ckpt = run_configs(args)
         if args.generate is not None:
-            params, mcfg, _, step, _, config = load_model(ckpt)
-            tok = load_stage("2_tokenizer").Tokenizer.load(config["tokenizer"]["path"])
-            check_tokenizer(config, tok.sha256(), ckpt)
-            stream_text(tok, params, mcfg, args.generate, args.max_new_tokens, args.sample_seed,
-                        args.temperature, args.top_k, args.top_p)
+            params, mcfg, _, _, _, config = load_model(ckpt)
+            stream_text(load_tokenizer(config, ckpt), params, mcfg, args.generate, sc)
             return 0
         data_dir = prepare_dataset(tcfg.source, tcfg.data_root)
         params, mcfg, tok = train(mcfg, tcfg, data_dir, ckpt, args.resume)
-    except (CheckpointError, FloatingPointError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    except ERRORS as err:
+        return fail(err)
     except KeyboardInterrupt:
         return 130
-    x, _ = eval_windows(open_split(data_dir, "val"), mcfg.context, 8 * mcfg.context)
-    print("\nspike statistics on validation windows (rate = fraction of neurons firing per timestep):")
-    print(energy_report(params, mcfg, x)[0])
-    print(f"\nsample (recurrent form, temperature {args.temperature}, top-k {args.top_k}, top-p {args.top_p}):")
-    prompt = tok.decode(np.asarray(open_split(data_dir, "val")[:8]).tolist())
-    stream_text(tok, params, mcfg, prompt, args.max_new_tokens, args.sample_seed, args.temperature, args.top_k, args.top_p)
-    print(f"\ncheckpoint: {ckpt}")
+    val = open_split(data_dir, "val")
+    x, _ = eval_windows(val, mcfg.context, 8 * mcfg.context)
+    prompt = tok.decode(np.asarray(val[:8]).tolist())
+    energy = energy_report(params, mcfg, x)[0]
+    print_summary(energy, lambda: stream_text(tok, params, mcfg, prompt, sc), sc, ckpt)
     return 0
 
 

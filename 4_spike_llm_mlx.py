@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from spikelib.checkpoint import CheckpointError  # noqa: E402
-from spikelib.report import print_stream  # noqa: E402
+from spikelib.report import E_AC, E_MAC, print_stream  # noqa: E402
 from spikelib.stages import load_stage  # noqa: E402
 
 ref = load_stage("3_spike_llm_numpy")          # the reference stage: config, data, schedule, I/O
@@ -451,7 +451,7 @@ def energy_report(model, x):
     ops = ref.synaptic_ops(cfg, rates)
     if not cfg.spiking:       # the twin itself: every layer is dense multiply-accumulates
         ops.update(ac=0.0, mac=ops["ann_mac"])
-    e_snn, e_ann = ops["ac"] * ref.E_AC + ops["mac"] * ref.E_MAC, ops["ann_mac"] * ref.E_MAC
+    e_snn, e_ann = ops["ac"] * E_AC + ops["mac"] * E_MAC, ops["ann_mac"] * E_MAC
     sites = list(rates[0])
     lines = ["layer " + " ".join(f"{s.replace('attn.', ''):>9}" for s in sites)]
     lines += [f"{i:5d} " + " ".join(f"{r[s]:9.3f}" for s in sites) for i, r in enumerate(rates)]

@@ -40,8 +40,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from spikelib.checkpoint import CheckpointError  # noqa: E402
-from spikelib.report import print_stream  # noqa: E402
+from spikelib.checkpoint import CheckpointError, check_shapes  # noqa: E402
+from spikelib.cli import parse_bool  # noqa: E402
+from spikelib.report import E_AC, E_MAC, print_stream  # noqa: E402
 from spikelib.stages import load_stage  # noqa: E402
 
 try:
@@ -741,7 +742,7 @@ def build_model(mcfg, run, params=None, seed=0):
 def load_params(model, params):
     """Copy {name: array} into the model; names and shapes must be SPEC's."""
     shapes = S3.param_shapes(model.cfg)
-    S3.check_shapes("parameters", params, shapes)
+    check_shapes("parameters", params, shapes)
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(torch.as_tensor(np.asarray(params[name], dtype=np.float32)))
@@ -834,7 +835,7 @@ def energy_report(model, x):
     ops = S3.synaptic_ops(cfg, rates)
     if not cfg.spiking:       # the twin itself: every layer is dense multiply-accumulates
         ops.update(ac=0.0, mac=ops["ann_mac"])
-    e_snn, e_ann = ops["ac"] * S3.E_AC + ops["mac"] * S3.E_MAC, ops["ann_mac"] * S3.E_MAC
+    e_snn, e_ann = ops["ac"] * E_AC + ops["mac"] * E_MAC, ops["ann_mac"] * E_MAC
     sites = list(rates[0])
     lines = ["layer " + " ".join(f"{s.replace('attn.', ''):>9}" for s in sites)]
     lines += [f"{i:5d} " + " ".join(f"{r[s]:9.3f}" for s in sites) for i, r in enumerate(rates)]
@@ -933,7 +934,7 @@ def build_parser():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--preset", default="small", choices=list(S3.PRESETS))
-    ap.add_argument("--resume", type=S3.parse_bool, default=False, help="continue from the checkpoint")
+    ap.add_argument("--resume", type=parse_bool, default=False, help="continue from the checkpoint")
     ap.add_argument("--ckpt", default=None, help="checkpoint path (default: OUT_DIR/ckpt.npz)")
     ap.add_argument("--generate", default=None, metavar="PROMPT", help="only generate from the checkpoint")
     ap.add_argument("--max_new_tokens", type=int, default=120)
@@ -943,12 +944,12 @@ def build_parser():
     ap.add_argument("--sample_seed", type=int, default=0)
     g = ap.add_argument_group("stage 5 (RunConfig)")
     for f in fields(RunConfig):
-        kind = S3.parse_bool if f.type in (bool, "bool") else type(f.default)
+        kind = parse_bool if f.type in (bool, "bool") else type(f.default)
         g.add_argument(f"--{f.name}", type=kind, default=f.default)
     for group, cls in (("model (ModelConfig)", S3.ModelConfig), ("training (TrainConfig)", S3.TrainConfig)):
         g = ap.add_argument_group(group, "preset values are used unless given")
         for f in fields(cls):
-            kind = S3.parse_bool if f.type in (bool, "bool") else type(f.default)
+            kind = parse_bool if f.type in (bool, "bool") else type(f.default)
             g.add_argument(f"--{f.name}", type=kind, default=None, help=f"default {f.default!r} or the preset's")
     return ap
 

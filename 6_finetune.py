@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from spikelib.checkpoint import CheckpointError, save_checkpoint  # noqa: E402
+from spikelib.cli import parse_bool  # noqa: E402
 from spikelib.report import print_stream  # noqa: E402
 from spikelib.stages import load_stage  # noqa: E402
 
@@ -741,8 +742,8 @@ def build_parser():
     ap.add_argument("--context", default="", help="with --ask: a passage the answer comes from")
     ap.add_argument("--ckpt", default=None, help="with --ask: a full checkpoint to answer with")
     ap.add_argument("--adapters", default=None, help="LoRA adapters for --ask / --merge (default OUT_DIR/lora.npz)")
-    ap.add_argument("--merge", type=S3.parse_bool, default=False, help="fold adapters into OUT_DIR/lora_merged.npz")
-    ap.add_argument("--generate_only", type=S3.parse_bool, default=False, help="only write qa.jsonl and exit")
+    ap.add_argument("--merge", type=parse_bool, default=False, help="fold adapters into OUT_DIR/lora_merged.npz")
+    ap.add_argument("--generate_only", type=parse_bool, default=False, help="only write qa.jsonl and exit")
     g = ap.add_argument_group("fine-tuning (FinetuneConfig)", "preset values are used unless given")
     for f in fields(FinetuneConfig):
         g.add_argument(f"--{f.name}", type=type(f.default), default=None, help=f"default {f.default!r}")

@@ -1,4 +1,5 @@
-"""What the stages print: streamed text (more to come in this module)."""
+"""What the stages print, in one format for every backend: streamed text, the model and
+evaluation lines, the spike-rate and energy report."""
 import sys
 
 
@@ -17,3 +18,56 @@ def print_stream(tok, prompt, ids, new_tokens, out=None):
             shown = text
     out.write("\n")
     return tok.decode(ids)
+
+
+def model_line(n_params, mcfg, n_train, n_val, backend=""):
+    """One line naming the model and the data, printed when training starts."""
+    kind = mcfg.neuron if mcfg.spiking else "ANN twin"
+    return (f"model: {n_params / 1e6:.2f} M parameters, {mcfg.n_layer} layers, d={mcfg.d_model}, T={mcfg.T}, "
+            f"context {mcfg.context}, {kind}{'; ' + backend if backend else ''}; "
+            f"data: {n_train:,} train / {n_val:,} val tokens")
+
+
+def eval_line(step, r):
+    """One validation result (a dict of an eval_report) as printed during training."""
+    return (f"step {step}: val @ context {r['context']}: {r['nats']:.4f} nats/token, ppl {r['ppl']:.2f}, "
+            f"{r['bpc']:.4f} bits/char ({r['tokens']} tokens, {r['chars']} chars)")
+
+
+E_AC, E_MAC = 0.9e-12, 4.6e-12    # joules per accumulate / multiply-accumulate, 45 nm (Horowitz 2014)
+
+
+def energy_summary(cfg, ops, rates):
+    """(report text, figures) of a model's energy per token at 45 nm, from its operation counts
+    (ACs on spikes, MACs on real values; stage 3's synaptic_ops) and spike rates per layer."""
+    if not cfg.spiking:       # the twin itself: every layer is dense multiply-accumulates
+        ops = dict(ops, ac=0.0, mac=ops["ann_mac"])
+    e_snn = ops["ac"] * E_AC + ops["mac"] * E_MAC
+    e_ann = ops["ann_mac"] * E_MAC
+    text = energy_text(rates, cfg.spiking, cfg.T, ops, e_snn, e_ann)
+    return text, {"rates": rates, "ops": ops, "energy_snn": e_snn, "energy_ann": e_ann}
+
+
+def energy_text(rates, spiking, T, ops, e_snn, e_ann):
+    """The spike-rate table (layer x site), its mean, and the energy per token of both models."""
+    sites = list(rates[0])
+    lines = ["layer " + " ".join(f"{s.replace('attn.', ''):>9}" for s in sites)]
+    lines += [f"{i:5d} " + " ".join(f"{r[s]:9.3f}" for s in sites) for i, r in enumerate(rates)]
+    if spiking:
+        mean = sum(r[s] for r in rates for s in sites if s != "wo_input") / (len(rates) * (len(sites) - 1))
+        lines.append(f"mean spike rate {mean:.3f} over {T} timesteps")
+    else:
+        lines.append("(ANN twin: fraction of nonzero activations)")
+    lines.append(f"per token: spiking {ops['ac'] / 1e6:.2f} M AC + {ops['mac'] / 1e6:.2f} M MAC"
+                 f" = {e_snn * 1e9:.2f} nJ;  ANN twin {ops['ann_mac'] / 1e6:.2f} M MAC = {e_ann * 1e9:.2f} nJ"
+                 f"  (x{e_ann / e_snn:.2f}, 45 nm: AC 0.9 pJ, MAC 4.6 pJ)")
+    return "\n".join(lines)
+
+
+def print_summary(energy, sample, sc, ckpt):
+    """What a finished training run prints: the energy report, a streamed sample, the checkpoint."""
+    print("\nspike statistics on validation windows (rate = fraction of neurons firing per timestep):")
+    print(energy)
+    print(f"\nsample (recurrent form, temperature {sc.temperature}, top-k {sc.top_k}, top-p {sc.top_p}):")
+    sample()
+    print(f"\ncheckpoint: {ckpt}")

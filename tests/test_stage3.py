@@ -1,6 +1,8 @@
 """Stage 3 tests: hand gradients vs finite differences, recurrent vs parallel form,
 checkpoints and exact resume, optimizer and schedule vs hand computations, overfitting."""
 import math
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -336,25 +338,26 @@ def run_main(source, root, *extra):
 
 
 def test_main_interrupt_resume_and_generate(text_source, tmp_path, monkeypatch, capsys):
-    """End to end: Ctrl-C at step 6 saves; --resume finishes with the same parameters as an
-    uninterrupted run; --generate streams text from the checkpoint."""
+    """End to end: Ctrl-C (a real SIGINT) arriving in the middle of step 6, between the backward
+    pass and the optimizer update, lets the step finish and saves step 7 whole; --resume finishes
+    with the same parameters as an uninterrupted run; --generate streams text from the checkpoint."""
     assert run_main(text_source, tmp_path / "straight") == 0
     straight, _, _, step, _, _ = m.load_model(tmp_path / "straight/out/ckpt.npz")
     assert step == 12
     out = capsys.readouterr().out
     assert "bits/char" in out and "nJ" in out and "sample" in out
 
-    real_step = m.train_step
+    real_update = m.adamw_step
 
-    def interrupted(params, opt, mcfg, tcfg, data, step):
+    def interrupted_update(params, grads, opt, step, *args):
         if step == 6:
-            raise KeyboardInterrupt
-        return real_step(params, opt, mcfg, tcfg, data, step)
+            os.kill(os.getpid(), signal.SIGINT)         # the handler runs here, mid-step
+        return real_update(params, grads, opt, step, *args)
 
-    monkeypatch.setattr(m, "train_step", interrupted)
+    monkeypatch.setattr(m, "adamw_step", interrupted_update)
     assert run_main(text_source, tmp_path / "cut") == 130
-    assert m.load_model(tmp_path / "cut/out/ckpt.npz")[3] == 6
-    monkeypatch.setattr(m, "train_step", real_step)
+    assert m.load_model(tmp_path / "cut/out/ckpt.npz")[3] == 7
+    monkeypatch.setattr(m, "adamw_step", real_update)
     assert run_main(text_source, tmp_path / "cut", "--resume", 1) == 0
     resumed, _, _, step, _, _ = m.load_model(tmp_path / "cut/out/ckpt.npz")
     assert step == 12

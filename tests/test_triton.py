@@ -150,7 +150,7 @@ def stage3_reference(cfg, params, x, y):
     p64 = {k: v.astype(np.float64) for k, v in params.items()}
     logits, cache = S3.forward(p64, cfg, x)
     loss, grads, _ = S3.loss_and_grads(p64, cfg, x, y)
-    spikes = [np.concatenate([c[k].ravel() for k in ("s", "q", "k", "v", "z", "s2", "u")]) for c in cache["blocks"]]
+    spikes = [np.concatenate([c[site]["s"].ravel() for site in S3.SITES]) for c in cache["blocks"]]
     return logits, loss, grads, np.concatenate(spikes)
 
 

@@ -1,0 +1,95 @@
+"""The bookkeeping around a training loop, shared by stages 3, 4 and 5.
+
+A stage's `train_step(step)` is the lesson (batch, forward, backward, optimizer update); this
+module runs it from `start` to `max_steps` with what every run needs and no run should rewrite:
+a progress bar, evaluation and an atomic checkpoint every `eval_interval` steps, a wall-clock
+limit, a guard against a non-finite loss, and Ctrl-C that finishes the step under way, saves it
+and stops. An interrupt is only acted on between steps, so a checkpoint never holds half an
+optimizer update and `--resume 1` continues exactly.
+"""
+import math
+import signal
+import sys
+import threading
+import time
+from contextlib import contextmanager
+
+from tqdm import tqdm
+
+
+class StopRequest:
+    """Set by the first Ctrl-C; the loop reads it between steps."""
+
+    def __init__(self):
+        self.requested = False
+
+
+@contextmanager
+def interrupts_between_steps():
+    """Within the block the first SIGINT only sets a flag (the step under way finishes and is
+    saved); a second one raises KeyboardInterrupt at once, leaving the last checkpoint as it was.
+    Outside the main thread signals cannot be caught, and Ctrl-C behaves as usual."""
+    stop = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def on_sigint(signum, frame):
+        if stop.requested:
+            raise KeyboardInterrupt
+        stop.requested = True
+        print("\ninterrupt: finishing this step, then saving (Ctrl-C again quits without saving)",
+              file=sys.stderr, flush=True)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def progress_fields(loss, stats, tokens_per_s):
+    """The progress bar's numbers, the same in every stage: loss, learning rate, gradient norm
+    (before clipping) and training throughput."""
+    return {"loss": f"{loss:.3f}", "lr": f"{stats['lr']:.1e}", "gnorm": f"{stats['grad_norm']:.2f}",
+            "tok_s": f"{tokens_per_s:.0f}"}
+
+
+def run_steps(train_step, start, tcfg, tokens_per_step, evaluate, save, ckpt_path):
+    """Call train_step(step) -> (loss, stats) for step = start .. tcfg.max_steps - 1.
+
+    After a step completes (done = step + 1): every eval_interval steps, at the last step and when
+    tcfg.max_minutes has passed, evaluate(done) then save(done). A non-finite loss raises
+    FloatingPointError before anything is saved. Ctrl-C: the step finishes, save(done), then
+    KeyboardInterrupt. Returns the number of completed steps.
+    """
+    t0, done = time.time(), start
+    bar = tqdm(total=tcfg.max_steps, initial=start, desc="train", dynamic_ncols=True)
+    with interrupts_between_steps() as stop:
+        try:
+            for step in range(start, tcfg.max_steps):
+                loss, stats = train_step(step)
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"loss is {loss} at step {step}: stopping without saving; the "
+                                             f"last good checkpoint ({ckpt_path}, if any) is kept. "
+                                             "Try a lower --lr.")
+                done = step + 1
+                elapsed = time.time() - t0
+                bar.update(1)
+                bar.set_postfix(progress_fields(loss, stats, (done - start) * tokens_per_step / elapsed))
+                out_of_time = 0 < tcfg.max_minutes < elapsed / 60
+                if done % tcfg.eval_interval == 0 or done == tcfg.max_steps or out_of_time:
+                    evaluate(done)
+                    save(done)
+                elif stop.requested:
+                    save(done)
+                if stop.requested:
+                    tqdm.write(f"interrupted: saved step {done} to {ckpt_path}; continue with --resume 1")
+                    raise KeyboardInterrupt
+                if out_of_time:
+                    tqdm.write(f"max_minutes={tcfg.max_minutes} reached at step {done}; "
+                               "continue with --resume 1")
+                    break
+        finally:
+            bar.close()
+    return done
