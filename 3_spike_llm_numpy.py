@@ -12,8 +12,7 @@ checked against finite differences (tests/test_stage3.py).
     python 3_spike_llm_numpy.py --preset seed --source files:path/to/text.txt
     python 3_spike_llm_numpy.py --resume 1            # continue exactly where a run stopped
     python 3_spike_llm_numpy.py --generate "To be"    # stream text from out/numpy/ckpt.npz
-
-Command-line overrides use the field names: `--n_layer 6 --neuron alif --spiking 0 --lr 1e-3`.
+    python 3_spike_llm_numpy.py --n_layer 6 --neuron alif --spiking 0   # any config field, see --help
 """
 import math
 import sys
@@ -31,7 +30,7 @@ from spikelib.cli import (config_from_args, fail, given_options, preset_configs,
 from spikelib.loop import run_steps  # noqa: E402
 from spikelib.report import energy_summary, eval_line, model_line, print_stream, print_summary  # noqa: E402
 from spikelib.runs import (batch_rng, check_tokenizer, get_batch, load_dataset_info,  # noqa: E402, F401
-                           load_tokenizer, open_split, prepare_dataset, save_model)
+                           load_tokenizer, open_split, prepare_dataset, save_model, summary_inputs)
 from spikelib.runs import load_model as read_model  # noqa: E402
 from spikelib.sampling import sample_token  # noqa: E402, F401
 
@@ -704,7 +703,7 @@ def load_model(path):
     return read_model(path, ModelConfig, param_shapes)
 
 
-def start_params(mcfg, tcfg, ckpt_path, resume, vocab_size, tok_info):
+def start_params(mcfg, tcfg, ckpt_path, resume, tok_info):
     """(params, mcfg, step, opt_state or None) a run starts from: the checkpoint's when resuming
     (with its own model config), else stage 3's initial parameters, the vocabulary raised to
     the tokenizer's. Stages 4 and 5 start from the same numbers."""
@@ -713,8 +712,8 @@ def start_params(mcfg, tcfg, ckpt_path, resume, vocab_size, tok_info):
         check_tokenizer(config, tok_info["sha256"], ckpt_path)
         print(f"resuming {ckpt_path} at step {step}")
         return params, mcfg, step, opt
-    if mcfg.vocab_size < vocab_size:
-        mcfg = replace(mcfg, vocab_size=vocab_size)
+    if mcfg.vocab_size < tok_info["vocab_size"]:
+        mcfg = replace(mcfg, vocab_size=tok_info["vocab_size"])
     return init_params(mcfg, tcfg.seed), mcfg, 0, None
 
 
@@ -787,9 +786,9 @@ def train_step(params, opt, mcfg, tcfg, data, step):
 def train(mcfg, tcfg, data_dir, ckpt_path, resume=False):
     """Train from scratch or from the checkpoint; spikelib.loop runs train_step with a progress bar,
     periodic evaluation and checkpoints, the time limit, the NaN guard and Ctrl-C."""
-    meta, tok, tok_info = load_dataset_info(data_dir)
+    _, tok, tok_info = load_dataset_info(data_dir)
     train_data, val = open_split(data_dir, "train"), open_split(data_dir, "val")
-    params, mcfg, step, opt = start_params(mcfg, tcfg, ckpt_path, resume, meta["vocab_size"], tok_info)
+    params, mcfg, step, opt = start_params(mcfg, tcfg, ckpt_path, resume, tok_info)
     opt = opt or init_opt_state(params)
     n_params = sum(p.size for p in params.values())
     print(model_line(n_params, mcfg, len(train_data), len(val)))
@@ -846,9 +845,7 @@ def main(argv=None):
         return fail(err)
     except KeyboardInterrupt:
         return 130
-    val = open_split(data_dir, "val")
-    x, _ = eval_windows(val, mcfg.context, 8 * mcfg.context)
-    prompt = tok.decode(np.asarray(val[:8]).tolist())
+    x, prompt = summary_inputs(data_dir, mcfg.context, tok)
     energy = energy_report(params, mcfg, x)[0]
     print_summary(energy, lambda: stream_text(tok, params, mcfg, prompt, sc), sc, ckpt)
     return 0

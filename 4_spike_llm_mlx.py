@@ -18,13 +18,10 @@ stage 3 and the other way round, optimizer moments included (tests/test_mlx.py p
     python 4_spike_llm_mlx.py --ckpt out/numpy/ckpt.npz --resume 1   # continue a NumPy run
     python 4_spike_llm_mlx.py --generate "To be"      # stream text from out/mlx/ckpt.npz
 
-Command-line overrides use stage 3's field names: `--n_layer 6 --neuron alif --spiking 0`.
-The default out_dir here is out/mlx (stage 3 writes out/numpy).
+The options are stage 3's (`--help`); the default out_dir here is out/mlx.
 """
 import math
 import sys
-import time
-from dataclasses import asdict, fields
 from functools import lru_cache, partial
 from pathlib import Path
 
@@ -36,13 +33,14 @@ from mlx.utils import tree_flatten, tree_unflatten
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from spikelib.checkpoint import CheckpointError  # noqa: E402
-from spikelib.report import E_AC, E_MAC, print_stream  # noqa: E402
+from spikelib.cli import config_from_args, fail, stage_parser  # noqa: E402
+from spikelib.hardware import blas_hint  # noqa: E402
+from spikelib.loop import run_steps  # noqa: E402
+from spikelib.report import energy_summary, eval_line, model_line, print_stream, print_summary  # noqa: E402
 from spikelib.stages import load_stage  # noqa: E402
 
 ref = load_stage("3_spike_llm_numpy")          # the reference stage: config, data, schedule, I/O
 ModelConfig, TrainConfig, PRESETS = ref.ModelConfig, ref.TrainConfig, ref.PRESETS
-SITES = ref.SITES                              # neuron sites of a block, in checkpoint order
 
 # ----------------------------------------------------------------------------- surrogate spike
 
@@ -146,7 +144,7 @@ class HeadNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Spike-driven causal linear attention with a decay gamma_h = 1 - 2^-(decay_start + decay_step h) per head.
+    """Spike-driven causal attention with a decay gamma_h = 1 - 2^-(decay_start + decay_step h) per head.
 
     linear:   y_l = sum_{j<=l} gamma^(l-j) (q_l . k_j) v_j   parallel: (Q K^T * Dmask) V
     hadamard: y_l = sum_{j<=l} gamma^(l-j) k_j * v_j         parallel: Dmask (K * V)
@@ -195,7 +193,8 @@ class Attention(nn.Module):
             y, state = self.recurrent(Q, K, V, state)
         z = self.sn_o(self.norm(y))
         o = z if self.cfg.attention == "linear" else q * z  # hadamard: gate by the query spikes
-        return o @ self.wo, state, {"attn.sn_q": q, "attn.sn_k": k, "attn.sn_v": v, "attn.sn_o": z, "wo_input": o}
+        spikes = {"attn.sn_q": q, "attn.sn_k": k, "attn.sn_v": v, "attn.sn_o": z, "wo_input": o}
+        return o @ self.wo, state, spikes
 
 
 class MLP(nn.Module):
@@ -298,11 +297,9 @@ def spike_rates(spikes):
 
 
 def loss_fn(model, x, y):
-    """Mean cross-entropy over B*L, and the mean firing rate of sn1 (for the progress bar)."""
-    logits, spikes, _ = model(x)
-    loss = nn.losses.cross_entropy(logits, y, reduction="mean")
-    rate = mx.mean(mx.stack([(layer["sn1"] != 0).mean() for layer in spikes]))
-    return loss, rate
+    """Mean cross-entropy over B*L."""
+    logits, _, _ = model(x)
+    return nn.losses.cross_entropy(logits, y, reduction="mean")
 
 # ----------------------------------------------------------------------------- optimizer
 
@@ -320,7 +317,8 @@ class AdamW:
         n_layer = model.cfg.n_layer
         params = dict(tree_flatten(model.parameters()))
         self.b1, self.b2, self.eps, self.wd = b1, b2, eps, tcfg.weight_decay
-        self.lr_scale = {k: tcfg.layer_lr_decay ** (n_layer + 1 - ref.layer_depth(k, n_layer)) for k in params}
+        depth = {k: ref.layer_depth(k, n_layer) for k in params}
+        self.lr_scale = {k: tcfg.layer_lr_decay ** (n_layer + 1 - depth[k]) for k in params}
         self.state = {moment: {k: mx.array(opt_state[moment][k]) if opt_state else mx.zeros_like(p)
                                for k, p in params.items()} for moment in ("m", "v")}
 
@@ -354,28 +352,28 @@ def make_train_step(model, opt, tcfg):
     @partial(mx.compile, inputs=state, outputs=state)
     def step(x, y, lr, t):
         model.train()       # Dropout reads the mode while the step is traced: the graph drops...
-        (loss, rate), grads = loss_and_grad(model, x, y)
+        loss, grads = loss_and_grad(model, x, y)
         model.eval()        # ...and the model is back in evaluation mode for everything else
         grads = dict(tree_flatten(grads))
+        norm = mx.sqrt(sum((g * g).sum() for g in grads.values()))      # global L2 norm, before clipping
         if tcfg.grad_clip > 0:     # g *= max_norm / ||g|| when the global norm ||g|| exceeds it
             grads, _ = optim.clip_grad_norm(grads, tcfg.grad_clip)
         opt.update(model, grads, lr, t)
-        return loss, rate
+        return loss, norm
 
     return step
 
 
-def train_steps(model, opt, step_fn, mcfg, tcfg, data, start, stop):
-    """Run steps start..stop-1 on the batches and dropout masks fixed by (seed, step), so a
-    resumed run draws what an uninterrupted one would; yields (step, loss, rate, lr)."""
-    for step in range(start, stop):
-        x, y = ref.get_batch(data, tcfg.batch_size, mcfg.context, ref.batch_rng(tcfg.seed, step))
-        mx.random.seed(tcfg.seed * 1_000_003 + step)      # the step's dropout key (stage 5 seeds alike)
-        lr = ref.lr_at(step, tcfg)
-        loss, rate = step_fn(mx.array(x, mx.int32), mx.array(y, mx.int32), mx.array(lr, mx.float32),
-                             mx.array(step + 1, mx.float32))
-        mx.eval(loss, rate, model.state, opt.state)       # one evaluation per step
-        yield step, loss.item(), rate.item(), lr
+def train_step(model, opt, step_fn, mcfg, tcfg, data, step):
+    """One step on the batch and dropout masks fixed by (seed, step), so a resumed run draws what
+    an uninterrupted one would; returns (loss, stats)."""
+    x, y = ref.get_batch(data, tcfg.batch_size, mcfg.context, ref.batch_rng(tcfg.seed, step))
+    mx.random.seed(tcfg.seed * 1_000_003 + step)      # the step's dropout key (stage 5 seeds alike)
+    lr = ref.lr_at(step, tcfg)
+    x, y = mx.array(x, mx.int32), mx.array(y, mx.int32)
+    loss, norm = step_fn(x, y, mx.array(lr, mx.float32), mx.array(step + 1, mx.float32))
+    mx.eval(loss, norm, model.state, opt.state)       # one evaluation per step
+    return loss.item(), {"lr": lr, "grad_norm": norm.item()}
 
 # ----------------------------------------------------------------------------- evaluation, checkpoints
 
@@ -390,29 +388,18 @@ def total_nats(model, x, y, batch):
 
 
 def eval_report(model, cfg, val, context, max_tokens, decode):
-    """nats/token, perplexity and BPC on stage 3's fixed validation slice (same numbers)."""
+    """Stage 3's validation figures on the same windows, in the same batches."""
     x, y = ref.eval_windows(val, context, max_tokens)
     if len(x) == 0:
         return None
-    batch = max(1, 8 * cfg.context ** 2 // context ** 2)
-    nats = total_nats(model, x, y, batch)
-    n_chars = len(decode(y.ravel().tolist()))
-    return {"nats": nats / y.size, "ppl": math.exp(nats / y.size), "bpc": ref.bits_per_char(nats, n_chars),
-            "tokens": int(y.size), "chars": n_chars, "context": context}
+    return ref.eval_result(total_nats(model, x, y, ref.eval_batch(cfg.context, context)), y, decode)
 
 
-def snapshot(model, opt):
-    """(params, moments) as flat {name: array} dicts. MLX arrays are immutable, so holding these
-    references keeps this exact state at no cost while later steps make new arrays."""
-    return dict(tree_flatten(model.parameters())), {m: dict(arrays) for m, arrays in opt.state.items()}
-
-
-def save(path, state, cfg, tcfg, step, tok_info, data_dir):
-    """Stage 3's checkpoint of a snapshot: float32 params, AdamW moments, config JSON with the step."""
-    params, moments = state
-    opt_state = {m: {k: np.array(a) for k, a in arrays.items()} for m, arrays in moments.items()}
-    return ref.save_model(path, {k: np.array(p) for k, p in params.items()}, cfg, tcfg, step, opt_state,
-                          tok_info, data_dir)
+def save(path, model, opt, cfg, tcfg, step, tok_info, data_dir):
+    """Stage 3's checkpoint: float32 params, AdamW moments, config JSON with the step."""
+    params = {k: np.array(p) for k, p in tree_flatten(model.parameters())}
+    opt_state = {m: {k: np.array(a) for k, a in arrays.items()} for m, arrays in opt.state.items()}
+    return ref.save_model(path, params, cfg, tcfg, step, opt_state, tok_info, data_dir)
 
 
 def load(path):
@@ -434,120 +421,61 @@ def generate(model, prompt_ids, max_new_tokens, rng, temperature=1.0, top_k=0, t
         logits, _, state = model(mx.array([[nxt]]), state)
 
 
-def stream_text(tok, model, prompt, max_new_tokens, seed=0, temperature=0.8, top_k=40, top_p=0.95, out=None):
-    """Sample max_new_tokens after the prompt and print them as they come (stage 3's printer)."""
+def stream_text(tok, model, prompt, sc, out=None):
+    """Sample sc.max_new_tokens after the prompt and print them as they come."""
     ids = tok.encode(prompt) or [tok.bos_id]
-    new = generate(model, list(ids), max_new_tokens, np.random.default_rng(seed), temperature, top_k, top_p)
+    rng = np.random.default_rng(sc.sample_seed)
+    new = generate(model, list(ids), sc.max_new_tokens, rng, sc.temperature, sc.top_k, sc.top_p)
     return print_stream(tok, prompt, ids, new, out)
 
 # ----------------------------------------------------------------------------- spikes and energy
 
 
 def energy_report(model, x):
-    """Spike rates per layer and site from the MLX forward; operations and 45 nm energy per token
-    with stage 3's counting (ref.synaptic_ops: AC on spikes, MAC on reals)."""
-    cfg = model.cfg
+    """Spike rates per layer and site from the MLX forward, counted and reported as stage 3 does."""
     rates = spike_rates(model(mx.array(x, mx.int32))[1])
-    ops = ref.synaptic_ops(cfg, rates)
-    if not cfg.spiking:       # the twin itself: every layer is dense multiply-accumulates
-        ops.update(ac=0.0, mac=ops["ann_mac"])
-    e_snn, e_ann = ops["ac"] * E_AC + ops["mac"] * E_MAC, ops["ann_mac"] * E_MAC
-    sites = list(rates[0])
-    lines = ["layer " + " ".join(f"{s.replace('attn.', ''):>9}" for s in sites)]
-    lines += [f"{i:5d} " + " ".join(f"{r[s]:9.3f}" for s in sites) for i, r in enumerate(rates)]
-    mean = float(np.mean([r[s] for r in rates for s in SITES]))
-    lines.append(f"mean spike rate {mean:.3f} over {cfg.T} timesteps" if cfg.spiking else
-                 "(ANN twin: fraction of nonzero activations)")
-    lines.append(f"per token: spiking {ops['ac'] / 1e6:.2f} M AC + {ops['mac'] / 1e6:.2f} M MAC = {e_snn * 1e9:.2f} nJ;"
-                 f"  ANN twin {ops['ann_mac'] / 1e6:.2f} M MAC = {e_ann * 1e9:.2f} nJ  (x{e_ann / e_snn:.2f})")
-    return "\n".join(lines), {"rates": rates, "ops": ops, "energy_snn": e_snn, "energy_ann": e_ann}
+    return energy_summary(model.cfg, ref.synaptic_ops(model.cfg, rates), rates)
 
 # ----------------------------------------------------------------------------- training loop
 
 
-def blas_hint():
-    """On Linux the mlx[cpu] wheel links the reference BLAS, about 10x slower at matmul than
-    OpenBLAS. Preloading OpenBLAS swaps in a fast cblas_sgemm (same numbers): return that tip."""
-    if sys.platform != "linux" or mx.default_device().type != mx.cpu:
-        return ""
-    try:
-        maps = Path("/proc/self/maps").read_text()
-    except OSError:
-        return ""
-    if "/libopenblas" in maps or "mlx_cpu.libs/libblas" not in maps:
-        return ""
-    return ("note: MLX here multiplies matrices with the reference BLAS of the mlx[cpu] wheel; for ~10x faster "
-            "steps install OpenBLAS (apt install libopenblas0) and run with "
-            "LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libopenblas.so.0")
-
-
 def train(mcfg, tcfg, data_dir, ckpt_path, resume=False):
-    """tqdm, periodic eval + atomic checkpoint, exact resume (any stage's checkpoint), Ctrl-C
-    saves, and a NaN guard that stops without overwriting the last good checkpoint."""
-    meta, tok, tok_info = ref.load_dataset_info(data_dir)
+    """Train from scratch or from any stage's checkpoint; spikelib.loop runs train_step with a
+    progress bar, periodic evaluation and checkpoints, the time limit, the NaN guard and Ctrl-C."""
+    _, tok, tok_info = ref.load_dataset_info(data_dir)
     train_data, val = ref.open_split(data_dir, "train"), ref.open_split(data_dir, "val")
-    step, opt_state = 0, None
-    if resume:
-        model, _, step, opt_state, config = load(ckpt_path)
-        ref.check_tokenizer(config, tok_info["sha256"], ckpt_path)
-        mcfg = model.cfg
-        print(f"resuming {ckpt_path} at step {step}")
-    else:
-        if mcfg.vocab_size < meta["vocab_size"]:
-            mcfg = ModelConfig(**dict(asdict(mcfg), vocab_size=meta["vocab_size"]))
-        model = build_model(mcfg, ref.init_params(mcfg, tcfg.seed))   # the same start as stage 3
+    params, mcfg, step, opt_state = ref.start_params(mcfg, tcfg, ckpt_path, resume, tok_info)
+    model = build_model(mcfg, params)                 # the same start as stage 3
     opt = AdamW(model, tcfg, opt_state)
     mx.eval(model.parameters(), opt.state)
     n_params = sum(p.size for _, p in tree_flatten(model.parameters()))
-    print(f"model: {n_params / 1e6:.2f} M parameters, {mcfg.n_layer} layers, d={mcfg.d_model}, T={mcfg.T}, "
-          f"context {mcfg.context}, {mcfg.neuron if mcfg.spiking else 'ANN twin'}; MLX on {mx.default_device()}; "
-          f"data: {len(train_data):,} train / {len(val):,} val tokens")
-    if blas_hint():
+    print(model_line(n_params, mcfg, len(train_data), len(val), f"MLX on {mx.default_device()}"))
+    if mx.default_device().type == mx.cpu and blas_hint():
         print(blas_hint())
 
     def evaluate_now(done):
         for ctx in (mcfg.context, 4 * mcfg.context):
             r = eval_report(model, mcfg, val, ctx, tcfg.eval_tokens, tok.decode)
             if r:
-                tqdm.write(f"step {done}: val @ context {ctx}: {r['nats']:.4f} nats/token, ppl {r['ppl']:.2f}, "
-                           f"{r['bpc']:.4f} bits/char ({r['tokens']} tokens, {r['chars']} chars)")
+                tqdm.write(eval_line(done, r))
+
+    def save_now(done):
+        save(ckpt_path, model, opt, mcfg, tcfg, done, tok_info, data_dir)
 
     step_fn = make_train_step(model, opt, tcfg)
-    t0, tokens_seen, done, last = time.time(), 0, step, snapshot(model, opt)
-    bar = tqdm(total=tcfg.max_steps, initial=step, desc="train", dynamic_ncols=True)
-    try:
-        for step, loss, rate, lr in train_steps(model, opt, step_fn, mcfg, tcfg, train_data, step, tcfg.max_steps):
-            if not math.isfinite(loss):
-                bar.close()
-                raise FloatingPointError(f"loss is {loss} at step {step}: stopping without saving; the last good "
-                                         f"checkpoint ({ckpt_path}, if any) is kept. Try a lower --lr.")
-            done, last = step + 1, snapshot(model, opt)   # a Ctrl-C inside the next step saves this
-            tokens_seen += tcfg.batch_size * mcfg.context
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", spikes=f"{rate:.2f}",
-                            tok_s=f"{tokens_seen / (time.time() - t0):.0f}")
-            out_of_time = tcfg.max_minutes > 0 and time.time() - t0 > 60 * tcfg.max_minutes
-            if done % tcfg.eval_interval == 0 or done == tcfg.max_steps or out_of_time:
-                evaluate_now(done)
-                save(ckpt_path, last, mcfg, tcfg, done, tok_info, data_dir)
-            if out_of_time:
-                tqdm.write(f"max_minutes={tcfg.max_minutes} reached at step {done}; resume with --resume 1")
-                break
-    except KeyboardInterrupt:
-        bar.close()
-        save(ckpt_path, last, mcfg, tcfg, done, tok_info, data_dir)
-        print(f"\ninterrupted: saved step {done} to {ckpt_path}; continue with --resume 1")
-        raise
-    bar.close()
+
+    def one_step(step):
+        return train_step(model, opt, step_fn, mcfg, tcfg, train_data, step)
+
+    run_steps(one_step, step, tcfg, tcfg.batch_size * mcfg.context, evaluate_now, save_now, ckpt_path)
     return model, tok
 
 # ----------------------------------------------------------------------------- main
 
 
 def build_parser():
-    """Stage 3's command line (every config field, presets, generation flags) plus --device."""
-    ap = ref.build_parser()
-    ap.description = __doc__.split("\n\n")[0]
+    """Stage 3's command line (every config field, presets, sampling) plus --device."""
+    ap = stage_parser(__doc__, PRESETS, ref.SampleConfig, ModelConfig, TrainConfig)
     ap.add_argument("--device", choices=("gpu", "cpu"), default=None,
                     help="MLX device (default: the GPU when MLX has one, e.g. Apple Silicon)")
     return ap
@@ -555,42 +483,25 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    sc = config_from_args(ref.SampleConfig, args)
     if args.device == "gpu" and not mx.is_available(mx.gpu):
-        print("error: --device gpu, but this MLX has no GPU backend (Linux mlx[cpu]); use --device cpu", file=sys.stderr)
-        return 1
+        return fail("--device gpu, but this MLX has no GPU backend (Linux mlx[cpu]); use --device cpu")
     if args.device:
         mx.set_default_device(mx.gpu if args.device == "gpu" else mx.cpu)
-    names = {f.name for f in fields(ModelConfig)} | {f.name for f in fields(TrainConfig)}
-    overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
-    mcfg, tcfg = ref.make_configs(args.preset, **dict({"out_dir": "out/mlx"}, **overrides))
-    ckpt = Path(args.ckpt or Path(tcfg.out_dir) / "ckpt.npz")
     try:
-        if args.resume:       # as stage 3: the run's own training config, with only the options given here changed
-            saved = ref.load_model(ckpt)[2]
-            tcfg = TrainConfig(**{f.name: overrides.get(f.name, saved.get(f.name, getattr(tcfg, f.name)))
-                                  for f in fields(TrainConfig)})
+        mcfg, tcfg, ckpt = ref.run_configs(args, out_dir="out/mlx")
         if args.generate is not None:
             model, _, _, _, config = load(ckpt)
-            tok = load_stage("2_tokenizer").Tokenizer.load(config["tokenizer"]["path"])
-            ref.check_tokenizer(config, tok.sha256(), ckpt)
-            stream_text(tok, model, args.generate, args.max_new_tokens, args.sample_seed,
-                        args.temperature, args.top_k, args.top_p)
+            stream_text(ref.load_tokenizer(config, ckpt), model, args.generate, sc)
             return 0
         data_dir = ref.prepare_dataset(tcfg.source, tcfg.data_root)
         model, tok = train(mcfg, tcfg, data_dir, ckpt, args.resume)
-    except (CheckpointError, FloatingPointError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    except ref.ERRORS as err:
+        return fail(err)
     except KeyboardInterrupt:
         return 130
-    val = ref.open_split(data_dir, "val")
-    x, _ = ref.eval_windows(val, model.cfg.context, 8 * model.cfg.context)
-    print("\nspike statistics on validation windows (rate = fraction of neurons firing per timestep):")
-    print(energy_report(model, x)[0])
-    print(f"\nsample (recurrent form, temperature {args.temperature}, top-k {args.top_k}, top-p {args.top_p}):")
-    prompt = tok.decode(np.asarray(val[:8]).tolist())
-    stream_text(tok, model, prompt, args.max_new_tokens, args.sample_seed, args.temperature, args.top_k, args.top_p)
-    print(f"\ncheckpoint: {ckpt}")
+    x, prompt = ref.summary_inputs(data_dir, model.cfg.context, tok)
+    print_summary(energy_report(model, x)[0], lambda: stream_text(tok, model, prompt, sc), sc, ckpt)
     return 0
 
 

@@ -81,8 +81,8 @@ def main(argv=None):
     step_fn = m4.make_train_step(model, opt, tcfg)
 
     def mlx_steps(start, stop):
-        for _ in m4.train_steps(model, opt, step_fn, mcfg, tcfg, data, start, stop):
-            pass
+        for step in range(start, stop):
+            m4.train_step(model, opt, step_fn, mcfg, tcfg, data, step)
 
     stages = {"stage 4 MLX": mlx_steps} if args.skip_numpy else {"stage 3 NumPy": numpy_steps, "stage 4 MLX": mlx_steps}
     seconds = {name: [] for name in stages}

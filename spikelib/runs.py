@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from spikelib.evaluation import eval_windows
 from spikelib.checkpoint import CheckpointError, check_shapes, load_checkpoint, save_checkpoint
 from spikelib.stages import load_stage
 
@@ -93,3 +94,11 @@ def load_model(path, config_cls, shapes_of):
             raise CheckpointError(f"checkpoint {path}: parameter {name} has non-finite values")
     train = config.get("train", {})
     return params, mcfg, train, int(train.get("step", 0)), opt, config
+
+
+def summary_inputs(data_dir, context, tok):
+    """What a finished run reports on: 8 validation windows for the spike statistics and the
+    first 8 validation tokens as the sample's prompt."""
+    val = open_split(data_dir, "val")
+    x, _ = eval_windows(val, context, 8 * context)
+    return x, tok.decode(np.asarray(val[:8]).tolist())
