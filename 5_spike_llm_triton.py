@@ -30,6 +30,7 @@ import math
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -77,7 +78,309 @@ def resolve(rc):
     dtype = rc.dtype if rc.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
     return RunConfig(**dict(asdict(rc), kernels=kernels, device=device, dtype=dtype))
 
-# ----------------------------------------------------------------------------- Triton kernels
+# ----------------------------------------------------------------------------- PyTorch reference
+
+
+def surrogate_grad(u, cfg):
+    """S'(u), u = v - threshold: the gradient given to the step H(u) (stage 3's formulas)."""
+    a = cfg.alpha
+    if cfg.surrogate == "arctan":
+        return (a / 2) / (1 + (math.pi / 2 * a * u) ** 2)
+    if cfg.surrogate == "sigmoid":
+        sig = torch.sigmoid(a * u)
+        return a * sig * (1 - sig)
+    if cfg.surrogate == "fast_sigmoid":
+        return a / (2 * (1 + a * u.abs()) ** 2)
+    return (1 - u.abs() * a).clamp(min=0) * a
+
+
+class Heaviside(torch.autograd.Function):
+    """Forward H(u) = [u > 0]; backward the surrogate derivative S'(u)."""
+
+    @staticmethod
+    def forward(ctx, u, cfg):
+        ctx.save_for_backward(u)
+        ctx.cfg = cfg
+        return (u > 0).to(u.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        (u,) = ctx.saved_tensors
+        return g * surrogate_grad(u, ctx.cfg), None
+
+
+def neuron_torch(x, beta, theta, cfg):
+    """The eager loop over T: v_t = beta v+_{t-1} + x_t, spike, reset; autograd does BPTT."""
+    x = x.float()
+    vp, a, out = 0.0, 0.0, []
+    for t in range(x.shape[0]):
+        v = beta * vp + x[t]
+        thr = theta + a
+        if cfg.neuron == "ternary":
+            sp, sn = Heaviside.apply(v - thr, cfg), Heaviside.apply(-v - thr, cfg)
+            s = sp - sn
+            r = s if cfg.reset == "soft" else sp + sn
+        else:
+            s = r = Heaviside.apply(v - thr, cfg)
+        if cfg.detach_reset:
+            r = r.detach()
+        vp = v - thr * r if cfg.reset == "soft" else v * (1 - r)
+        if cfg.neuron == "alif":
+            a = cfg.alif_rho * a + cfg.alif_kappa * s
+        out.append(s)
+    return torch.stack(out)
+
+
+def head_decays(H, decay, device):
+    """gamma_h = 1 - 2^-(decay_start + decay_step h), decay = (decay_start, decay_step); float64
+    (powers are taken before rounding to fp32)."""
+    return 1.0 - 2.0 ** -(decay[0] + decay[1] * torch.arange(H, device=device, dtype=torch.float64))
+
+
+def attention_chunked(q, k, v, linear, chunk, decay, state=None, want_state=False):
+    """Causal decayed attention, q, k, v: (N, H, L, dh) fp32 or fp64 (N = T*B), in chunks of c positions.
+
+    linear:   y_l = sum_{j<=l} gamma^(l-j) (q_l . k_j) v_j    hadamard: y_l = sum_{j<=l} gamma^(l-j) k_j*v_j
+    Inside a chunk: (Q K^T * Dc) V with Dc[i, j] = gamma^(i-j). Across chunks: the state before
+    chunk m, S_m = gamma^(c m) S_0 + sum_{m'<m} gamma^(c (m-1-m')) K_m'^T diag(gamma^(c-1-j)) V_m',
+    reaches position i of chunk m as gamma^(i+1) q_i S_m. state: S_0, (N, H, dh, dh) or (N, H, dh).
+    Returns y (N, H, L, dh) and, if want_state, the state after the last position.
+    """
+    N, H, L, dh = q.shape
+    g = head_decays(H, decay, q.device)
+    c = min(chunk, L)
+    n = -(-L // c)
+    pad = (0, 0, 0, n * c - L)
+    qc, kc, vc = (F.pad(a, pad).view(N, H, n, c, dh) for a in (q, k, v))
+    i = torch.arange(c, device=q.device, dtype=torch.float64)
+    lag = i[:, None] - i[None, :]
+    Dc = torch.where(lag >= 0, g[:, None, None] ** lag.clamp(min=0), 0.0)
+    Dc = Dc.to(q.dtype)[None, :, None]                                       # (1, H, 1, c, c)
+    into = (g[:, None] ** (i + 1)).to(q.dtype)[None, :, None, :, None]       # (1, H, 1, c, 1)
+    outof = (g[:, None] ** (c - 1 - i)).to(q.dtype)[None, :, None, :, None]  # (1, H, 1, c, 1)
+    m = torch.arange(n, device=q.device, dtype=torch.float64)
+    lagm = m[:, None] - m[None, :] - 1
+    Dn = torch.where(lagm >= 0, g[:, None, None] ** (c * lagm.clamp(min=0)), 0.0).to(q.dtype)   # (H, n, n)
+    init = (g[:, None] ** (c * m)).to(q.dtype)                               # (H, n)
+    if linear:
+        y = ((qc @ kc.transpose(-1, -2)) * Dc) @ vc                      # (N, H, n, c, dh)
+        S = torch.einsum("hmp,nhpde->nhmde", Dn, (kc * outof).transpose(-1, -2) @ vc)
+        if state is not None:
+            S = S + init[None, :, :, None, None] * state[:, :, None]
+        y = y + (qc * into) @ S
+    else:
+        kv = kc * vc
+        y = Dc @ kv
+        S = torch.einsum("hmp,nhpd->nhmd", Dn, (kv * outof).sum(-2))
+        if state is not None:
+            S = S + init[None, :, :, None] * state[:, :, None]
+        y = y + into * S[:, :, :, None, :]
+    y = y.reshape(N, H, n * c, dh)[:, :, :L]
+    if not want_state:
+        return y, None
+    lags = L - 1 - torch.arange(L, device=q.device, dtype=torch.float64)
+    kw = k * (g[:, None] ** lags).to(q.dtype)[None, :, :, None]            # k_j gamma^(L-1-j)
+    new = kw.transpose(-1, -2) @ v if linear else (kw * v).sum(2)
+    if state is not None:
+        new = new + (g ** L).to(q.dtype).view(1, H, *([1] * (new.dim() - 2))) * state
+    return y, new
+
+
+def rmsnorm(x, g, eps):
+    """x / sqrt(mean(x^2) + eps) * g over the last axis."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * g
+
+# ----------------------------------------------------------------------------- model
+
+
+def matmul(x, W, dt):
+    """x @ W in the matmul dtype dt (bf16 inputs, fp32 accumulation inside the GEMM)."""
+    return x.to(dt) @ W.to(dt)
+
+
+def norm(x, g, eps, kernels):
+    """The triton path uses the lean rmsnorm; the torch path lets autograd differentiate it."""
+    return LeanRMSNorm.apply(x, g, eps) if kernels == "triton" else rmsnorm(x, g, eps)
+
+
+class Weight(nn.Module):
+    """A module holding one parameter named `weight` (norm gains, the untied head)."""
+
+    def __init__(self, *shape):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(*shape))
+
+
+class Neuron(nn.Module):
+    """A spiking neuron site: fixed beta, theta, or PLIF's learnable w (beta = sigmoid(w)) and theta.
+    Its spikes come out in the matmul dtype, ready for the linear layer that reads them."""
+
+    def __init__(self, cfg, C, run):
+        super().__init__()
+        self.cfg, self.kernels, self.dt = cfg, run.kernels, getattr(torch, run.dtype)
+        if cfg.neuron == "plif":
+            self.w = nn.Parameter(torch.full((C,), math.log(cfg.beta / (1 - cfg.beta))))
+            self.theta = nn.Parameter(torch.full((C,), cfg.theta))
+
+    def forward(self, x):                              # x (T, ..., C) -> spikes (T, ..., C)
+        cfg = self.cfg
+        if not cfg.spiking:
+            return torch.relu(x).to(self.dt)
+        if cfg.neuron == "plif":
+            beta, theta = torch.sigmoid(self.w), self.theta
+        else:
+            beta, theta = cfg.beta, cfg.theta
+        if self.kernels == "triton":
+            return neuron_triton(x, beta, theta, cfg, self.dt)
+        return neuron_torch(x, beta, theta, cfg).to(self.dt)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg, run):
+        super().__init__()
+        D = cfg.d_model
+        self.cfg, self.run, self.dt = cfg, run, getattr(torch, run.dtype)
+        for name in ("wq", "wk", "wv", "wo"):
+            setattr(self, name, nn.Parameter(torch.zeros(D, D)))    # stored (in, out): y = x @ W
+        self.norm = Weight(D)
+        self.sn_q, self.sn_k, self.sn_v, self.sn_o = (Neuron(cfg, D, run) for _ in range(4))
+        self.wo_input = nn.Identity()      # passes o on unchanged: where record_spike_rates measures it
+
+    def forward(self, s, state=None):                  # s (T, B, L, D) spikes -> (T, B, L, D)
+        cfg, run = self.cfg, self.run
+        T, B, L, D = s.shape
+        H, dh = cfg.n_head, D // cfg.n_head
+        q = self.sn_q(matmul(s, self.wq, self.dt))
+        k = self.sn_k(matmul(s, self.wk, self.dt))
+        v = self.sn_v(matmul(s, self.wv, self.dt))
+        linear = cfg.attention == "linear"
+        decay = (cfg.decay_start, cfg.decay_step)
+        qkv = [a.view(T * B, L, H, dh) for a in (q, k, v)]                    # (T*B, L, H, dh)
+        fused = run.kernels == "triton" and dh >= 16 and dh == triton.next_power_of_2(dh)
+        if fused and state is None:                                             # training form
+            y = attention_triton(*qkv, linear, run.chunk, decay)
+        elif fused and L == 1:                                                  # one decoding step
+            y = attention_step_triton(*qkv, state, linear, decay)
+        else:
+            heads = [a.float().transpose(1, 2) for a in qkv]                    # (T*B, H, L, dh)
+            y, state = attention_chunked(*heads, linear, run.chunk, decay, state, want_state=state is not None)
+            y = y.transpose(1, 2)                                               # (T*B, L, H, dh)
+        n = norm(y, self.norm.weight.view(H, dh), cfg.norm_eps, run.kernels).reshape(T, B, L, D)
+        z = self.sn_o(n)
+        o = self.wo_input(z if linear else q * z)        # hadamard: q * z, products of spikes
+        return matmul(o, self.wo, self.dt), state
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg, run):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.zeros(cfg.d_model, cfg.d_ff))
+        self.w2 = nn.Parameter(torch.zeros(cfg.d_ff, cfg.d_model))
+        self.sn_h = Neuron(cfg, cfg.d_ff, run)
+        self.dt = getattr(torch, run.dtype)
+
+    def forward(self, s):                              # s (T, B, L, D) spikes -> (T, B, L, D)
+        u = self.sn_h(matmul(s, self.w1, self.dt))     # (T, B, L, d_ff) spikes
+        return matmul(u, self.w2, self.dt)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg, run):
+        super().__init__()
+        D = cfg.d_model
+        self.cfg, self.kernels = cfg, run.kernels
+        self.norm1, self.norm2 = Weight(D), Weight(D)
+        self.sn1, self.sn2 = Neuron(cfg, D, run), Neuron(cfg, D, run)
+        self.attn, self.mlp = Attention(cfg, run), MLP(cfg, run)
+        self.drop = nn.Dropout(cfg.dropout)              # on the branch outputs, in training only
+
+    def forward(self, h, state=None):                  # h (T, B, L, D) real residual stream
+        eps = self.cfg.norm_eps
+        s = self.sn1(norm(h, self.norm1.weight, eps, self.kernels))           # (T, B, L, D) spikes
+        o, state = self.attn(s, state)
+        h = h + self.drop(o)
+        s2 = self.sn2(norm(h, self.norm2.weight, eps, self.kernels))
+        h = h + self.drop(self.mlp(s2))
+        return h, state
+
+
+class SpikeLM(nn.Module):
+    """Stage 3's model; state_dict() keys are SPEC's parameter names, weights stored (in, out)."""
+
+    def __init__(self, cfg, run):
+        super().__init__()
+        self.cfg, self.dt = cfg, getattr(torch, run.dtype)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, run) for _ in range(cfg.n_layer))
+        self.norm_f = Weight(cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        if not cfg.tie_embeddings:
+            self.head = Weight(cfg.d_model, cfg.vocab_size)
+
+    def forward(self, idx, state=None):
+        """idx (B, L) -> logits (B, L, V) fp32; with state (a list per layer): recurrent/prefill form."""
+        cfg = self.cfg
+        T = S3.timesteps(cfg)
+        x = self.drop(self.embed(idx))                                # (B, L, D), one mask for all T
+        h = x.unsqueeze(0).expand(T, *x.shape)                        # (T, B, L, D)
+        new_state = []
+        for i, block in enumerate(self.blocks):
+            h, st = block(h, None if state is None else state[i])
+            new_state.append(st)
+        xf = rmsnorm(h.mean(0), self.norm_f.weight, cfg.norm_eps)     # (B, L, D)
+        W = self.embed.weight.t() if cfg.tie_embeddings else self.head.weight
+        logits = matmul(xf, W, self.dt).float()
+        if state is not None:
+            state[:] = new_state
+        return logits
+
+    def init_state(self, batch):
+        """Zero attention state per layer: (T*B, H, dh, dh) linear or (T*B, H, dh) hadamard."""
+        cfg = self.cfg
+        H, dh = cfg.n_head, cfg.d_model // cfg.n_head
+        shape = (S3.timesteps(cfg) * batch, H, dh) + ((dh,) if cfg.attention == "linear" else ())
+        return [torch.zeros(shape, device=self.embed.weight.device) for _ in range(cfg.n_layer)]
+
+
+def build_model(mcfg, run, params=None, seed=0):
+    """A SpikeLM on run.device with stage 3's initial parameters (or the given numpy params)."""
+    model = SpikeLM(mcfg, run)
+    load_params(model, params if params is not None else S3.init_params(mcfg, seed))
+    return model.to(run.device)
+
+
+def load_params(model, params):
+    """Copy {name: array} into the model; names and shapes must be SPEC's."""
+    shapes = S3.param_shapes(model.cfg)
+    S3.check_shapes("parameters", params, shapes)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.as_tensor(np.asarray(params[name], dtype=np.float32)))
+
+
+def export_params(model):
+    return {n: p.detach().float().cpu().numpy() for n, p in model.named_parameters()}
+
+
+@contextmanager
+def record_spike_rates(model):
+    """Per layer {site: fraction of nonzero outputs} in stage 3's spike_rates layout, filled in
+    by forward hooks during the forwards run inside `with`; the hooks go when it ends."""
+    where = {site: site for site in S3.SITES} | {"wo_input": "attn.wo_input"}   # site -> module path
+    rates = [dict.fromkeys(where) for _ in model.blocks]
+    hooks = []
+    for block, layer in zip(model.blocks, rates):
+        for site, path in where.items():
+            def hook(module, inputs, out, layer=layer, site=site):
+                layer[site] = float((out != 0).float().mean())
+            hooks.append(block.get_submodule(path).register_forward_hook(hook))
+    try:
+        yield rates
+    finally:
+        for h in hooks:
+            h.remove()
+
+# ----------------------------------------------------------------------------- Triton fast path
 # Neuron kinds and surrogates are compile-time constants, so each combination compiles to a
 # kernel with no branches. Input x is (T, R, C): T timesteps of R rows of C channels.
 
@@ -135,7 +438,7 @@ if triton is not None:
         return rows[:, None] * C + cols[None, :], mask, cols
 
     @triton.jit
-    def neuron_fwd_kernel(x_ptr, s_ptr, beta_ptr, theta_ptr, R, C, rho, kappa,
+    def neuron_fwd_kernel(x_ptr, s_ptr, beta_ptr, theta_ptr, R, C, alif_rho, alif_kappa,
                           T: tl.constexpr, NEURON: tl.constexpr, HARD: tl.constexpr,
                           BR: tl.constexpr, BC: tl.constexpr):
         """All T steps of v_t = beta v+_{t-1} + x_t, s_t = H(v_t - thr_t), v+_t = reset: x read once."""
@@ -153,12 +456,12 @@ if triton is not None:
             s, r = fire_tl(v, thr, NEURON, HARD)
             vp = reset_tl(v, r, thr, HARD)
             if NEURON == 2:
-                a = rho * a + kappa * s
+                a = alif_rho * a + alif_kappa * s
             tl.store(s_ptr + t * R * C + offs, s.to(s_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def neuron_bwd_kernel(x_ptr, gs_ptr, gx_ptr, beta_ptr, theta_ptr, gbeta_ptr, gtheta_ptr,
-                          R, C, rho, kappa, alpha,
+                          R, C, alif_rho, alif_kappa, alpha,
                           T: tl.constexpr, NEURON: tl.constexpr, SURROGATE: tl.constexpr,
                           HARD: tl.constexpr, DETACH: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
         """Backprop through time (stage 3's neuron_backward), the forward recomputed from x.
@@ -186,7 +489,7 @@ if triton is not None:
             vs = vs[:t] + (v,) + vs[t + 1:]
             if NEURON == 2:
                 thrs = thrs + (thr,)
-                a = rho * a + kappa * s
+                a = alif_rho * a + alif_kappa * s
         g_v = tl.zeros([BR, BC], tl.float32)               # dL/dv_{t+1}
         g_a = tl.zeros([BR, BC], tl.float32)               # dL/da_{t+1} (ALIF)
         dbeta = tl.zeros([BR, BC], tl.float32)
@@ -203,7 +506,7 @@ if triton is not None:
                 dbeta += g_v * reset_tl(v, r, thr, HARD)
             ds = gss[t].to(tl.float32)
             if NEURON == 2:
-                ds = ds + kappa * g_a
+                ds = ds + alif_kappa * g_a
             if HARD:
                 dv = g_vp * (1.0 - r)
                 dthr = tl.zeros([BR, BC], tl.float32)
@@ -227,7 +530,7 @@ if triton is not None:
                 dv = dv + du
                 dthr = dthr - du
             if NEURON == 2:
-                g_a = rho * g_a + dthr
+                g_a = alif_rho * g_a + dthr
             if NEURON == 1:
                 dtheta += dthr
             tl.store(gx_ptr + t * R * C + offs, dv.to(gx_ptr.dtype.element_ty), mask=mask)
@@ -236,114 +539,6 @@ if triton is not None:
             out = tl.program_id(0) * C + cols
             tl.store(gbeta_ptr + out, tl.sum(tl.where(mask, dbeta, 0.0), 0), mask=cols < C)
             tl.store(gtheta_ptr + out, tl.sum(tl.where(mask, dtheta, 0.0), 0), mask=cols < C)
-
-    @triton.jit
-    def decode_attention_kernel(q_ptr, k_ptr, v_ptr, state_ptr, y_ptr, H, d0, d1,
-                                LINEAR: tl.constexpr, DH: tl.constexpr):
-        """One position for one (timestep, sequence, head): S = gamma S + k^T v, y = q S
-        (linear; S is dh x dh) or c = gamma c + k * v, y = c (hadamard). State updated in place."""
-        pid = tl.program_id(0).to(tl.int64)                # over T * B * H
-        gamma = 1.0 - tl.exp2(-(d0 + d1 * (pid % H)).to(tl.float32))     # d0, d1 may come as fp64
-        i = tl.arange(0, DH)
-        k = tl.load(k_ptr + pid * DH + i).to(tl.float32)
-        v = tl.load(v_ptr + pid * DH + i).to(tl.float32)
-        if LINEAR:
-            q = tl.load(q_ptr + pid * DH + i).to(tl.float32)
-            at = state_ptr + pid * DH * DH + i[:, None] * DH + i[None, :]
-            S = gamma * tl.load(at) + k[:, None] * v[None, :]
-            tl.store(at, S)
-            y = tl.sum(q[:, None] * S, 0)
-        else:
-            y = gamma * tl.load(state_ptr + pid * DH + i) + k * v
-            tl.store(state_ptr + pid * DH + i, y)
-        tl.store(y_ptr + pid * DH + i, y)
-
-    @triton.jit
-    def dot_tl(a, b, PREC: tl.constexpr):
-        """a @ b with fp32 accumulation; PREC: how fp32 inputs are multiplied (ieee, tf32, tf32x3)."""
-        return tl.dot(a, b, input_precision=PREC)
-
-    @triton.jit
-    def chunk_decays_tl(h, d0, d1, C: tl.constexpr):
-        """For head h (gamma = 1 - 2^-(d0 + d1 h)): Dc[i, j] = gamma^(i-j) for j <= i (else 0),
-        into_i = gamma^(i+1), outof_j = gamma^(C-1-j) and gamma^C (attention_chunked's factors)."""
-        lg = tl.log2(1.0 - tl.exp2(-(d0 + d1 * h).to(tl.float32)))        # fp32 even for fp64 d0, d1
-        i = tl.arange(0, C).to(tl.float32)
-        lag = i[:, None] - i[None, :]
-        Dc = tl.where(lag >= 0, tl.exp2(tl.maximum(lag, 0.0) * lg), 0.0)
-        return Dc, tl.exp2((i + 1) * lg)[:, None], tl.exp2((C - 1 - i) * lg)[:, None], tl.exp2(C * lg)
-
-    @triton.jit
-    def chunk_tl(ptr, base, m, L, H, C: tl.constexpr, DH: tl.constexpr):
-        """Chunk m (C positions, zero past L) of one head of a (N, L, H*DH) tensor, as fp32."""
-        rows = m * C + tl.arange(0, C)
-        offs = base + rows[:, None] * (H * DH) + tl.arange(0, DH)[None, :]
-        return tl.load(ptr + offs, mask=rows[:, None] < L, other=0.0).to(tl.float32), offs, rows[:, None] < L
-
-    @triton.jit
-    def attention_fwd_kernel(q_ptr, k_ptr, v_ptr, y_ptr, L, H, d0, d1, LINEAR: tl.constexpr, C: tl.constexpr,
-                             DH: tl.constexpr, PREC: tl.constexpr):
-        """attention_chunked for one (timestep*sequence, head), the state carried in registers:
-        linear    y = (Q K^T * Dc) V + (Q * into) S,   S <- gamma^C S + (K * outof)^T V
-        hadamard  y = Dc (K * V) + into * s,          s <- gamma^C s + sum_j outof_j k_j v_j"""
-        pid = tl.program_id(0).to(tl.int64)                # over N * H
-        base = (pid // H) * L * H * DH + (pid % H) * DH
-        Dc, into, outof, gc = chunk_decays_tl(pid % H, d0, d1, C)
-        S = tl.zeros([DH, DH] if LINEAR else [1, DH], tl.float32)
-        for m in range(0, tl.cdiv(L, C)):
-            k, offs, mask = chunk_tl(k_ptr, base, m, L, H, C, DH)
-            v, _, _ = chunk_tl(v_ptr, base, m, L, H, C, DH)
-            if LINEAR:
-                q, _, _ = chunk_tl(q_ptr, base, m, L, H, C, DH)
-                A = dot_tl(q, tl.trans(k), PREC) * Dc
-                y = dot_tl(A, v, PREC) + dot_tl(q * into, S, PREC)
-                S = gc * S + dot_tl(tl.trans(k * outof), v, PREC)
-            else:
-                y = dot_tl(Dc, k * v, PREC) + into * S
-                S = gc * S + tl.sum(outof * k * v, 0)[None, :]
-            tl.store(y_ptr + offs, y, mask=mask)
-
-    @triton.jit
-    def attention_bwd_kernel(q_ptr, k_ptr, v_ptr, dy_ptr, dq_ptr, dk_ptr, dv_ptr, L, H, d0, d1, LINEAR: tl.constexpr,
-                             C: tl.constexpr, DH: tl.constexpr, PREC: tl.constexpr):
-        """Backward of attention_fwd_kernel; states are recomputed, never stored. Linear: a forward
-        sweep gives dQ = (dY V^T * Dc) K + (dY * into) S^T; a backward sweep carries dS, the
-        gradient of the state leaving the chunk: dK = (dY V^T * Dc)^T Q + (V * outof) dS^T,
-        dV = (Q K^T * Dc)^T dY + (K * outof) dS, then dS <- gamma^C dS + (Q * into)^T dY.
-        Hadamard: d(KV) = Dc^T dY + outof * ds, ds <- gamma^C ds + sum_i into_i dy_i."""
-        pid = tl.program_id(0).to(tl.int64)
-        base = (pid // H) * L * H * DH + (pid % H) * DH
-        Dc, into, outof, gc = chunk_decays_tl(pid % H, d0, d1, C)
-        n = tl.cdiv(L, C)
-        if LINEAR:
-            S = tl.zeros([DH, DH], tl.float32)
-            for m in range(0, n):
-                k, offs, mask = chunk_tl(k_ptr, base, m, L, H, C, DH)
-                v, _, _ = chunk_tl(v_ptr, base, m, L, H, C, DH)
-                dy, _, _ = chunk_tl(dy_ptr, base, m, L, H, C, DH)
-                dA = dot_tl(dy, tl.trans(v), PREC) * Dc
-                dq = dot_tl(dA, k, PREC) + dot_tl(dy * into, tl.trans(S), PREC)
-                tl.store(dq_ptr + offs, dq, mask=mask)
-                S = gc * S + dot_tl(tl.trans(k * outof), v, PREC)
-        dS = tl.zeros([DH, DH] if LINEAR else [1, DH], tl.float32)
-        for r in range(0, n):
-            m = n - 1 - r
-            k, offs, mask = chunk_tl(k_ptr, base, m, L, H, C, DH)
-            v, _, _ = chunk_tl(v_ptr, base, m, L, H, C, DH)
-            dy, _, _ = chunk_tl(dy_ptr, base, m, L, H, C, DH)
-            if LINEAR:
-                q, _, _ = chunk_tl(q_ptr, base, m, L, H, C, DH)
-                dA = dot_tl(dy, tl.trans(v), PREC) * Dc
-                A = dot_tl(q, tl.trans(k), PREC) * Dc
-                dk = dot_tl(tl.trans(dA), q, PREC) + dot_tl(v * outof, tl.trans(dS), PREC)
-                dv = dot_tl(tl.trans(A), dy, PREC) + dot_tl(k * outof, dS, PREC)
-                dS = gc * dS + dot_tl(tl.trans(q * into), dy, PREC)
-            else:
-                dkv = dot_tl(tl.trans(Dc), dy, PREC) + outof * dS
-                dk, dv = dkv * v, dkv * k
-                dS = gc * dS + tl.sum(into * dy, 0)[None, :]
-            tl.store(dk_ptr + offs, dk, mask=mask)
-            tl.store(dv_ptr + offs, dv, mask=mask)
 
 
 def neuron_blocks(T, C):
@@ -363,8 +558,8 @@ class TritonNeuron(torch.autograd.Function):
         s = torch.empty(x.shape, dtype=out_dtype, device=x.device)
         br, bc = neuron_blocks(T, C)
         neuron_fwd_kernel[(triton.cdiv(R, br), triton.cdiv(C, bc))](
-            x, s, beta, theta, R, C, cfg.alif_rho, cfg.alif_kappa, T=T, NEURON=NEURON_ID[cfg.neuron],
-            HARD=cfg.reset == "hard", BR=br, BC=bc, num_warps=4)
+            x, s, beta, theta, R, C, cfg.alif_rho, cfg.alif_kappa,
+            T=T, NEURON=NEURON_ID[cfg.neuron], HARD=cfg.reset == "hard", BR=br, BC=bc, num_warps=4)
         ctx.save_for_backward(x, beta, theta)
         ctx.cfg = cfg
         return s
@@ -388,6 +583,112 @@ class TritonNeuron(torch.autograd.Function):
             return gx, None, None, None, None
         return gx, gbeta.sum(0), gtheta.sum(0), None, None
 
+
+def neuron_triton(x, beta, theta, cfg, out_dtype):
+    """A neuron site through TritonNeuron; fixed (float) beta and theta become (C,) vectors."""
+    if cfg.neuron != "plif":
+        beta = torch.full(x.shape[-1:], beta, device=x.device)
+        theta = torch.full(x.shape[-1:], theta, device=x.device)
+    return TritonNeuron.apply(x, beta, theta, cfg, out_dtype)
+
+
+if triton is not None:
+    @triton.jit
+    def dot_tl(a, b, PRECISION: tl.constexpr):
+        """a @ b with fp32 accumulation; PRECISION: how fp32 inputs are multiplied (ieee, tf32, tf32x3)."""
+        return tl.dot(a, b, input_precision=PRECISION)
+
+    @triton.jit
+    def chunk_decays_tl(h, decay_start, decay_step, CHUNK: tl.constexpr):
+        """For head h (gamma = 1 - 2^-(decay_start + decay_step h)): Dc[i, j] = gamma^(i-j) for
+        j <= i (else 0), into_i = gamma^(i+1), outof_j = gamma^(CHUNK-1-j) and gamma^CHUNK
+        (attention_chunked's factors)."""
+        lg = tl.log2(1.0 - tl.exp2(-(decay_start + decay_step * h).to(tl.float32)))   # fp32 even for fp64 decays
+        i = tl.arange(0, CHUNK).to(tl.float32)
+        lag = i[:, None] - i[None, :]
+        Dc = tl.where(lag >= 0, tl.exp2(tl.maximum(lag, 0.0) * lg), 0.0)
+        into = tl.exp2((i + 1) * lg)[:, None]
+        outof = tl.exp2((CHUNK - 1 - i) * lg)[:, None]
+        return Dc, into, outof, tl.exp2(CHUNK * lg)
+
+    @triton.jit
+    def chunk_tl(ptr, base, m, L, H, CHUNK: tl.constexpr, DH: tl.constexpr):
+        """Chunk m (CHUNK positions, zero past L) of one head of a (N, L, H*DH) tensor, as fp32;
+        with its offsets and mask."""
+        rows = m * CHUNK + tl.arange(0, CHUNK)
+        offs = base + rows[:, None] * (H * DH) + tl.arange(0, DH)[None, :]
+        mask = rows[:, None] < L
+        return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32), offs, mask
+
+    @triton.jit
+    def attention_fwd_kernel(q_ptr, k_ptr, v_ptr, y_ptr, L, H, decay_start, decay_step,
+                             LINEAR: tl.constexpr, CHUNK: tl.constexpr, DH: tl.constexpr,
+                             PRECISION: tl.constexpr):
+        """attention_chunked for one (timestep*sequence, head), the state carried in registers:
+        linear    y = (Q K^T * Dc) V + (Q * into) S,   S <- gamma^C S + (K * outof)^T V
+        hadamard  y = Dc (K * V) + into * s,          s <- gamma^C s + sum_j outof_j k_j v_j"""
+        pid = tl.program_id(0).to(tl.int64)                # over N * H
+        base = (pid // H) * L * H * DH + (pid % H) * DH
+        Dc, into, outof, gc = chunk_decays_tl(pid % H, decay_start, decay_step, CHUNK)
+        S = tl.zeros([DH, DH] if LINEAR else [1, DH], tl.float32)
+        for m in range(0, tl.cdiv(L, CHUNK)):
+            k, offs, mask = chunk_tl(k_ptr, base, m, L, H, CHUNK, DH)
+            v, _, _ = chunk_tl(v_ptr, base, m, L, H, CHUNK, DH)
+            if LINEAR:
+                q, _, _ = chunk_tl(q_ptr, base, m, L, H, CHUNK, DH)
+                A = dot_tl(q, tl.trans(k), PRECISION) * Dc
+                y = dot_tl(A, v, PRECISION) + dot_tl(q * into, S, PRECISION)
+                S = gc * S + dot_tl(tl.trans(k * outof), v, PRECISION)
+            else:
+                y = dot_tl(Dc, k * v, PRECISION) + into * S
+                S = gc * S + tl.sum(outof * k * v, 0)[None, :]
+            tl.store(y_ptr + offs, y, mask=mask)
+
+    @triton.jit
+    def attention_bwd_kernel(q_ptr, k_ptr, v_ptr, dy_ptr, dq_ptr, dk_ptr, dv_ptr, L, H, decay_start, decay_step,
+                             LINEAR: tl.constexpr, CHUNK: tl.constexpr, DH: tl.constexpr,
+                             PRECISION: tl.constexpr):
+        """Backward of attention_fwd_kernel; states are recomputed, never stored. Linear: a forward
+        sweep gives dQ = (dY V^T * Dc) K + (dY * into) S^T; a backward sweep carries dS, the
+        gradient of the state leaving the chunk: dK = (dY V^T * Dc)^T Q + (V * outof) dS^T,
+        dV = (Q K^T * Dc)^T dY + (K * outof) dS, then dS <- gamma^C dS + (Q * into)^T dY.
+        Hadamard: d(KV) = Dc^T dY + outof * ds, ds <- gamma^C ds + sum_i into_i dy_i."""
+        pid = tl.program_id(0).to(tl.int64)
+        base = (pid // H) * L * H * DH + (pid % H) * DH
+        Dc, into, outof, gc = chunk_decays_tl(pid % H, decay_start, decay_step, CHUNK)
+        n = tl.cdiv(L, CHUNK)
+        if LINEAR:
+            S = tl.zeros([DH, DH], tl.float32)
+            for m in range(0, n):
+                k, offs, mask = chunk_tl(k_ptr, base, m, L, H, CHUNK, DH)
+                v, _, _ = chunk_tl(v_ptr, base, m, L, H, CHUNK, DH)
+                dy, _, _ = chunk_tl(dy_ptr, base, m, L, H, CHUNK, DH)
+                dA = dot_tl(dy, tl.trans(v), PRECISION) * Dc
+                dq = dot_tl(dA, k, PRECISION) + dot_tl(dy * into, tl.trans(S), PRECISION)
+                tl.store(dq_ptr + offs, dq, mask=mask)
+                S = gc * S + dot_tl(tl.trans(k * outof), v, PRECISION)
+        dS = tl.zeros([DH, DH] if LINEAR else [1, DH], tl.float32)
+        for r in range(0, n):
+            m = n - 1 - r
+            k, offs, mask = chunk_tl(k_ptr, base, m, L, H, CHUNK, DH)
+            v, _, _ = chunk_tl(v_ptr, base, m, L, H, CHUNK, DH)
+            dy, _, _ = chunk_tl(dy_ptr, base, m, L, H, CHUNK, DH)
+            if LINEAR:
+                q, _, _ = chunk_tl(q_ptr, base, m, L, H, CHUNK, DH)
+                dA = dot_tl(dy, tl.trans(v), PRECISION) * Dc
+                A = dot_tl(q, tl.trans(k), PRECISION) * Dc
+                dk = dot_tl(tl.trans(dA), q, PRECISION) + dot_tl(v * outof, tl.trans(dS), PRECISION)
+                dv = dot_tl(tl.trans(A), dy, PRECISION) + dot_tl(k * outof, dS, PRECISION)
+                dS = gc * dS + dot_tl(tl.trans(q * into), dy, PRECISION)
+            else:
+                dkv = dot_tl(tl.trans(Dc), dy, PRECISION) + outof * dS
+                dk = dkv * v
+                dv = dkv * k
+                dS = gc * dS + tl.sum(into * dy, 0)[None, :]
+            tl.store(dk_ptr + offs, dk, mask=mask)
+            tl.store(dv_ptr + offs, dv, mask=mask)
+
+
 class TritonAttention(torch.autograd.Function):
     """Causal decayed attention of spikes q, k, v (N, L, H, dh) -> y (N, L, H, dh) fp32.
     Saves only its inputs (spikes, compact): the chunk matrices live in registers, not memory.
@@ -401,144 +702,61 @@ class TritonAttention(torch.autograd.Function):
         N, L, H, dh = q.shape
         y = torch.empty(q.shape, dtype=torch.float32, device=q.device)
         exact = q.dtype == torch.float32
+        attention_fwd_kernel[(N * H,)](q, k, v, y, L, H, *decay, LINEAR=linear, CHUNK=chunk, DH=dh,
+                                       PRECISION="ieee" if exact else "tf32x3", num_warps=4)
         ctx.meta = (linear, chunk, decay, "ieee" if exact else "tf32")
-        attention_fwd_kernel[(N * H,)](q, k, v, y, L, H, *decay, linear, chunk, dh, "ieee" if exact else "tf32x3",
-                                       num_warps=4)
         ctx.save_for_backward(q, k, v)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         q, k, v = ctx.saved_tensors
-        linear, chunk, decay, prec = ctx.meta
+        linear, chunk, decay, precision = ctx.meta
         N, L, H, dh = q.shape
-        dk, dv = (torch.empty(q.shape, dtype=torch.float32, device=q.device) for _ in range(2))
+        dk = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+        dv = torch.empty_like(dk)
         dq = torch.empty_like(dk) if linear else dk        # hadamard: y does not depend on q
-        attention_bwd_kernel[(N * H,)](q, k, v, dy.contiguous(), dq, dk, dv, L, H, *decay, linear, chunk, dh, prec,
-                                       num_warps=8)
+        attention_bwd_kernel[(N * H,)](q, k, v, dy.contiguous(), dq, dk, dv, L, H, *decay, LINEAR=linear,
+                                       CHUNK=chunk, DH=dh, PRECISION=precision, num_warps=8)
         return (dq if linear else None), dk, dv, None, None, None
 
-# ----------------------------------------------------------------------------- PyTorch reference neuron
+
+def attention_triton(q, k, v, linear, chunk, decay):
+    """The training form through TritonAttention, q, k, v (N, L, H, dh); the chunk becomes a power
+    of two of at least 16 (the smallest tile tl.dot takes)."""
+    return TritonAttention.apply(q, k, v, linear, max(16, triton.next_power_of_2(chunk)), decay)
 
 
-def surrogate_grad(u, cfg):
-    """S'(u), u = v - threshold: the gradient given to the step H(u) (stage 3's formulas)."""
-    a = cfg.alpha
-    if cfg.surrogate == "arctan":
-        return (a / 2) / (1 + (math.pi / 2 * a * u) ** 2)
-    if cfg.surrogate == "sigmoid":
-        sig = torch.sigmoid(a * u)
-        return a * sig * (1 - sig)
-    if cfg.surrogate == "fast_sigmoid":
-        return a / (2 * (1 + a * u.abs()) ** 2)
-    return (1 - u.abs() * a).clamp(min=0) * a
-
-
-class Heaviside(torch.autograd.Function):
-    """Forward H(u) = [u > 0]; backward the surrogate derivative S'(u)."""
-
-    @staticmethod
-    def forward(ctx, u, cfg):
-        ctx.save_for_backward(u)
-        ctx.cfg = cfg
-        return (u > 0).to(u.dtype)
-
-    @staticmethod
-    def backward(ctx, g):
-        (u,) = ctx.saved_tensors
-        return g * surrogate_grad(u, ctx.cfg), None
-
-
-def neuron_torch(x, beta, theta, cfg):
-    """The eager loop over T: v_t = beta v+_{t-1} + x_t, spike, reset; autograd does BPTT."""
-    x = x.float()
-    vp, a, out = 0.0, 0.0, []
-    for t in range(x.shape[0]):
-        v = beta * vp + x[t]
-        thr = theta + a
-        if cfg.neuron == "ternary":
-            sp, sn = Heaviside.apply(v - thr, cfg), Heaviside.apply(-v - thr, cfg)
-            s, r = sp - sn, (sp - sn if cfg.reset == "soft" else sp + sn)
+if triton is not None:
+    @triton.jit
+    def attention_step_kernel(q_ptr, k_ptr, v_ptr, state_ptr, y_ptr, H, decay_start, decay_step,
+                              LINEAR: tl.constexpr, DH: tl.constexpr):
+        """One position for one (timestep, sequence, head): S = gamma S + k^T v, y = q S
+        (linear; S is dh x dh) or c = gamma c + k * v, y = c (hadamard). State updated in place."""
+        pid = tl.program_id(0).to(tl.int64)                # over T * B * H
+        gamma = 1.0 - tl.exp2(-(decay_start + decay_step * (pid % H)).to(tl.float32))   # decays may be fp64
+        i = tl.arange(0, DH)
+        k = tl.load(k_ptr + pid * DH + i).to(tl.float32)
+        v = tl.load(v_ptr + pid * DH + i).to(tl.float32)
+        if LINEAR:
+            q = tl.load(q_ptr + pid * DH + i).to(tl.float32)
+            at = state_ptr + pid * DH * DH + i[:, None] * DH + i[None, :]
+            S = gamma * tl.load(at) + k[:, None] * v[None, :]
+            tl.store(at, S)
+            y = tl.sum(q[:, None] * S, 0)
         else:
-            s = r = Heaviside.apply(v - thr, cfg)
-        if cfg.detach_reset:
-            r = r.detach()
-        vp = v - thr * r if cfg.reset == "soft" else v * (1 - r)
-        if cfg.neuron == "alif":
-            a = cfg.alif_rho * a + cfg.alif_kappa * s
-        out.append(s)
-    return torch.stack(out)
-
-# ----------------------------------------------------------------------------- attention
-
-
-def head_decays(H, decay, device):
-    """gamma_h = 1 - 2^-(d0 + d1 h), decay = (d0, d1); float64 (powers are taken before rounding to fp32)."""
-    return 1.0 - 2.0 ** -(decay[0] + decay[1] * torch.arange(H, device=device, dtype=torch.float64))
-
-
-def attention_chunked(q, k, v, linear, chunk, decay, state=None, want_state=False):
-    """Causal decayed attention, q, k, v: (N, H, L, dh) fp32 or fp64 (N = T*B), in chunks of c positions.
-
-    linear:   y_l = sum_{j<=l} gamma^(l-j) (q_l . k_j) v_j    hadamard: y_l = sum_{j<=l} gamma^(l-j) k_j*v_j
-    Inside a chunk: (Q K^T * Dc) V with Dc[i, j] = gamma^(i-j). Across chunks: the state before
-    chunk m, S_m = gamma^(c m) S_0 + sum_{m'<m} gamma^(c (m-1-m')) K_m'^T diag(gamma^(c-1-j)) V_m',
-    reaches position i of chunk m as gamma^(i+1) q_i S_m. state: S_0, (N, H, dh, dh) or (N, H, dh).
-    Returns y (N, H, L, dh) and, if want_state, the state after the last position.
-    """
-    N, H, L, dh = q.shape
-    g = head_decays(H, decay, q.device)
-    c = min(chunk, L)
-    n = -(-L // c)
-    pad = (0, 0, 0, n * c - L)
-    qc, kc, vc = (F.pad(a, pad).view(N, H, n, c, dh) for a in (q, k, v))
-    i = torch.arange(c, device=q.device, dtype=torch.float64)
-    lag = i[:, None] - i[None, :]
-    Dc = torch.where(lag >= 0, g[:, None, None] ** lag.clamp(min=0), 0.0).to(q.dtype)[None, :, None]  # (1,H,1,c,c)
-    into = (g[:, None] ** (i + 1)).to(q.dtype)[None, :, None, :, None]       # (1, H, 1, c, 1)
-    outof = (g[:, None] ** (c - 1 - i)).to(q.dtype)[None, :, None, :, None]  # (1, H, 1, c, 1)
-    m = torch.arange(n, device=q.device, dtype=torch.float64)
-    lagm = m[:, None] - m[None, :] - 1
-    Dn = torch.where(lagm >= 0, g[:, None, None] ** (c * lagm.clamp(min=0)), 0.0).to(q.dtype)   # (H, n, n)
-    init = (g[:, None] ** (c * m)).to(q.dtype)                               # (H, n)
-    if linear:
-        y = ((qc @ kc.transpose(-1, -2)) * Dc) @ vc                      # (N, H, n, c, dh)
-        S = torch.einsum("hmp,nhpde->nhmde", Dn, (kc * outof).transpose(-1, -2) @ vc)
-        if state is not None:
-            S = S + init[None, :, :, None, None] * state[:, :, None]
-        y = y + (qc * into) @ S
-    else:
-        kv = kc * vc
-        y = Dc @ kv
-        S = torch.einsum("hmp,nhpd->nhmd", Dn, (kv * outof).sum(-2))
-        if state is not None:
-            S = S + init[None, :, :, None] * state[:, :, None]
-        y = y + into * S[:, :, :, None, :]
-    y = y.reshape(N, H, n * c, dh)[:, :, :L]
-    if not want_state:
-        return y, None
-    w = (g[:, None] ** (L - 1 - torch.arange(L, device=q.device, dtype=torch.float64))).to(q.dtype)   # (H, L)
-    kw = k * w[None, :, :, None]
-    new = kw.transpose(-1, -2) @ v if linear else (kw * v).sum(2)
-    if state is not None:
-        new = new + (g ** L).to(q.dtype).view(1, H, *([1] * (new.dim() - 2))) * state
-    return y, new
+            y = gamma * tl.load(state_ptr + pid * DH + i) + k * v
+            tl.store(state_ptr + pid * DH + i, y)
+        tl.store(y_ptr + pid * DH + i, y)
 
 
 def attention_step_triton(q, k, v, state, linear, decay):
-    """One position (L = 1) with the Triton step kernel; q, k, v (N, H, 1, dh); state in place."""
-    N, H, _, dh = q.shape
-    y = torch.empty(N, H, 1, dh, dtype=torch.float32, device=q.device)
-    decode_attention_kernel[(N * H,)](q.contiguous(), k.contiguous(), v.contiguous(), state, y, H, *decay,
-                                      LINEAR=linear, DH=dh)
-    return y, state
-
-# ----------------------------------------------------------------------------- model
-
-
-def rmsnorm(x, g, eps):
-    """x / sqrt(mean(x^2) + eps) * g over the last axis."""
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * g
+    """One position (L = 1), q, k, v (N, 1, H, dh) -> y (N, 1, H, dh) fp32; state updated in place."""
+    N, _, H, dh = q.shape
+    y = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    attention_step_kernel[(N * H,)](q.contiguous(), k.contiguous(), v.contiguous(), state, y, H, *decay,
+                                    LINEAR=linear, DH=dh)
+    return y
 
 
 class LeanRMSNorm(torch.autograd.Function):
@@ -560,195 +778,6 @@ class LeanRMSNorm(torch.autograd.Function):
         dxhat = dy * g
         dx = r * (dxhat - xhat * (dxhat * xhat).mean(-1, keepdim=True))
         return dx, (dy * xhat).reshape(-1, *g.shape).sum(0), None
-
-
-def norm(x, g, eps, run):
-    """The triton path uses the lean rmsnorm; the torch path lets autograd differentiate it."""
-    return LeanRMSNorm.apply(x, g, eps) if run.kernels == "triton" else rmsnorm(x, g, eps)
-
-
-class Weight(nn.Module):
-    """A module holding one parameter named `weight` (norm gains, the untied head)."""
-
-    def __init__(self, *shape):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(*shape))
-
-
-class Neuron(nn.Module):
-    """A spiking neuron site: fixed beta, theta, or PLIF's learnable w (beta = sigmoid(w)) and theta."""
-
-    def __init__(self, cfg, C, run):
-        super().__init__()
-        self.cfg, self.C, self.run, self.rate = cfg, C, run, None
-        if cfg.neuron == "plif":
-            self.w = nn.Parameter(torch.full((C,), math.log(cfg.beta / (1 - cfg.beta))))
-            self.theta = nn.Parameter(torch.full((C,), cfg.theta))
-        self.record = False
-
-    def forward(self, x, out_dtype):                   # x (T, ..., C) -> spikes (T, ..., C)
-        cfg = self.cfg
-        if not cfg.spiking:
-            s = torch.relu(x).to(out_dtype)
-        else:
-            if cfg.neuron == "plif":
-                beta, theta = torch.sigmoid(self.w), self.theta
-            else:
-                beta, theta = cfg.beta, cfg.theta
-            if self.run.kernels == "triton":
-                if cfg.neuron != "plif":
-                    beta = torch.full((self.C,), beta, device=x.device)
-                    theta = torch.full((self.C,), theta, device=x.device)
-                s = TritonNeuron.apply(x, beta, theta, cfg, out_dtype)
-            else:
-                s = neuron_torch(x, beta, theta, cfg).to(out_dtype)
-        if self.record:
-            self.rate = float((s != 0).float().mean())
-        return s
-
-
-class Attention(nn.Module):
-    def __init__(self, cfg, run):
-        super().__init__()
-        D = cfg.d_model
-        self.cfg, self.run = cfg, run
-        for name in ("wq", "wk", "wv", "wo"):
-            setattr(self, name, nn.Parameter(torch.zeros(D, D)))    # stored (in, out): y = x @ W
-        self.norm = Weight(D)
-        self.sn_q, self.sn_k, self.sn_v, self.sn_o = (Neuron(cfg, D, run) for _ in range(4))
-        self.rate_o = None
-
-    def forward(self, s, mm, dt, state):               # s (T, B, L, D) spikes -> (T, B, L, D)
-        cfg = self.cfg
-        T, B, L, D = s.shape
-        H, dh = cfg.n_head, D // cfg.n_head
-        q, k, v = self.sn_q(mm(s, self.wq), dt), self.sn_k(mm(s, self.wk), dt), self.sn_v(mm(s, self.wv), dt)
-        linear, decay = cfg.attention == "linear", (cfg.decay_start, cfg.decay_step)
-        fused = self.run.kernels == "triton" and dh >= 16 and dh == triton.next_power_of_2(dh)
-        if fused and state is None:                                             # training form
-            chunk = max(16, triton.next_power_of_2(self.run.chunk))
-            y = TritonAttention.apply(*(a.view(T * B, L, H, dh) for a in (q, k, v)), linear, chunk, decay)
-        else:
-            heads = [a.float().view(T * B, L, H, dh).transpose(1, 2) for a in (q, k, v)]   # (T*B, H, L, dh)
-            if fused and L == 1:
-                y, state = attention_step_triton(*heads, state, linear, decay)
-            else:
-                y, state = attention_chunked(*heads, linear, self.run.chunk, decay, state, want_state=state is not None)
-            y = y.transpose(1, 2)                                               # (T*B, L, H, dh)
-        n = norm(y, self.norm.weight.view(H, dh), cfg.norm_eps, self.run).reshape(T, B, L, D)
-        z = self.sn_o(n, dt)
-        o = z if linear else q * z
-        if self.sn_o.record:
-            self.rate_o = float((o != 0).float().mean())
-        return mm(o, self.wo), state
-
-
-class MLP(nn.Module):
-    def __init__(self, cfg, run):
-        super().__init__()
-        self.w1 = nn.Parameter(torch.zeros(cfg.d_model, cfg.d_ff))
-        self.w2 = nn.Parameter(torch.zeros(cfg.d_ff, cfg.d_model))
-        self.sn_h = Neuron(cfg, cfg.d_ff, run)
-
-    def forward(self, s, mm, dt):
-        return mm(self.sn_h(mm(s, self.w1), dt), self.w2)
-
-
-class Block(nn.Module):
-    def __init__(self, cfg, run):
-        super().__init__()
-        D = cfg.d_model
-        self.cfg, self.run = cfg, run
-        self.norm1, self.norm2 = Weight(D), Weight(D)
-        self.sn1, self.sn2 = Neuron(cfg, D, run), Neuron(cfg, D, run)
-        self.attn, self.mlp = Attention(cfg, run), MLP(cfg, run)
-        self.drop = nn.Dropout(cfg.dropout)              # on the branch outputs, in training only
-
-    def forward(self, h, mm, dt, state=None):          # h (T, B, L, D) real residual stream
-        eps, run = self.cfg.norm_eps, self.run
-        o, state = self.attn(self.sn1(norm(h, self.norm1.weight, eps, run), dt), mm, dt, state)
-        h = h + self.drop(o)
-        h = h + self.drop(self.mlp(self.sn2(norm(h, self.norm2.weight, eps, run), dt), mm, dt))
-        return h, state
-
-
-class SpikeLM(nn.Module):
-    """Stage 3's model; state_dict() keys are SPEC's parameter names, weights stored (in, out)."""
-
-    def __init__(self, cfg, run):
-        super().__init__()
-        self.cfg, self.run = cfg, run
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg, run) for _ in range(cfg.n_layer))
-        self.norm_f = Weight(cfg.d_model)
-        self.drop = nn.Dropout(cfg.dropout)
-        if not cfg.tie_embeddings:
-            self.head = Weight(cfg.d_model, cfg.vocab_size)
-        self.dt = getattr(torch, run.dtype)
-
-    def mm(self, x, W):
-        """x @ W in the matmul dtype (bf16 inputs, fp32 accumulation inside the GEMM)."""
-        return x.to(self.dt) @ W.to(self.dt)
-
-    def forward(self, idx, state=None):
-        """idx (B, L) -> logits (B, L, V) fp32; with state (a list per layer): recurrent/prefill form."""
-        cfg = self.cfg
-        T = S3.timesteps(cfg)
-        x = self.drop(self.embed(idx))                                # (B, L, D), one mask for all T
-        h = x.unsqueeze(0).expand(T, *x.shape)                        # (T, B, L, D)
-        new_state = []
-        for i, block in enumerate(self.blocks):
-            h, st = block(h, self.mm, self.dt, None if state is None else state[i])
-            new_state.append(st)
-        xf = rmsnorm(h.mean(0), self.norm_f.weight, cfg.norm_eps)     # (B, L, D)
-        W = self.embed.weight.t() if cfg.tie_embeddings else self.head.weight
-        logits = self.mm(xf, W).float()
-        if state is not None:
-            state[:] = new_state
-        return logits
-
-    def init_state(self, batch):
-        """Zero attention state per layer: (T*B, H, dh, dh) linear or (T*B, H, dh) hadamard."""
-        cfg = self.cfg
-        H, dh = cfg.n_head, cfg.d_model // cfg.n_head
-        shape = (S3.timesteps(cfg) * batch, H, dh) + ((dh,) if cfg.attention == "linear" else ())
-        return [torch.zeros(shape, device=self.embed.weight.device) for _ in range(cfg.n_layer)]
-
-    def spike_rates(self):
-        """Per layer {site: fraction of nonzero outputs} (stage 3's spike_rates layout); after a
-        forward with record on."""
-        out = []
-        for b in self.blocks:
-            a = b.attn
-            out.append({"sn1": b.sn1.rate, "attn.sn_q": a.sn_q.rate, "attn.sn_k": a.sn_k.rate,
-                        "attn.sn_v": a.sn_v.rate, "attn.sn_o": a.sn_o.rate, "sn2": b.sn2.rate,
-                        "mlp.sn_h": b.mlp.sn_h.rate, "wo_input": a.rate_o})
-        return out
-
-    def set_record(self, on):
-        for m in self.modules():
-            if isinstance(m, Neuron):
-                m.record = on
-
-
-def build_model(mcfg, run, params=None, seed=0):
-    """A SpikeLM on run.device with stage 3's initial parameters (or the given numpy params)."""
-    model = SpikeLM(mcfg, run)
-    load_params(model, params if params is not None else S3.init_params(mcfg, seed))
-    return model.to(run.device)
-
-
-def load_params(model, params):
-    """Copy {name: array} into the model; names and shapes must be SPEC's."""
-    shapes = S3.param_shapes(model.cfg)
-    S3.check_shapes("parameters", params, shapes)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(torch.as_tensor(np.asarray(params[name], dtype=np.float32)))
-
-
-def export_params(model):
-    return {n: p.detach().float().cpu().numpy() for n, p in model.named_parameters()}
 
 # ----------------------------------------------------------------------------- optimizer
 
@@ -827,10 +856,8 @@ def energy_report(model, x):
     """Spike rates per layer and site, operation counts and 45 nm energy per token (stage 3's
     conventions through its synaptic_ops)."""
     cfg = model.cfg
-    model.set_record(True)
-    model(x)
-    model.set_record(False)
-    rates = model.spike_rates()
+    with record_spike_rates(model) as rates:
+        model(x)
     ops = S3.synaptic_ops(cfg, rates)
     if not cfg.spiking:       # the twin itself: every layer is dense multiply-accumulates
         ops.update(ac=0.0, mac=ops["ann_mac"])
