@@ -132,8 +132,7 @@ def neuron_torch(x, beta, theta, cfg):
 
 
 def head_decays(H, decay, device):
-    """gamma_h = 1 - 2^-(decay_start + decay_step h), decay = (decay_start, decay_step); float64
-    (powers are taken before rounding to fp32)."""
+    """gamma_h = 1 - 2^-(decay_start + decay_step h) in float64 (powers taken before rounding to fp32)."""
     return 1.0 - 2.0 ** -(decay[0] + decay[1] * torch.arange(H, device=device, dtype=torch.float64))
 
 
@@ -263,7 +262,8 @@ class Attention(nn.Module):
             y = attention_step_triton(*qkv, state, linear, decay)
         else:
             heads = [a.float().transpose(1, 2) for a in qkv]                    # (T*B, H, L, dh)
-            y, state = attention_chunked(*heads, linear, run.chunk, decay, state, want_state=state is not None)
+            want_state = state is not None                                       # prefill: keep it
+            y, state = attention_chunked(*heads, linear, run.chunk, decay, state, want_state)
             y = y.transpose(1, 2)                                               # (T*B, L, H, dh)
         n = norm(y, self.norm.weight.view(H, dh), cfg.norm_eps, run.kernels).reshape(T, B, L, D)
         z = self.sn_o(n)
@@ -280,8 +280,7 @@ class MLP(nn.Module):
         self.dt = getattr(torch, run.dtype)
 
     def forward(self, s):                              # s (T, B, L, D) spikes -> (T, B, L, D)
-        u = self.sn_h(matmul(s, self.w1, self.dt))     # (T, B, L, d_ff) spikes
-        return matmul(u, self.w2, self.dt)
+        return matmul(self.sn_h(matmul(s, self.w1, self.dt)), self.w2, self.dt)
 
 
 class Block(nn.Module):
@@ -351,8 +350,7 @@ def build_model(mcfg, run, params=None, seed=0):
 
 def load_params(model, params):
     """Copy {name: array} into the model; names and shapes must be SPEC's."""
-    shapes = S3.param_shapes(model.cfg)
-    S3.check_shapes("parameters", params, shapes)
+    S3.check_shapes("parameters", params, S3.param_shapes(model.cfg))
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(torch.as_tensor(np.asarray(params[name], dtype=np.float32)))
@@ -475,9 +473,7 @@ if triton is not None:
         theta = tl.load(theta_ptr + cols, mask=cols < C, other=0.0)[None, :]
         vp = tl.zeros([BR, BC], tl.float32)
         a = tl.zeros([BR, BC], tl.float32)
-        vs = ()
-        thrs = ()
-        gss = ()
+        vs, thrs, gss = (), (), ()                         # x_t then v_t, ALIF thresholds, dL/ds_t
         for t in tl.static_range(T):                       # every load in flight before any store
             vs = vs + (tl.load(x_ptr + t * R * C + offs, mask=mask, other=0.0),)
             gss = gss + (tl.load(gs_ptr + t * R * C + offs, mask=mask, other=0.0),)
@@ -577,8 +573,8 @@ class TritonNeuron(torch.autograd.Function):
         gtheta = torch.empty_like(gbeta)
         neuron_bwd_kernel[grid](
             x, gs.contiguous(), gx, beta, theta, gbeta, gtheta, R, C, cfg.alif_rho, cfg.alif_kappa, cfg.alpha,
-            T=T, NEURON=NEURON_ID[cfg.neuron], SURROGATE=SURROGATE_ID[cfg.surrogate], HARD=cfg.reset == "hard",
-            DETACH=cfg.detach_reset, BR=br, BC=bc, num_warps=4)
+            T=T, NEURON=NEURON_ID[cfg.neuron], SURROGATE=SURROGATE_ID[cfg.surrogate],
+            HARD=cfg.reset == "hard", DETACH=cfg.detach_reset, BR=br, BC=bc, num_warps=4)
         if cfg.neuron != "plif":
             return gx, None, None, None, None
         return gx, gbeta.sum(0), gtheta.sum(0), None, None
@@ -603,7 +599,7 @@ if triton is not None:
         """For head h (gamma = 1 - 2^-(decay_start + decay_step h)): Dc[i, j] = gamma^(i-j) for
         j <= i (else 0), into_i = gamma^(i+1), outof_j = gamma^(CHUNK-1-j) and gamma^CHUNK
         (attention_chunked's factors)."""
-        lg = tl.log2(1.0 - tl.exp2(-(decay_start + decay_step * h).to(tl.float32)))   # fp32 even for fp64 decays
+        lg = tl.log2(1.0 - tl.exp2(-(decay_start + decay_step * h).to(tl.float32)))   # fp32, not fp64
         i = tl.arange(0, CHUNK).to(tl.float32)
         lag = i[:, None] - i[None, :]
         Dc = tl.where(lag >= 0, tl.exp2(tl.maximum(lag, 0.0) * lg), 0.0)
@@ -613,17 +609,15 @@ if triton is not None:
 
     @triton.jit
     def chunk_tl(ptr, base, m, L, H, CHUNK: tl.constexpr, DH: tl.constexpr):
-        """Chunk m (CHUNK positions, zero past L) of one head of a (N, L, H*DH) tensor, as fp32;
-        with its offsets and mask."""
+        """Chunk m (CHUNK positions, zero past L) of one head of (N, L, H*DH): fp32, offsets, mask."""
         rows = m * CHUNK + tl.arange(0, CHUNK)
         offs = base + rows[:, None] * (H * DH) + tl.arange(0, DH)[None, :]
         mask = rows[:, None] < L
         return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32), offs, mask
 
     @triton.jit
-    def attention_fwd_kernel(q_ptr, k_ptr, v_ptr, y_ptr, L, H, decay_start, decay_step,
-                             LINEAR: tl.constexpr, CHUNK: tl.constexpr, DH: tl.constexpr,
-                             PRECISION: tl.constexpr):
+    def attention_fwd_kernel(q_ptr, k_ptr, v_ptr, y_ptr, L, H, decay_start, decay_step, LINEAR: tl.constexpr,
+                             CHUNK: tl.constexpr, DH: tl.constexpr, PRECISION: tl.constexpr):
         """attention_chunked for one (timestep*sequence, head), the state carried in registers:
         linear    y = (Q K^T * Dc) V + (Q * into) S,   S <- gamma^C S + (K * outof)^T V
         hadamard  y = Dc (K * V) + into * s,          s <- gamma^C s + sum_j outof_j k_j v_j"""
@@ -645,9 +639,9 @@ if triton is not None:
             tl.store(y_ptr + offs, y, mask=mask)
 
     @triton.jit
-    def attention_bwd_kernel(q_ptr, k_ptr, v_ptr, dy_ptr, dq_ptr, dk_ptr, dv_ptr, L, H, decay_start, decay_step,
-                             LINEAR: tl.constexpr, CHUNK: tl.constexpr, DH: tl.constexpr,
-                             PRECISION: tl.constexpr):
+    def attention_bwd_kernel(q_ptr, k_ptr, v_ptr, dy_ptr, dq_ptr, dk_ptr, dv_ptr, L, H,
+                             decay_start, decay_step, LINEAR: tl.constexpr, CHUNK: tl.constexpr,
+                             DH: tl.constexpr, PRECISION: tl.constexpr):
         """Backward of attention_fwd_kernel; states are recomputed, never stored. Linear: a forward
         sweep gives dQ = (dY V^T * Dc) K + (dY * into) S^T; a backward sweep carries dS, the
         gradient of the state leaving the chunk: dK = (dY V^T * Dc)^T Q + (V * outof) dS^T,
@@ -682,8 +676,7 @@ if triton is not None:
                 dS = gc * dS + dot_tl(tl.trans(q * into), dy, PRECISION)
             else:
                 dkv = dot_tl(tl.trans(Dc), dy, PRECISION) + outof * dS
-                dk = dkv * v
-                dv = dkv * k
+                dk, dv = dkv * v, dkv * k
                 dS = gc * dS + tl.sum(into * dy, 0)[None, :]
             tl.store(dk_ptr + offs, dk, mask=mask)
             tl.store(dv_ptr + offs, dv, mask=mask)
@@ -713,8 +706,7 @@ class TritonAttention(torch.autograd.Function):
         q, k, v = ctx.saved_tensors
         linear, chunk, decay, precision = ctx.meta
         N, L, H, dh = q.shape
-        dk = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-        dv = torch.empty_like(dk)
+        dk, dv = (torch.empty(q.shape, dtype=torch.float32, device=q.device) for _ in range(2))
         dq = torch.empty_like(dk) if linear else dk        # hadamard: y does not depend on q
         attention_bwd_kernel[(N * H,)](q, k, v, dy.contiguous(), dq, dk, dv, L, H, *decay, LINEAR=linear,
                                        CHUNK=chunk, DH=dh, PRECISION=precision, num_warps=8)
@@ -822,15 +814,16 @@ def train_step(model, opt, mcfg, tcfg, data, step, device, fwd=None):
     loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), y.view(-1))
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip if tcfg.grad_clip > 0 else float("inf"))
+    clip = tcfg.grad_clip if tcfg.grad_clip > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     loss_value = loss.item()
     lr = S3.lr_at(step, tcfg)
     if not math.isfinite(loss_value):
-        return loss_value, float(norm), lr
+        return loss_value, float(grad_norm), lr
     for group in opt.param_groups:
         group["lr"] = lr * group["mult"]
     opt.step()
-    return loss_value, float(norm), lr
+    return loss_value, float(grad_norm), lr
 
 # ----------------------------------------------------------------------------- eval, energy, generation
 
@@ -866,8 +859,9 @@ def energy_report(model, x):
     lines = ["layer " + " ".join(f"{s.replace('attn.', ''):>9}" for s in sites)]
     lines += [f"{i:5d} " + " ".join(f"{r[s]:9.3f}" for s in sites) for i, r in enumerate(rates)]
     lines.append(f"mean spike rate {np.mean([r[s] for r in rates for s in S3.SITES]):.3f}")
-    lines.append(f"per token: spiking {ops['ac'] / 1e6:.2f} M AC + {ops['mac'] / 1e6:.2f} M MAC = {e_snn * 1e9:.2f} nJ;"
-                 f"  ANN twin {ops['ann_mac'] / 1e6:.2f} M MAC = {e_ann * 1e9:.2f} nJ (45 nm: AC 0.9 pJ, MAC 4.6 pJ)")
+    lines.append(f"per token: spiking {ops['ac'] / 1e6:.2f} M AC + {ops['mac'] / 1e6:.2f} M MAC = "
+                 f"{e_snn * 1e9:.2f} nJ;  ANN twin {ops['ann_mac'] / 1e6:.2f} M MAC = {e_ann * 1e9:.2f} nJ "
+                 "(45 nm: AC 0.9 pJ, MAC 4.6 pJ)")
     return "\n".join(lines), rates
 
 
@@ -922,19 +916,21 @@ def train(mcfg, tcfg, run, data_dir, ckpt_path, resume=False):
         for ctx in (mcfg.context, 4 * mcfg.context):
             r = eval_report(model, val, ctx, tcfg.eval_tokens, tok.decode, run.device)
             if r:
-                tqdm.write(f"step {done}: val @ context {ctx}: {r['nats']:.4f} nats/token, ppl {r['ppl']:.2f}, "
-                           f"{r['bpc']:.4f} bits/char ({r['tokens']} tokens, {r['chars']} chars)")
+                tqdm.write(f"step {done}: val @ context {ctx}: {r['nats']:.4f} nats/token, "
+                           f"ppl {r['ppl']:.2f}, {r['bpc']:.4f} bits/char "
+                           f"({r['tokens']} tokens, {r['chars']} chars)")
         model.train()
 
     t0, tokens_seen, done = time.time(), 0, step
-    bar = tqdm(range(step, tcfg.max_steps), initial=step, total=tcfg.max_steps, desc="train", dynamic_ncols=True)
+    bar = tqdm(range(step, tcfg.max_steps), initial=step, total=tcfg.max_steps, desc="train",
+               dynamic_ncols=True)
     try:
         for step in bar:
             loss, norm, lr = train_step(model, opt, mcfg, tcfg, train_data, step, run.device, fwd)
             if not math.isfinite(loss):
                 bar.close()
-                raise FloatingPointError(f"loss is {loss} at step {step}: stopping without saving; the last good "
-                                         f"checkpoint ({ckpt_path}, if any) is kept. Try a lower --lr.")
+                raise FloatingPointError(f"loss is {loss} at step {step}: stopping without saving; the last "
+                                         f"good checkpoint ({ckpt_path}, if any) is kept. Try a lower --lr.")
             done, tokens_seen = step + 1, tokens_seen + tcfg.batch_size * mcfg.context
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", gnorm=f"{norm:.2f}",
                             tok_s=f"{tokens_seen / (time.time() - t0):.0f}")
@@ -976,7 +972,8 @@ def build_parser():
         g = ap.add_argument_group(group, "preset values are used unless given")
         for f in fields(cls):
             kind = S3.parse_bool if f.type in (bool, "bool") else type(f.default)
-            g.add_argument(f"--{f.name}", type=kind, default=None, help=f"default {f.default!r} or the preset's")
+            g.add_argument(f"--{f.name}", type=kind, default=None,
+                           help=f"default {f.default!r} or the preset's")
     return ap
 
 
@@ -1013,9 +1010,11 @@ def main(argv=None):
     x, _ = S3.eval_windows(val, model.cfg.context, 8 * model.cfg.context)
     print("\nspike statistics on validation windows (rate = fraction of neurons firing per timestep):")
     print(energy_report(model, torch.from_numpy(x).to(run.device))[0])
-    print(f"\nsample (recurrent form, temperature {args.temperature}, top-k {args.top_k}, top-p {args.top_p}):")
+    print(f"\nsample (recurrent form, temperature {args.temperature}, top-k {args.top_k}, "
+          f"top-p {args.top_p}):")
     prompt = tok.decode(np.asarray(val[:8]).tolist())
-    stream_text(tok, model, prompt, args.max_new_tokens, args.sample_seed, args.temperature, args.top_k, args.top_p)
+    stream_text(tok, model, prompt, args.max_new_tokens, args.sample_seed,
+                args.temperature, args.top_k, args.top_p)
     print(f"\ncheckpoint: {ckpt}")
     return 0
 
