@@ -52,7 +52,6 @@ except ImportError:          # macOS, or a torch install without Triton: only --
     triton = None
 
 S3 = load_stage("3_spike_llm_numpy")      # the reference: configs, presets, data, schedule, I/O
-NEURONS, SURROGATES = S3.NEURONS, S3.SURROGATES
 
 # ----------------------------------------------------------------------------- config
 
@@ -322,15 +321,14 @@ class SpikeLM(nn.Module):
         T = S3.timesteps(cfg)
         x = self.drop(self.embed(idx))                                # (B, L, D), one mask for all T
         h = x.unsqueeze(0).expand(T, *x.shape)                        # (T, B, L, D)
-        new_state = []
         for i, block in enumerate(self.blocks):
-            h, st = block(h, None if state is None else state[i])
-            new_state.append(st)
+            if state is None:
+                h, _ = block(h)
+            else:
+                h, state[i] = block(h, state[i])                      # each layer's own state
         xf = rmsnorm(h.mean(0), self.norm_f.weight, cfg.norm_eps)     # (B, L, D)
         W = self.embed.weight.t() if cfg.tie_embeddings else self.head.weight
         logits = matmul(xf, W, self.dt).float()
-        if state is not None:
-            state[:] = new_state
         return logits
 
     def init_state(self, batch):
@@ -382,8 +380,8 @@ def record_spike_rates(model):
 # Neuron kinds and surrogates are compile-time constants, so each combination compiles to a
 # kernel with no branches. Input x is (T, R, C): T timesteps of R rows of C channels.
 
-NEURON_ID = {name: i for i, name in enumerate(NEURONS)}          # lif plif alif ternary
-SURROGATE_ID = {name: i for i, name in enumerate(SURROGATES)}    # arctan sigmoid fast_sigmoid triangle
+NEURON_ID = {name: i for i, name in enumerate(S3.NEURONS)}        # lif plif alif ternary
+SURROGATE_ID = {name: i for i, name in enumerate(S3.SURROGATES)}  # arctan sigmoid fast_sigmoid triangle
 
 if triton is not None:
     @triton.jit
@@ -799,9 +797,9 @@ def export_opt_state(opt):
     out = {"m": {}, "v": {}}
     for group in opt.param_groups:
         p, name = group["params"][0], group["name"]
-        st = opt.state.get(p, {})
-        out["m"][name] = st["exp_avg"].cpu().numpy() if st else np.zeros(tuple(p.shape), np.float32)
-        out["v"][name] = st["exp_avg_sq"].cpu().numpy() if st else np.zeros(tuple(p.shape), np.float32)
+        st = opt.state.get(p) or {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+        out["m"][name] = st["exp_avg"].cpu().numpy()
+        out["v"][name] = st["exp_avg_sq"].cpu().numpy()
     return out
 
 
