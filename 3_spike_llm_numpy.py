@@ -17,18 +17,18 @@ checked against finite differences (tests/test_stage3.py).
 import math
 import sys
 from dataclasses import dataclass, replace
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from spikelib.evaluation import bits_per_char, eval_batch, eval_result, eval_windows  # noqa: E402, F401
+from spikelib.evaluation import (bits_per_char, eval_batch, eval_result, eval_windows,  # noqa: E402, F401
+                                 validation_report)
 from spikelib.cli import (config_from_args, fail, given_options, preset_configs,  # noqa: E402
                           resumed_config, stage_parser)
 from spikelib.loop import run_steps  # noqa: E402
-from spikelib.report import energy_summary, eval_line, model_line, print_stream, print_summary  # noqa: E402
+from spikelib.report import energy_summary, model_line, print_evals, print_summary, stream_sample  # noqa: E402
 from spikelib.runs import (batch_rng, check_tokenizer, get_batch, load_dataset_info,  # noqa: E402, F401
                            load_tokenizer, open_split, prepare_dataset, save_model, summary_inputs)
 from spikelib.runs import load_model as read_model  # noqa: E402
@@ -680,21 +680,15 @@ def adamw_step(params, grads, opt, step, tcfg, n_layer, b1=0.9, b2=0.95, eps=1e-
 # ----------------------------------------------------------------------------- data, eval, checkpoints
 
 
-def evaluate(params, cfg, x, y, batch):
-    """Total nats over all targets y (n, L), forward only."""
-    total = 0.0
-    for b in range(0, len(x), batch):
-        logits, _ = forward(params, cfg, x[b:b + batch])
-        total += cross_entropy(logits, y[b:b + batch])[0] * y[b:b + batch].size
-    return total
+def batch_nats(params, cfg, x, y):
+    """Total nats of the targets y (B, L) under the parallel form, forward only."""
+    logits, _ = forward(params, cfg, x)
+    return cross_entropy(logits, y)[0] * y.size
 
 
 def eval_report(params, cfg, val, context, max_tokens, decode):
     """Validation figures on the fixed slice of val at the given context (None if it is empty)."""
-    x, y = eval_windows(val, context, max_tokens)
-    if len(x) == 0:
-        return None
-    return eval_result(evaluate(params, cfg, x, y, eval_batch(cfg.context, context)), y, decode)
+    return validation_report(partial(batch_nats, params, cfg), val, context, cfg.context, max_tokens, decode)
 
 
 def load_model(path):
@@ -733,10 +727,7 @@ def generate(params, cfg, prompt_ids, max_new_tokens, rng, temperature=1.0, top_
 
 def stream_text(tok, params, cfg, prompt, sc, out=None):
     """Sample sc.max_new_tokens after the prompt and print them as they come."""
-    ids = tok.encode(prompt) or [tok.bos_id]
-    rng = np.random.default_rng(sc.sample_seed)
-    new = generate(params, cfg, list(ids), sc.max_new_tokens, rng, sc.temperature, sc.top_k, sc.top_p)
-    return print_stream(tok, prompt, ids, new, out)
+    return stream_sample(tok, prompt, sc, partial(generate, params, cfg), out)
 
 # ----------------------------------------------------------------------------- spikes, synaptic ops, energy
 
@@ -794,10 +785,8 @@ def train(mcfg, tcfg, data_dir, ckpt_path, resume=False):
     print(model_line(n_params, mcfg, len(train_data), len(val)))
 
     def evaluate_now(done):
-        for ctx in (mcfg.context, 4 * mcfg.context):
-            r = eval_report(params, mcfg, val, ctx, tcfg.eval_tokens, tok.decode)
-            if r:
-                tqdm.write(eval_line(done, r))
+        report = partial(eval_report, params, mcfg, val, max_tokens=tcfg.eval_tokens, decode=tok.decode)
+        print_evals(done, report, mcfg.context)
 
     def save(done):
         save_model(ckpt_path, params, mcfg, tcfg, done, opt, tok_info, data_dir)

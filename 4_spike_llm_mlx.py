@@ -30,13 +30,12 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
-from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from spikelib.cli import config_from_args, fail, stage_parser  # noqa: E402
 from spikelib.hardware import blas_hint  # noqa: E402
 from spikelib.loop import run_steps  # noqa: E402
-from spikelib.report import energy_summary, eval_line, model_line, print_stream, print_summary  # noqa: E402
+from spikelib.report import energy_summary, model_line, print_evals, print_summary, stream_sample  # noqa: E402
 from spikelib.stages import load_stage  # noqa: E402
 
 ref = load_stage("3_spike_llm_numpy")          # the reference stage: config, data, schedule, I/O
@@ -378,21 +377,15 @@ def train_step(model, opt, step_fn, mcfg, tcfg, data, step):
 # ----------------------------------------------------------------------------- evaluation, checkpoints
 
 
-def total_nats(model, x, y, batch):
-    """Sum of -log p over all targets y (n, L), forward only, parallel form."""
-    total = 0.0
-    for b in range(0, len(x), batch):
-        logits, _, _ = model(mx.array(x[b:b + batch], mx.int32))
-        total += nn.losses.cross_entropy(logits, mx.array(y[b:b + batch], mx.int32), reduction="sum").item()
-    return total
+def batch_nats(model, x, y):
+    """Total nats of the targets y (B, L) under the parallel form, forward only."""
+    logits, _, _ = model(mx.array(x, mx.int32))
+    return nn.losses.cross_entropy(logits, mx.array(y, mx.int32), reduction="sum").item()
 
 
 def eval_report(model, cfg, val, context, max_tokens, decode):
     """Stage 3's validation figures on the same windows, in the same batches."""
-    x, y = ref.eval_windows(val, context, max_tokens)
-    if len(x) == 0:
-        return None
-    return ref.eval_result(total_nats(model, x, y, ref.eval_batch(cfg.context, context)), y, decode)
+    return ref.validation_report(partial(batch_nats, model), val, context, cfg.context, max_tokens, decode)
 
 
 def save(path, model, opt, cfg, tcfg, step, tok_info, data_dir):
@@ -423,10 +416,7 @@ def generate(model, prompt_ids, max_new_tokens, rng, temperature=1.0, top_k=0, t
 
 def stream_text(tok, model, prompt, sc, out=None):
     """Sample sc.max_new_tokens after the prompt and print them as they come."""
-    ids = tok.encode(prompt) or [tok.bos_id]
-    rng = np.random.default_rng(sc.sample_seed)
-    new = generate(model, list(ids), sc.max_new_tokens, rng, sc.temperature, sc.top_k, sc.top_p)
-    return print_stream(tok, prompt, ids, new, out)
+    return stream_sample(tok, prompt, sc, partial(generate, model), out)
 
 # ----------------------------------------------------------------------------- spikes and energy
 
@@ -454,10 +444,8 @@ def train(mcfg, tcfg, data_dir, ckpt_path, resume=False):
         print(blas_hint())
 
     def evaluate_now(done):
-        for ctx in (mcfg.context, 4 * mcfg.context):
-            r = eval_report(model, mcfg, val, ctx, tcfg.eval_tokens, tok.decode)
-            if r:
-                tqdm.write(eval_line(done, r))
+        report = partial(eval_report, model, mcfg, val, max_tokens=tcfg.eval_tokens, decode=tok.decode)
+        print_evals(done, report, mcfg.context)
 
     def save_now(done):
         save(ckpt_path, model, opt, mcfg, tcfg, done, tok_info, data_dir)

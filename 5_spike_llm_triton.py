@@ -1,22 +1,14 @@
 """Stage 5: the stage 3 spiking LLM in PyTorch, with fused Triton kernels for NVIDIA GPUs.
 
 The model is exactly stage 3's (same equations, parameter names and checkpoint file), written
-as torch nn.Modules. Two implementations of the two spiking hot spots sit side by side:
-
-  --kernels torch   a plain PyTorch loop over the T timesteps, differentiated by autograd:
-                    the readable reference, and the fallback without a GPU or Triton;
-  --kernels triton  fused Triton kernels: one kernel runs a neuron over all T timesteps in
-                    registers (input read once, spikes written as bf16), its backward
-                    recomputes the membrane from the input instead of storing it; an
-                    attention kernel runs the chunked training form with its state in
-                    registers (forward and backward, saving only the spikes); a step
-                    kernel updates the constant-size attention state during generation.
-
-Attention trains in a chunked form (masked matmuls inside a chunk, a decayed state carried
-between chunks) and decodes one token at a time from that state. Matmuls run in bf16 (spikes
-are exact in bf16) with fp32 accumulation; parameters, residual stream and AdamW stay fp32.
---compile 1 adds torch.compile on top of either path (it fuses the elementwise work between
-the kernels: the fastest way to train on a GPU).
+as torch nn.Modules. The file reads reference first: the PyTorch reference of the two spiking
+hot spots (a loop over the T timesteps of a neuron, differentiated by autograd; attention in
+its chunked form: masked matmuls inside a chunk, a decayed state carried between chunks), the
+model, then the Triton fast path that must equal it (--kernels triton): a neuron kernel that
+runs all T timesteps in registers and recomputes the membrane in its backward, an attention
+kernel with its state in registers (forward and backward, saving only the spikes), and a step
+kernel for decoding. Matmuls run in bf16 (spikes are exact in bf16) with fp32 accumulation;
+parameters, residual stream and AdamW stay fp32. --compile 1 adds torch.compile on either path.
 
     python 5_spike_llm_triton.py --preset base --source files:path/to/input.txt --compile 1
     python 5_spike_llm_triton.py --resume 1
@@ -25,25 +17,23 @@ the kernels: the fastest way to train on a GPU).
 
 Checkpoints move freely between stages 3, 4 and 5 (optimizer state included).
 """
-import argparse
 import math
-import os
 import sys
-import time
-from dataclasses import asdict, dataclass, fields
+from functools import partial
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from spikelib.checkpoint import CheckpointError, check_shapes  # noqa: E402
-from spikelib.cli import parse_bool  # noqa: E402
-from spikelib.report import E_AC, E_MAC, print_stream  # noqa: E402
+from spikelib.cli import add_config_options, config_from_args, fail, stage_parser  # noqa: E402
+from spikelib.loop import run_steps  # noqa: E402
+from spikelib.report import energy_summary, model_line, print_evals, print_summary, stream_sample  # noqa: E402
 from spikelib.stages import load_stage  # noqa: E402
+from spikelib.torch_io import (export_adam_moments, export_params, load_adam_moments,  # noqa: E402
+                               load_params, record_spike_rates, resolve_run)
 
 try:
     import triton
@@ -52,7 +42,6 @@ except ImportError:          # macOS, or a torch install without Triton: only --
     triton = None
 
 S3 = load_stage("3_spike_llm_numpy")      # the reference: configs, presets, data, schedule, I/O
-NEURONS, SURROGATES = S3.NEURONS, S3.SURROGATES
 
 # ----------------------------------------------------------------------------- config
 
@@ -67,359 +56,7 @@ class RunConfig:
     chunk: int = 64              # attention chunk length for the training form
 
 
-def resolve(rc):
-    """Fill in the 'auto' choices of a RunConfig for this machine."""
-    device = rc.device if rc.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    kernels = rc.kernels if rc.kernels != "auto" else ("triton" if device == "cuda" and triton else "torch")
-    if kernels == "triton" and triton is None:
-        raise ValueError("--kernels triton needs the triton package; use --kernels torch")
-    if kernels == "triton" and device != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("--kernels triton needs a CUDA GPU (or TRITON_INTERPRET=1 for slow CPU checks)")
-    dtype = rc.dtype if rc.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
-    return RunConfig(**dict(asdict(rc), kernels=kernels, device=device, dtype=dtype))
-
-# ----------------------------------------------------------------------------- Triton kernels
-# Neuron kinds and surrogates are compile-time constants, so each combination compiles to a
-# kernel with no branches. Input x is (T, R, C): T timesteps of R rows of C channels.
-
-NEURON_ID = {name: i for i, name in enumerate(NEURONS)}          # lif plif alif ternary
-SURROGATE_ID = {name: i for i, name in enumerate(SURROGATES)}    # arctan sigmoid fast_sigmoid triangle
-
-if triton is not None:
-    @triton.jit
-    def surrogate_grad_tl(u, alpha, SURROGATE: tl.constexpr):
-        """S'(u) for u = v - threshold (the formulas of stage 3's surrogate_grad)."""
-        if SURROGATE == 0:                                 # arctan
-            z = 1.5707963267948966 * alpha * u
-            g = 0.5 * alpha / (1.0 + z * z)
-        elif SURROGATE == 1:                               # sigmoid
-            sig = tl.sigmoid(alpha * u)
-            g = alpha * sig * (1.0 - sig)
-        elif SURROGATE == 2:                               # fast sigmoid
-            d = 1.0 + alpha * tl.abs(u)
-            g = alpha / (2.0 * d * d)
-        else:                                              # triangle of half-width 1/alpha
-            g = tl.maximum(0.0, 1.0 - tl.abs(u) * alpha) * alpha
-        return g
-
-    @triton.jit
-    def fire_tl(v, thr, NEURON: tl.constexpr, HARD: tl.constexpr):
-        """(s, r): the spike H(v - thr) (ternary: H(v-thr) - H(-v-thr)) and the reset amount r."""
-        if NEURON == 3:
-            sp = (v - thr > 0).to(tl.float32)
-            sn = (-v - thr > 0).to(tl.float32)
-            s = sp - sn
-            if HARD:
-                r = sp + sn
-            else:
-                r = s
-        else:
-            s = (v - thr > 0).to(tl.float32)
-            r = s
-        return s, r
-
-    @triton.jit
-    def reset_tl(v, r, thr, HARD: tl.constexpr):
-        """v+ = v * (1 - r) (hard) or v - thr * r (soft)."""
-        if HARD:
-            out = v * (1.0 - r)
-        else:
-            out = v - thr * r
-        return out
-
-    @triton.jit
-    def tile_tl(R, C, BR: tl.constexpr, BC: tl.constexpr):
-        """Offsets (BR, BC) of this program's tile inside one timestep, its mask and columns."""
-        rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
-        cols = tl.program_id(1) * BC + tl.arange(0, BC)
-        mask = (rows[:, None] < R) & (cols[None, :] < C)
-        return rows[:, None] * C + cols[None, :], mask, cols
-
-    @triton.jit
-    def neuron_fwd_kernel(x_ptr, s_ptr, beta_ptr, theta_ptr, R, C, rho, kappa,
-                          T: tl.constexpr, NEURON: tl.constexpr, HARD: tl.constexpr,
-                          BR: tl.constexpr, BC: tl.constexpr):
-        """All T steps of v_t = beta v+_{t-1} + x_t, s_t = H(v_t - thr_t), v+_t = reset: x read once."""
-        offs, mask, cols = tile_tl(R, C, BR, BC)
-        beta = tl.load(beta_ptr + cols, mask=cols < C, other=0.0)[None, :]
-        theta = tl.load(theta_ptr + cols, mask=cols < C, other=0.0)[None, :]
-        xs = ()
-        for t in tl.static_range(T):                       # every load in flight before any store
-            xs = xs + (tl.load(x_ptr + t * R * C + offs, mask=mask, other=0.0),)
-        vp = tl.zeros([BR, BC], tl.float32)
-        a = tl.zeros([BR, BC], tl.float32)                 # ALIF adaptation
-        for t in tl.static_range(T):
-            v = beta * vp + xs[t].to(tl.float32)
-            thr = theta + a
-            s, r = fire_tl(v, thr, NEURON, HARD)
-            vp = reset_tl(v, r, thr, HARD)
-            if NEURON == 2:
-                a = rho * a + kappa * s
-            tl.store(s_ptr + t * R * C + offs, s.to(s_ptr.dtype.element_ty), mask=mask)
-
-    @triton.jit
-    def neuron_bwd_kernel(x_ptr, gs_ptr, gx_ptr, beta_ptr, theta_ptr, gbeta_ptr, gtheta_ptr,
-                          R, C, rho, kappa, alpha,
-                          T: tl.constexpr, NEURON: tl.constexpr, SURROGATE: tl.constexpr,
-                          HARD: tl.constexpr, DETACH: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
-        """Backprop through time (stage 3's neuron_backward), the forward recomputed from x.
-
-        The membrane trajectory v_1..v_T (and ALIF thresholds) live in registers, not memory.
-        PLIF: each program writes its tile's column sums of dL/dbeta and dL/dtheta to row
-        program_id(0) of (n_row_tiles, C) buffers, summed by the caller (one small pass).
-        """
-        offs, mask, cols = tile_tl(R, C, BR, BC)
-        beta = tl.load(beta_ptr + cols, mask=cols < C, other=0.0)[None, :]
-        theta = tl.load(theta_ptr + cols, mask=cols < C, other=0.0)[None, :]
-        vp = tl.zeros([BR, BC], tl.float32)
-        a = tl.zeros([BR, BC], tl.float32)
-        vs = ()
-        thrs = ()
-        gss = ()
-        for t in tl.static_range(T):                       # every load in flight before any store
-            vs = vs + (tl.load(x_ptr + t * R * C + offs, mask=mask, other=0.0),)
-            gss = gss + (tl.load(gs_ptr + t * R * C + offs, mask=mask, other=0.0),)
-        for t in tl.static_range(T):                       # recompute the forward: v_t replaces x_t
-            v = beta * vp + vs[t].to(tl.float32)
-            thr = theta + a
-            s, r = fire_tl(v, thr, NEURON, HARD)
-            vp = reset_tl(v, r, thr, HARD)
-            vs = vs[:t] + (v,) + vs[t + 1:]
-            if NEURON == 2:
-                thrs = thrs + (thr,)
-                a = rho * a + kappa * s
-        g_v = tl.zeros([BR, BC], tl.float32)               # dL/dv_{t+1}
-        g_a = tl.zeros([BR, BC], tl.float32)               # dL/da_{t+1} (ALIF)
-        dbeta = tl.zeros([BR, BC], tl.float32)
-        dtheta = tl.zeros([BR, BC], tl.float32)
-        for t in tl.static_range(T - 1, -1, -1):
-            v = vs[t]
-            if NEURON == 2:
-                thr = thrs[t]
-            else:
-                thr = theta + tl.zeros([BR, BC], tl.float32)
-            s, r = fire_tl(v, thr, NEURON, HARD)
-            g_vp = beta * g_v                              # dL/dv+_t
-            if NEURON == 1:
-                dbeta += g_v * reset_tl(v, r, thr, HARD)
-            ds = gss[t].to(tl.float32)
-            if NEURON == 2:
-                ds = ds + kappa * g_a
-            if HARD:
-                dv = g_vp * (1.0 - r)
-                dthr = tl.zeros([BR, BC], tl.float32)
-                dr = -g_vp * v
-            else:
-                dv = g_vp
-                dthr = -g_vp * r
-                dr = -g_vp * thr
-            if DETACH:
-                dr = tl.zeros([BR, BC], tl.float32)
-            if NEURON == 3:
-                dsp = ds + dr
-                if HARD:
-                    dsn = dr - ds
-                else:
-                    dsn = -dsp
-                dv = dv + dsp * surrogate_grad_tl(v - thr, alpha, SURROGATE) \
-                    - dsn * surrogate_grad_tl(-v - thr, alpha, SURROGATE)
-            else:
-                du = (ds + dr) * surrogate_grad_tl(v - thr, alpha, SURROGATE)
-                dv = dv + du
-                dthr = dthr - du
-            if NEURON == 2:
-                g_a = rho * g_a + dthr
-            if NEURON == 1:
-                dtheta += dthr
-            tl.store(gx_ptr + t * R * C + offs, dv.to(gx_ptr.dtype.element_ty), mask=mask)
-            g_v = dv
-        if NEURON == 1:
-            out = tl.program_id(0) * C + cols
-            tl.store(gbeta_ptr + out, tl.sum(tl.where(mask, dbeta, 0.0), 0), mask=cols < C)
-            tl.store(gtheta_ptr + out, tl.sum(tl.where(mask, dtheta, 0.0), 0), mask=cols < C)
-
-    @triton.jit
-    def decode_attention_kernel(q_ptr, k_ptr, v_ptr, state_ptr, y_ptr, H, d0, d1,
-                                LINEAR: tl.constexpr, DH: tl.constexpr):
-        """One position for one (timestep, sequence, head): S = gamma S + k^T v, y = q S
-        (linear; S is dh x dh) or c = gamma c + k * v, y = c (hadamard). State updated in place."""
-        pid = tl.program_id(0).to(tl.int64)                # over T * B * H
-        gamma = 1.0 - tl.exp2(-(d0 + d1 * (pid % H)).to(tl.float32))     # d0, d1 may come as fp64
-        i = tl.arange(0, DH)
-        k = tl.load(k_ptr + pid * DH + i).to(tl.float32)
-        v = tl.load(v_ptr + pid * DH + i).to(tl.float32)
-        if LINEAR:
-            q = tl.load(q_ptr + pid * DH + i).to(tl.float32)
-            at = state_ptr + pid * DH * DH + i[:, None] * DH + i[None, :]
-            S = gamma * tl.load(at) + k[:, None] * v[None, :]
-            tl.store(at, S)
-            y = tl.sum(q[:, None] * S, 0)
-        else:
-            y = gamma * tl.load(state_ptr + pid * DH + i) + k * v
-            tl.store(state_ptr + pid * DH + i, y)
-        tl.store(y_ptr + pid * DH + i, y)
-
-    @triton.jit
-    def dot_tl(a, b, PREC: tl.constexpr):
-        """a @ b with fp32 accumulation; PREC: how fp32 inputs are multiplied (ieee, tf32, tf32x3)."""
-        return tl.dot(a, b, input_precision=PREC)
-
-    @triton.jit
-    def chunk_decays_tl(h, d0, d1, C: tl.constexpr):
-        """For head h (gamma = 1 - 2^-(d0 + d1 h)): Dc[i, j] = gamma^(i-j) for j <= i (else 0),
-        into_i = gamma^(i+1), outof_j = gamma^(C-1-j) and gamma^C (attention_chunked's factors)."""
-        lg = tl.log2(1.0 - tl.exp2(-(d0 + d1 * h).to(tl.float32)))        # fp32 even for fp64 d0, d1
-        i = tl.arange(0, C).to(tl.float32)
-        lag = i[:, None] - i[None, :]
-        Dc = tl.where(lag >= 0, tl.exp2(tl.maximum(lag, 0.0) * lg), 0.0)
-        return Dc, tl.exp2((i + 1) * lg)[:, None], tl.exp2((C - 1 - i) * lg)[:, None], tl.exp2(C * lg)
-
-    @triton.jit
-    def chunk_tl(ptr, base, m, L, H, C: tl.constexpr, DH: tl.constexpr):
-        """Chunk m (C positions, zero past L) of one head of a (N, L, H*DH) tensor, as fp32."""
-        rows = m * C + tl.arange(0, C)
-        offs = base + rows[:, None] * (H * DH) + tl.arange(0, DH)[None, :]
-        return tl.load(ptr + offs, mask=rows[:, None] < L, other=0.0).to(tl.float32), offs, rows[:, None] < L
-
-    @triton.jit
-    def attention_fwd_kernel(q_ptr, k_ptr, v_ptr, y_ptr, L, H, d0, d1, LINEAR: tl.constexpr, C: tl.constexpr,
-                             DH: tl.constexpr, PREC: tl.constexpr):
-        """attention_chunked for one (timestep*sequence, head), the state carried in registers:
-        linear    y = (Q K^T * Dc) V + (Q * into) S,   S <- gamma^C S + (K * outof)^T V
-        hadamard  y = Dc (K * V) + into * s,          s <- gamma^C s + sum_j outof_j k_j v_j"""
-        pid = tl.program_id(0).to(tl.int64)                # over N * H
-        base = (pid // H) * L * H * DH + (pid % H) * DH
-        Dc, into, outof, gc = chunk_decays_tl(pid % H, d0, d1, C)
-        S = tl.zeros([DH, DH] if LINEAR else [1, DH], tl.float32)
-        for m in range(0, tl.cdiv(L, C)):
-            k, offs, mask = chunk_tl(k_ptr, base, m, L, H, C, DH)
-            v, _, _ = chunk_tl(v_ptr, base, m, L, H, C, DH)
-            if LINEAR:
-                q, _, _ = chunk_tl(q_ptr, base, m, L, H, C, DH)
-                A = dot_tl(q, tl.trans(k), PREC) * Dc
-                y = dot_tl(A, v, PREC) + dot_tl(q * into, S, PREC)
-                S = gc * S + dot_tl(tl.trans(k * outof), v, PREC)
-            else:
-                y = dot_tl(Dc, k * v, PREC) + into * S
-                S = gc * S + tl.sum(outof * k * v, 0)[None, :]
-            tl.store(y_ptr + offs, y, mask=mask)
-
-    @triton.jit
-    def attention_bwd_kernel(q_ptr, k_ptr, v_ptr, dy_ptr, dq_ptr, dk_ptr, dv_ptr, L, H, d0, d1, LINEAR: tl.constexpr,
-                             C: tl.constexpr, DH: tl.constexpr, PREC: tl.constexpr):
-        """Backward of attention_fwd_kernel; states are recomputed, never stored. Linear: a forward
-        sweep gives dQ = (dY V^T * Dc) K + (dY * into) S^T; a backward sweep carries dS, the
-        gradient of the state leaving the chunk: dK = (dY V^T * Dc)^T Q + (V * outof) dS^T,
-        dV = (Q K^T * Dc)^T dY + (K * outof) dS, then dS <- gamma^C dS + (Q * into)^T dY.
-        Hadamard: d(KV) = Dc^T dY + outof * ds, ds <- gamma^C ds + sum_i into_i dy_i."""
-        pid = tl.program_id(0).to(tl.int64)
-        base = (pid // H) * L * H * DH + (pid % H) * DH
-        Dc, into, outof, gc = chunk_decays_tl(pid % H, d0, d1, C)
-        n = tl.cdiv(L, C)
-        if LINEAR:
-            S = tl.zeros([DH, DH], tl.float32)
-            for m in range(0, n):
-                k, offs, mask = chunk_tl(k_ptr, base, m, L, H, C, DH)
-                v, _, _ = chunk_tl(v_ptr, base, m, L, H, C, DH)
-                dy, _, _ = chunk_tl(dy_ptr, base, m, L, H, C, DH)
-                dA = dot_tl(dy, tl.trans(v), PREC) * Dc
-                dq = dot_tl(dA, k, PREC) + dot_tl(dy * into, tl.trans(S), PREC)
-                tl.store(dq_ptr + offs, dq, mask=mask)
-                S = gc * S + dot_tl(tl.trans(k * outof), v, PREC)
-        dS = tl.zeros([DH, DH] if LINEAR else [1, DH], tl.float32)
-        for r in range(0, n):
-            m = n - 1 - r
-            k, offs, mask = chunk_tl(k_ptr, base, m, L, H, C, DH)
-            v, _, _ = chunk_tl(v_ptr, base, m, L, H, C, DH)
-            dy, _, _ = chunk_tl(dy_ptr, base, m, L, H, C, DH)
-            if LINEAR:
-                q, _, _ = chunk_tl(q_ptr, base, m, L, H, C, DH)
-                dA = dot_tl(dy, tl.trans(v), PREC) * Dc
-                A = dot_tl(q, tl.trans(k), PREC) * Dc
-                dk = dot_tl(tl.trans(dA), q, PREC) + dot_tl(v * outof, tl.trans(dS), PREC)
-                dv = dot_tl(tl.trans(A), dy, PREC) + dot_tl(k * outof, dS, PREC)
-                dS = gc * dS + dot_tl(tl.trans(q * into), dy, PREC)
-            else:
-                dkv = dot_tl(tl.trans(Dc), dy, PREC) + outof * dS
-                dk, dv = dkv * v, dkv * k
-                dS = gc * dS + tl.sum(into * dy, 0)[None, :]
-            tl.store(dk_ptr + offs, dk, mask=mask)
-            tl.store(dv_ptr + offs, dv, mask=mask)
-
-
-def neuron_blocks(T, C):
-    """Tile shape (rows, channels): fewer elements per program for long T (registers)."""
-    bc = min(64, triton.next_power_of_2(C))
-    return max(1, (2048 if T <= 4 else 1024 if T <= 8 else 512) // bc), bc
-
-
-class TritonNeuron(torch.autograd.Function):
-    """Fused multi-step neuron: x (T, ..., C) -> spikes in out_dtype. beta, theta: (C,) fp32."""
-
-    @staticmethod
-    def forward(ctx, x, beta, theta, cfg, out_dtype):
-        x = x.contiguous()
-        T, C = x.shape[0], x.shape[-1]
-        R = x[0].numel() // C
-        s = torch.empty(x.shape, dtype=out_dtype, device=x.device)
-        br, bc = neuron_blocks(T, C)
-        neuron_fwd_kernel[(triton.cdiv(R, br), triton.cdiv(C, bc))](
-            x, s, beta, theta, R, C, cfg.alif_rho, cfg.alif_kappa, T=T, NEURON=NEURON_ID[cfg.neuron],
-            HARD=cfg.reset == "hard", BR=br, BC=bc, num_warps=4)
-        ctx.save_for_backward(x, beta, theta)
-        ctx.cfg = cfg
-        return s
-
-    @staticmethod
-    def backward(ctx, gs):
-        x, beta, theta = ctx.saved_tensors
-        cfg = ctx.cfg
-        T, C = x.shape[0], x.shape[-1]
-        R = x[0].numel() // C
-        br, bc = neuron_blocks(2 * T, C)
-        grid = (triton.cdiv(R, br), triton.cdiv(C, bc))
-        gx = torch.empty_like(x)
-        gbeta = torch.empty((grid[0], C), dtype=torch.float32, device=x.device)
-        gtheta = torch.empty_like(gbeta)
-        neuron_bwd_kernel[grid](
-            x, gs.contiguous(), gx, beta, theta, gbeta, gtheta, R, C, cfg.alif_rho, cfg.alif_kappa, cfg.alpha,
-            T=T, NEURON=NEURON_ID[cfg.neuron], SURROGATE=SURROGATE_ID[cfg.surrogate], HARD=cfg.reset == "hard",
-            DETACH=cfg.detach_reset, BR=br, BC=bc, num_warps=4)
-        if cfg.neuron != "plif":
-            return gx, None, None, None, None
-        return gx, gbeta.sum(0), gtheta.sum(0), None, None
-
-class TritonAttention(torch.autograd.Function):
-    """Causal decayed attention of spikes q, k, v (N, L, H, dh) -> y (N, L, H, dh) fp32.
-    Saves only its inputs (spikes, compact): the chunk matrices live in registers, not memory.
-    Products with decays run in fp32 for fp32 spikes. For bf16 spikes the forward takes three
-    TF32 products (about fp32: y decides spikes downstream) and the backward one (10-bit mantissa,
-    finer than the bf16 its gradients are handed back in)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, linear, chunk, decay):
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        N, L, H, dh = q.shape
-        y = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-        exact = q.dtype == torch.float32
-        ctx.meta = (linear, chunk, decay, "ieee" if exact else "tf32")
-        attention_fwd_kernel[(N * H,)](q, k, v, y, L, H, *decay, linear, chunk, dh, "ieee" if exact else "tf32x3",
-                                       num_warps=4)
-        ctx.save_for_backward(q, k, v)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        q, k, v = ctx.saved_tensors
-        linear, chunk, decay, prec = ctx.meta
-        N, L, H, dh = q.shape
-        dk, dv = (torch.empty(q.shape, dtype=torch.float32, device=q.device) for _ in range(2))
-        dq = torch.empty_like(dk) if linear else dk        # hadamard: y does not depend on q
-        attention_bwd_kernel[(N * H,)](q, k, v, dy.contiguous(), dq, dk, dv, L, H, *decay, linear, chunk, dh, prec,
-                                       num_warps=8)
-        return (dq if linear else None), dk, dv, None, None, None
-
-# ----------------------------------------------------------------------------- PyTorch reference neuron
+# ----------------------------------------------------------------------------- PyTorch reference
 
 
 def surrogate_grad(u, cfg):
@@ -459,7 +96,8 @@ def neuron_torch(x, beta, theta, cfg):
         thr = theta + a
         if cfg.neuron == "ternary":
             sp, sn = Heaviside.apply(v - thr, cfg), Heaviside.apply(-v - thr, cfg)
-            s, r = sp - sn, (sp - sn if cfg.reset == "soft" else sp + sn)
+            s = sp - sn
+            r = s if cfg.reset == "soft" else sp + sn
         else:
             s = r = Heaviside.apply(v - thr, cfg)
         if cfg.detach_reset:
@@ -469,13 +107,6 @@ def neuron_torch(x, beta, theta, cfg):
             a = cfg.alif_rho * a + cfg.alif_kappa * s
         out.append(s)
     return torch.stack(out)
-
-# ----------------------------------------------------------------------------- attention
-
-
-def head_decays(H, decay, device):
-    """gamma_h = 1 - 2^-(d0 + d1 h), decay = (d0, d1); float64 (powers are taken before rounding to fp32)."""
-    return 1.0 - 2.0 ** -(decay[0] + decay[1] * torch.arange(H, device=device, dtype=torch.float64))
 
 
 def attention_chunked(q, k, v, linear, chunk, decay, state=None, want_state=False):
@@ -488,14 +119,15 @@ def attention_chunked(q, k, v, linear, chunk, decay, state=None, want_state=Fals
     Returns y (N, H, L, dh) and, if want_state, the state after the last position.
     """
     N, H, L, dh = q.shape
-    g = head_decays(H, decay, q.device)
+    g = torch.from_numpy(S3.head_decays(H, *decay)).to(q.device)             # (H,) float64
     c = min(chunk, L)
     n = -(-L // c)
     pad = (0, 0, 0, n * c - L)
     qc, kc, vc = (F.pad(a, pad).view(N, H, n, c, dh) for a in (q, k, v))
     i = torch.arange(c, device=q.device, dtype=torch.float64)
     lag = i[:, None] - i[None, :]
-    Dc = torch.where(lag >= 0, g[:, None, None] ** lag.clamp(min=0), 0.0).to(q.dtype)[None, :, None]  # (1,H,1,c,c)
+    Dc = torch.where(lag >= 0, g[:, None, None] ** lag.clamp(min=0), 0.0)
+    Dc = Dc.to(q.dtype)[None, :, None]                                       # (1, H, 1, c, c)
     into = (g[:, None] ** (i + 1)).to(q.dtype)[None, :, None, :, None]       # (1, H, 1, c, 1)
     outof = (g[:, None] ** (c - 1 - i)).to(q.dtype)[None, :, None, :, None]  # (1, H, 1, c, 1)
     m = torch.arange(n, device=q.device, dtype=torch.float64)
@@ -518,28 +150,537 @@ def attention_chunked(q, k, v, linear, chunk, decay, state=None, want_state=Fals
     y = y.reshape(N, H, n * c, dh)[:, :, :L]
     if not want_state:
         return y, None
-    w = (g[:, None] ** (L - 1 - torch.arange(L, device=q.device, dtype=torch.float64))).to(q.dtype)   # (H, L)
-    kw = k * w[None, :, :, None]
+    lags = L - 1 - torch.arange(L, device=q.device, dtype=torch.float64)
+    kw = k * (g[:, None] ** lags).to(q.dtype)[None, :, :, None]            # k_j gamma^(L-1-j)
     new = kw.transpose(-1, -2) @ v if linear else (kw * v).sum(2)
     if state is not None:
         new = new + (g ** L).to(q.dtype).view(1, H, *([1] * (new.dim() - 2))) * state
     return y, new
 
 
-def attention_step_triton(q, k, v, state, linear, decay):
-    """One position (L = 1) with the Triton step kernel; q, k, v (N, H, 1, dh); state in place."""
-    N, H, _, dh = q.shape
-    y = torch.empty(N, H, 1, dh, dtype=torch.float32, device=q.device)
-    decode_attention_kernel[(N * H,)](q.contiguous(), k.contiguous(), v.contiguous(), state, y, H, *decay,
-                                      LINEAR=linear, DH=dh)
-    return y, state
+def rmsnorm(x, g, eps):
+    """x / sqrt(mean(x^2) + eps) * g over the last axis."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * g
 
 # ----------------------------------------------------------------------------- model
 
 
-def rmsnorm(x, g, eps):
-    """x / sqrt(mean(x^2) + eps) * g over the last axis."""
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * g
+def matmul(x, W, dt):
+    """x @ W in the matmul dtype dt (bf16 inputs, fp32 accumulation inside the GEMM)."""
+    return x.to(dt) @ W.to(dt)
+
+
+def norm(x, g, eps, kernels):
+    """The triton path uses the lean rmsnorm; the torch path lets autograd differentiate it."""
+    return LeanRMSNorm.apply(x, g, eps) if kernels == "triton" else rmsnorm(x, g, eps)
+
+
+class Weight(nn.Module):
+    """A module holding one parameter named `weight` (norm gains, the untied head)."""
+
+    def __init__(self, *shape):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(*shape))
+
+
+class Neuron(nn.Module):
+    """A spiking neuron site: fixed beta, theta, or PLIF's learnable w (beta = sigmoid(w)) and theta.
+    Its spikes come out in the matmul dtype, ready for the linear layer that reads them."""
+
+    def __init__(self, cfg, C, run):
+        super().__init__()
+        self.cfg, self.kernels, self.dt = cfg, run.kernels, getattr(torch, run.dtype)
+        if cfg.neuron == "plif":
+            self.w = nn.Parameter(torch.full((C,), math.log(cfg.beta / (1 - cfg.beta))))
+            self.theta = nn.Parameter(torch.full((C,), cfg.theta))
+
+    def forward(self, x):                              # x (T, ..., C) -> spikes (T, ..., C)
+        cfg = self.cfg
+        if not cfg.spiking:
+            return torch.relu(x).to(self.dt)
+        if cfg.neuron == "plif":
+            beta, theta = torch.sigmoid(self.w), self.theta
+        else:
+            beta, theta = cfg.beta, cfg.theta
+        if self.kernels == "triton":
+            return neuron_triton(x, beta, theta, cfg, self.dt)
+        return neuron_torch(x, beta, theta, cfg).to(self.dt)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg, run):
+        super().__init__()
+        D = cfg.d_model
+        self.cfg, self.run, self.dt = cfg, run, getattr(torch, run.dtype)
+        for name in ("wq", "wk", "wv", "wo"):
+            setattr(self, name, nn.Parameter(torch.zeros(D, D)))    # stored (in, out): y = x @ W
+        self.norm = Weight(D)
+        self.sn_q, self.sn_k, self.sn_v, self.sn_o = (Neuron(cfg, D, run) for _ in range(4))
+        self.wo_input = nn.Identity()      # passes o on unchanged: where record_spike_rates measures it
+
+    def forward(self, s, state=None):                  # s (T, B, L, D) spikes -> (T, B, L, D)
+        cfg, run = self.cfg, self.run
+        T, B, L, D = s.shape
+        H, dh = cfg.n_head, D // cfg.n_head
+        q = self.sn_q(matmul(s, self.wq, self.dt))
+        k = self.sn_k(matmul(s, self.wk, self.dt))
+        v = self.sn_v(matmul(s, self.wv, self.dt))
+        linear = cfg.attention == "linear"
+        decay = (cfg.decay_start, cfg.decay_step)
+        qkv = [a.view(T * B, L, H, dh) for a in (q, k, v)]                    # (T*B, L, H, dh)
+        fused = run.kernels == "triton" and dh >= 16 and dh == triton.next_power_of_2(dh)
+        if fused and state is None:                                             # training form
+            y = attention_triton(*qkv, linear, run.chunk, decay)
+        elif fused and L == 1:                                                  # one decoding step
+            y = attention_step_triton(*qkv, state, linear, decay)
+        else:
+            heads = [a.float().transpose(1, 2) for a in qkv]                    # (T*B, H, L, dh)
+            want_state = state is not None                                       # prefill: keep it
+            y, state = attention_chunked(*heads, linear, run.chunk, decay, state, want_state)
+            y = y.transpose(1, 2)                                               # (T*B, L, H, dh)
+        n = norm(y, self.norm.weight.view(H, dh), cfg.norm_eps, run.kernels).reshape(T, B, L, D)
+        z = self.sn_o(n)
+        o = self.wo_input(z if linear else q * z)        # hadamard: q * z, products of spikes
+        return matmul(o, self.wo, self.dt), state
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg, run):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.zeros(cfg.d_model, cfg.d_ff))
+        self.w2 = nn.Parameter(torch.zeros(cfg.d_ff, cfg.d_model))
+        self.sn_h = Neuron(cfg, cfg.d_ff, run)
+        self.dt = getattr(torch, run.dtype)
+
+    def forward(self, s):                              # s (T, B, L, D) spikes -> (T, B, L, D)
+        return matmul(self.sn_h(matmul(s, self.w1, self.dt)), self.w2, self.dt)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg, run):
+        super().__init__()
+        D = cfg.d_model
+        self.cfg, self.kernels = cfg, run.kernels
+        self.norm1, self.norm2 = Weight(D), Weight(D)
+        self.sn1, self.sn2 = Neuron(cfg, D, run), Neuron(cfg, D, run)
+        self.attn, self.mlp = Attention(cfg, run), MLP(cfg, run)
+        self.drop = nn.Dropout(cfg.dropout)              # on the branch outputs, in training only
+
+    def forward(self, h, state=None):                  # h (T, B, L, D) real residual stream
+        eps = self.cfg.norm_eps
+        s = self.sn1(norm(h, self.norm1.weight, eps, self.kernels))           # (T, B, L, D) spikes
+        o, state = self.attn(s, state)
+        h = h + self.drop(o)
+        s2 = self.sn2(norm(h, self.norm2.weight, eps, self.kernels))
+        h = h + self.drop(self.mlp(s2))
+        return h, state
+
+
+class SpikeLM(nn.Module):
+    """Stage 3's model; state_dict() keys are SPEC's parameter names, weights stored (in, out)."""
+
+    def __init__(self, cfg, run):
+        super().__init__()
+        self.cfg, self.dt = cfg, getattr(torch, run.dtype)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, run) for _ in range(cfg.n_layer))
+        self.norm_f = Weight(cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        if not cfg.tie_embeddings:
+            self.head = Weight(cfg.d_model, cfg.vocab_size)
+
+    def forward(self, idx, state=None):
+        """idx (B, L) -> logits (B, L, V) fp32; with state (a list per layer): recurrent/prefill form."""
+        cfg = self.cfg
+        T = S3.timesteps(cfg)
+        x = self.drop(self.embed(idx))                                # (B, L, D), one mask for all T
+        h = x.unsqueeze(0).expand(T, *x.shape)                        # (T, B, L, D)
+        for i, block in enumerate(self.blocks):
+            if state is None:
+                h, _ = block(h)
+            else:
+                h, state[i] = block(h, state[i])                      # each layer's own state
+        xf = rmsnorm(h.mean(0), self.norm_f.weight, cfg.norm_eps)     # (B, L, D)
+        W = self.embed.weight.t() if cfg.tie_embeddings else self.head.weight
+        return matmul(xf, W, self.dt).float()
+
+    def init_state(self, batch):
+        """Zero attention state per layer: (T*B, H, dh, dh) linear or (T*B, H, dh) hadamard."""
+        cfg = self.cfg
+        H, dh = cfg.n_head, cfg.d_model // cfg.n_head
+        shape = (S3.timesteps(cfg) * batch, H, dh) + ((dh,) if cfg.attention == "linear" else ())
+        return [torch.zeros(shape, device=self.embed.weight.device) for _ in range(cfg.n_layer)]
+
+
+def build_model(mcfg, run, params=None, seed=0):
+    """A SpikeLM on run.device with stage 3's initial parameters (or the given numpy params)."""
+    model = SpikeLM(mcfg, run)
+    load_params(model, params if params is not None else S3.init_params(mcfg, seed), S3.param_shapes(mcfg))
+    return model.to(run.device)
+
+
+def spike_rates(model):
+    """record_spike_rates at stage 3's sites of every block, and at what feeds wo."""
+    where = {site: site for site in S3.SITES} | {"wo_input": "attn.wo_input"}   # site -> module path
+    return record_spike_rates(model.blocks, where)
+
+# ----------------------------------------------------------------------------- Triton fast path
+# Neuron kinds and surrogates are compile-time constants, so each combination compiles to a
+# kernel with no branches. Input x is (T, R, C): T timesteps of R rows of C channels.
+
+NEURON_ID = {name: i for i, name in enumerate(S3.NEURONS)}        # lif plif alif ternary
+SURROGATE_ID = {name: i for i, name in enumerate(S3.SURROGATES)}  # arctan sigmoid fast_sigmoid triangle
+
+if triton is not None:
+    @triton.jit
+    def surrogate_grad_tl(u, alpha, SURROGATE: tl.constexpr):
+        """S'(u) for u = v - threshold (the formulas of stage 3's surrogate_grad)."""
+        if SURROGATE == 0:                                 # arctan
+            z = 1.5707963267948966 * alpha * u
+            g = 0.5 * alpha / (1.0 + z * z)
+        elif SURROGATE == 1:                               # sigmoid
+            sig = tl.sigmoid(alpha * u)
+            g = alpha * sig * (1.0 - sig)
+        elif SURROGATE == 2:                               # fast sigmoid
+            d = 1.0 + alpha * tl.abs(u)
+            g = alpha / (2.0 * d * d)
+        else:                                              # triangle of half-width 1/alpha
+            g = tl.maximum(0.0, 1.0 - tl.abs(u) * alpha) * alpha
+        return g
+
+    @triton.jit
+    def fire_tl(v, thr, NEURON: tl.constexpr, HARD: tl.constexpr):
+        """(s, r): the spike H(v - thr) (ternary: H(v-thr) - H(-v-thr)) and the reset amount r."""
+        s = (v - thr > 0).to(tl.float32)
+        r = s
+        if NEURON == 3:
+            sn = (-v - thr > 0).to(tl.float32)
+            r = s + sn if HARD else s - sn
+            s = s - sn
+        return s, r
+
+    @triton.jit
+    def reset_tl(v, r, thr, HARD: tl.constexpr):
+        """v+ = v * (1 - r) (hard) or v - thr * r (soft)."""
+        return v * (1.0 - r) if HARD else v - thr * r
+
+    @triton.jit
+    def tile_tl(R, C, BR: tl.constexpr, BC: tl.constexpr):
+        """Offsets (BR, BC) of this program's tile inside one timestep, its mask and columns."""
+        rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+        cols = tl.program_id(1) * BC + tl.arange(0, BC)
+        mask = (rows[:, None] < R) & (cols[None, :] < C)
+        return rows[:, None] * C + cols[None, :], mask, cols
+
+    @triton.jit
+    def neuron_fwd_kernel(x_ptr, s_ptr, beta_ptr, theta_ptr, R, C, alif_rho, alif_kappa,
+                          T: tl.constexpr, NEURON: tl.constexpr, HARD: tl.constexpr,
+                          BR: tl.constexpr, BC: tl.constexpr):
+        """All T steps of v_t = beta v+_{t-1} + x_t, s_t = H(v_t - thr_t), v+_t = reset: x read once."""
+        offs, mask, cols = tile_tl(R, C, BR, BC)
+        beta = tl.load(beta_ptr + cols, mask=cols < C, other=0.0)[None, :]
+        theta = tl.load(theta_ptr + cols, mask=cols < C, other=0.0)[None, :]
+        xs = ()
+        for t in tl.static_range(T):                       # every load in flight before any store
+            xs = xs + (tl.load(x_ptr + t * R * C + offs, mask=mask, other=0.0),)
+        vp = tl.zeros([BR, BC], tl.float32)
+        a = tl.zeros([BR, BC], tl.float32)                 # ALIF adaptation
+        for t in tl.static_range(T):
+            v = beta * vp + xs[t].to(tl.float32)
+            thr = theta + a
+            s, r = fire_tl(v, thr, NEURON, HARD)
+            vp = reset_tl(v, r, thr, HARD)
+            if NEURON == 2:
+                a = alif_rho * a + alif_kappa * s
+            tl.store(s_ptr + t * R * C + offs, s.to(s_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def neuron_bwd_kernel(x_ptr, gs_ptr, gx_ptr, beta_ptr, theta_ptr, gbeta_ptr, gtheta_ptr,
+                          R, C, alif_rho, alif_kappa, alpha,
+                          T: tl.constexpr, NEURON: tl.constexpr, SURROGATE: tl.constexpr,
+                          HARD: tl.constexpr, DETACH: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+        """Backprop through time (stage 3's neuron_backward), the forward recomputed from x.
+
+        The membrane trajectory v_1..v_T (and ALIF thresholds) live in registers, not memory.
+        PLIF: each program writes its tile's column sums of dL/dbeta and dL/dtheta to row
+        program_id(0) of (n_row_tiles, C) buffers, summed by the caller (one small pass).
+        """
+        offs, mask, cols = tile_tl(R, C, BR, BC)
+        beta = tl.load(beta_ptr + cols, mask=cols < C, other=0.0)[None, :]
+        theta = tl.load(theta_ptr + cols, mask=cols < C, other=0.0)[None, :]
+        vp = tl.zeros([BR, BC], tl.float32)
+        a = tl.zeros([BR, BC], tl.float32)
+        vs, thrs, gss = (), (), ()                         # x_t then v_t, ALIF thresholds, dL/ds_t
+        for t in tl.static_range(T):                       # every load in flight before any store
+            vs = vs + (tl.load(x_ptr + t * R * C + offs, mask=mask, other=0.0),)
+            gss = gss + (tl.load(gs_ptr + t * R * C + offs, mask=mask, other=0.0),)
+        for t in tl.static_range(T):                       # recompute the forward: v_t replaces x_t
+            v = beta * vp + vs[t].to(tl.float32)
+            thr = theta + a
+            s, r = fire_tl(v, thr, NEURON, HARD)
+            vp = reset_tl(v, r, thr, HARD)
+            vs = vs[:t] + (v,) + vs[t + 1:]
+            if NEURON == 2:
+                thrs = thrs + (thr,)
+                a = alif_rho * a + alif_kappa * s
+        g_v = tl.zeros([BR, BC], tl.float32)               # dL/dv_{t+1}
+        g_a = tl.zeros([BR, BC], tl.float32)               # dL/da_{t+1} (ALIF)
+        dbeta = tl.zeros([BR, BC], tl.float32)
+        dtheta = tl.zeros([BR, BC], tl.float32)
+        for t in tl.static_range(T - 1, -1, -1):
+            v = vs[t]
+            if NEURON == 2:
+                thr = thrs[t]
+            else:
+                thr = theta + tl.zeros([BR, BC], tl.float32)
+            s, r = fire_tl(v, thr, NEURON, HARD)
+            g_vp = beta * g_v                              # dL/dv+_t
+            if NEURON == 1:
+                dbeta += g_v * reset_tl(v, r, thr, HARD)
+            ds = gss[t].to(tl.float32)
+            if NEURON == 2:
+                ds = ds + alif_kappa * g_a
+            if HARD:
+                dv = g_vp * (1.0 - r)
+                dthr = tl.zeros([BR, BC], tl.float32)
+                dr = -g_vp * v
+            else:
+                dv = g_vp
+                dthr = -g_vp * r
+                dr = -g_vp * thr
+            if DETACH:
+                dr = tl.zeros([BR, BC], tl.float32)
+            if NEURON == 3:
+                dsp = ds + dr
+                dsn = dr - ds if HARD else -dsp
+                dv = dv + dsp * surrogate_grad_tl(v - thr, alpha, SURROGATE) \
+                    - dsn * surrogate_grad_tl(-v - thr, alpha, SURROGATE)
+            else:
+                du = (ds + dr) * surrogate_grad_tl(v - thr, alpha, SURROGATE)
+                dv = dv + du
+                dthr = dthr - du
+            if NEURON == 2:
+                g_a = alif_rho * g_a + dthr
+            if NEURON == 1:
+                dtheta += dthr
+            tl.store(gx_ptr + t * R * C + offs, dv.to(gx_ptr.dtype.element_ty), mask=mask)
+            g_v = dv
+        if NEURON == 1:
+            out = tl.program_id(0) * C + cols
+            tl.store(gbeta_ptr + out, tl.sum(tl.where(mask, dbeta, 0.0), 0), mask=cols < C)
+            tl.store(gtheta_ptr + out, tl.sum(tl.where(mask, dtheta, 0.0), 0), mask=cols < C)
+
+
+def neuron_blocks(T, C):
+    """Tile shape (rows, channels): fewer elements per program for long T (registers)."""
+    bc = min(64, triton.next_power_of_2(C))
+    return max(1, (2048 if T <= 4 else 1024 if T <= 8 else 512) // bc), bc
+
+
+class TritonNeuron(torch.autograd.Function):
+    """Fused multi-step neuron: x (T, ..., C) -> spikes in out_dtype. beta, theta: (C,) fp32."""
+
+    @staticmethod
+    def forward(ctx, x, beta, theta, cfg, out_dtype):
+        x = x.contiguous()
+        T, C = x.shape[0], x.shape[-1]
+        R = x[0].numel() // C
+        s = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+        br, bc = neuron_blocks(T, C)
+        neuron_fwd_kernel[(triton.cdiv(R, br), triton.cdiv(C, bc))](
+            x, s, beta, theta, R, C, cfg.alif_rho, cfg.alif_kappa,
+            T=T, NEURON=NEURON_ID[cfg.neuron], HARD=cfg.reset == "hard", BR=br, BC=bc, num_warps=4)
+        ctx.save_for_backward(x, beta, theta)
+        ctx.cfg, ctx.shape = cfg, (T, R, C)
+        return s
+
+    @staticmethod
+    def backward(ctx, gs):
+        x, beta, theta = ctx.saved_tensors
+        cfg, (T, R, C) = ctx.cfg, ctx.shape
+        br, bc = neuron_blocks(2 * T, C)
+        grid = (triton.cdiv(R, br), triton.cdiv(C, bc))
+        gx = torch.empty_like(x)
+        gbeta = torch.empty((grid[0], C), dtype=torch.float32, device=x.device)
+        gtheta = torch.empty_like(gbeta)
+        neuron_bwd_kernel[grid](
+            x, gs.contiguous(), gx, beta, theta, gbeta, gtheta, R, C, cfg.alif_rho, cfg.alif_kappa, cfg.alpha,
+            T=T, NEURON=NEURON_ID[cfg.neuron], SURROGATE=SURROGATE_ID[cfg.surrogate],
+            HARD=cfg.reset == "hard", DETACH=cfg.detach_reset, BR=br, BC=bc, num_warps=4)
+        if cfg.neuron != "plif":
+            return gx, None, None, None, None
+        return gx, gbeta.sum(0), gtheta.sum(0), None, None
+
+
+def neuron_triton(x, beta, theta, cfg, out_dtype):
+    """A neuron site through TritonNeuron; fixed (float) beta and theta become (C,) vectors."""
+    if cfg.neuron != "plif":
+        beta = torch.full(x.shape[-1:], beta, device=x.device)
+        theta = torch.full(x.shape[-1:], theta, device=x.device)
+    return TritonNeuron.apply(x, beta, theta, cfg, out_dtype)
+
+
+if triton is not None:
+    @triton.jit
+    def dot_tl(a, b, PRECISION: tl.constexpr):
+        """a @ b with fp32 accumulation; PRECISION: how fp32 inputs are multiplied (ieee, tf32, tf32x3)."""
+        return tl.dot(a, b, input_precision=PRECISION)
+
+    @triton.jit
+    def chunk_decays_tl(h, decay_start, decay_step, CHUNK: tl.constexpr):
+        """For head h (gamma = 1 - 2^-(decay_start + decay_step h)): Dc[i, j] = gamma^(i-j) for
+        j <= i (else 0), into_i = gamma^(i+1), outof_j = gamma^(CHUNK-1-j) and gamma^CHUNK
+        (attention_chunked's factors)."""
+        lg = tl.log2(1.0 - tl.exp2(-(decay_start + decay_step * h).to(tl.float32)))   # fp32, not fp64
+        i = tl.arange(0, CHUNK).to(tl.float32)
+        lag = i[:, None] - i[None, :]
+        Dc = tl.where(lag >= 0, tl.exp2(tl.maximum(lag, 0.0) * lg), 0.0)
+        into = tl.exp2((i + 1) * lg)[:, None]
+        outof = tl.exp2((CHUNK - 1 - i) * lg)[:, None]
+        return Dc, into, outof, tl.exp2(CHUNK * lg)
+
+    @triton.jit
+    def chunk_tl(ptr, base, m, L, H, CHUNK: tl.constexpr, DH: tl.constexpr):
+        """Chunk m (CHUNK positions, zero past L) of one head of (N, L, H*DH): fp32, offsets, mask."""
+        rows = m * CHUNK + tl.arange(0, CHUNK)
+        offs = base + rows[:, None] * (H * DH) + tl.arange(0, DH)[None, :]
+        mask = rows[:, None] < L
+        return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32), offs, mask
+
+    @triton.jit
+    def attention_fwd_kernel(q_ptr, k_ptr, v_ptr, y_ptr, L, H, decay_start, decay_step, LINEAR: tl.constexpr,
+                             CHUNK: tl.constexpr, DH: tl.constexpr, PRECISION: tl.constexpr):
+        """attention_chunked for one (timestep*sequence, head), the state carried in registers:
+        linear    y = (Q K^T * Dc) V + (Q * into) S,   S <- gamma^C S + (K * outof)^T V
+        hadamard  y = Dc (K * V) + into * s,          s <- gamma^C s + sum_j outof_j k_j v_j"""
+        pid = tl.program_id(0).to(tl.int64)                # over N * H
+        base = (pid // H) * L * H * DH + (pid % H) * DH
+        Dc, into, outof, gc = chunk_decays_tl(pid % H, decay_start, decay_step, CHUNK)
+        S = tl.zeros([DH, DH] if LINEAR else [1, DH], tl.float32)
+        for m in range(0, tl.cdiv(L, CHUNK)):
+            k, offs, mask = chunk_tl(k_ptr, base, m, L, H, CHUNK, DH)
+            v, _, _ = chunk_tl(v_ptr, base, m, L, H, CHUNK, DH)
+            if LINEAR:
+                q, _, _ = chunk_tl(q_ptr, base, m, L, H, CHUNK, DH)
+                A = dot_tl(q, tl.trans(k), PRECISION) * Dc
+                y = dot_tl(A, v, PRECISION) + dot_tl(q * into, S, PRECISION)
+                S = gc * S + dot_tl(tl.trans(k * outof), v, PRECISION)
+            else:
+                y = dot_tl(Dc, k * v, PRECISION) + into * S
+                S = gc * S + tl.sum(outof * k * v, 0)[None, :]
+            tl.store(y_ptr + offs, y, mask=mask)
+
+    @triton.jit
+    def attention_bwd_kernel(q_ptr, k_ptr, v_ptr, dy_ptr, dq_ptr, dk_ptr, dv_ptr, L, H,
+                             decay_start, decay_step, LINEAR: tl.constexpr, CHUNK: tl.constexpr,
+                             DH: tl.constexpr, PRECISION: tl.constexpr):
+        """Backward of attention_fwd_kernel; states are recomputed, never stored. Linear: a forward
+        sweep gives dQ = (dY V^T * Dc) K + (dY * into) S^T; a backward sweep carries dS, the
+        gradient of the state leaving the chunk: dK = (dY V^T * Dc)^T Q + (V * outof) dS^T,
+        dV = (Q K^T * Dc)^T dY + (K * outof) dS, then dS <- gamma^C dS + (Q * into)^T dY.
+        Hadamard: d(KV) = Dc^T dY + outof * ds, ds <- gamma^C ds + sum_i into_i dy_i."""
+        pid = tl.program_id(0).to(tl.int64)
+        base = (pid // H) * L * H * DH + (pid % H) * DH
+        Dc, into, outof, gc = chunk_decays_tl(pid % H, decay_start, decay_step, CHUNK)
+        n = tl.cdiv(L, CHUNK)
+        if LINEAR:
+            S = tl.zeros([DH, DH], tl.float32)
+            for m in range(0, n):
+                k, offs, mask = chunk_tl(k_ptr, base, m, L, H, CHUNK, DH)
+                v, _, _ = chunk_tl(v_ptr, base, m, L, H, CHUNK, DH)
+                dy, _, _ = chunk_tl(dy_ptr, base, m, L, H, CHUNK, DH)
+                dA = dot_tl(dy, tl.trans(v), PRECISION) * Dc
+                dq = dot_tl(dA, k, PRECISION) + dot_tl(dy * into, tl.trans(S), PRECISION)
+                tl.store(dq_ptr + offs, dq, mask=mask)
+                S = gc * S + dot_tl(tl.trans(k * outof), v, PRECISION)
+        dS = tl.zeros([DH, DH] if LINEAR else [1, DH], tl.float32)
+        for r in range(0, n):
+            m = n - 1 - r
+            k, offs, mask = chunk_tl(k_ptr, base, m, L, H, CHUNK, DH)
+            v, _, _ = chunk_tl(v_ptr, base, m, L, H, CHUNK, DH)
+            dy, _, _ = chunk_tl(dy_ptr, base, m, L, H, CHUNK, DH)
+            if LINEAR:
+                q, _, _ = chunk_tl(q_ptr, base, m, L, H, CHUNK, DH)
+                dA = dot_tl(dy, tl.trans(v), PRECISION) * Dc
+                A = dot_tl(q, tl.trans(k), PRECISION) * Dc
+                dk = dot_tl(tl.trans(dA), q, PRECISION) + dot_tl(v * outof, tl.trans(dS), PRECISION)
+                dv = dot_tl(tl.trans(A), dy, PRECISION) + dot_tl(k * outof, dS, PRECISION)
+                dS = gc * dS + dot_tl(tl.trans(q * into), dy, PRECISION)
+            else:
+                dkv = dot_tl(tl.trans(Dc), dy, PRECISION) + outof * dS
+                dk, dv = dkv * v, dkv * k
+                dS = gc * dS + tl.sum(into * dy, 0)[None, :]
+            tl.store(dk_ptr + offs, dk, mask=mask)
+            tl.store(dv_ptr + offs, dv, mask=mask)
+
+
+class TritonAttention(torch.autograd.Function):
+    """Causal decayed attention of spikes q, k, v (N, L, H, dh) -> y (N, L, H, dh) fp32.
+    Saves only its inputs (spikes, compact): the chunk matrices live in registers, not memory.
+    Products with decays run in fp32 for fp32 spikes. For bf16 spikes the forward takes three
+    TF32 products (about fp32: y decides spikes downstream) and the backward one (10-bit mantissa,
+    finer than the bf16 its gradients are handed back in)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, linear, chunk, decay):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        N, L, H, dh = q.shape
+        y = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+        exact = q.dtype == torch.float32
+        attention_fwd_kernel[(N * H,)](q, k, v, y, L, H, *decay, LINEAR=linear, CHUNK=chunk, DH=dh,
+                                       PRECISION="ieee" if exact else "tf32x3", num_warps=4)
+        ctx.meta = (linear, chunk, decay, "ieee" if exact else "tf32")
+        ctx.save_for_backward(q, k, v)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        q, k, v = ctx.saved_tensors
+        linear, chunk, decay, precision = ctx.meta
+        N, L, H, dh = q.shape
+        dk, dv = (torch.empty(q.shape, dtype=torch.float32, device=q.device) for _ in range(2))
+        dq = torch.empty_like(dk) if linear else dk        # hadamard: y does not depend on q
+        attention_bwd_kernel[(N * H,)](q, k, v, dy.contiguous(), dq, dk, dv, L, H, *decay, LINEAR=linear,
+                                       CHUNK=chunk, DH=dh, PRECISION=precision, num_warps=8)
+        return (dq if linear else None), dk, dv, None, None, None
+
+
+def attention_triton(q, k, v, linear, chunk, decay):
+    """The training form through TritonAttention, q, k, v (N, L, H, dh); the chunk becomes a power
+    of two of at least 16 (the smallest tile tl.dot takes)."""
+    return TritonAttention.apply(q, k, v, linear, max(16, triton.next_power_of_2(chunk)), decay)
+
+
+if triton is not None:
+    @triton.jit
+    def attention_step_kernel(q_ptr, k_ptr, v_ptr, state_ptr, y_ptr, H, decay_start, decay_step,
+                              LINEAR: tl.constexpr, DH: tl.constexpr):
+        """One position for one (timestep, sequence, head): S = gamma S + k^T v, y = q S
+        (linear; S is dh x dh) or c = gamma c + k * v, y = c (hadamard). State updated in place."""
+        pid = tl.program_id(0).to(tl.int64)                # over T * B * H
+        gamma = 1.0 - tl.exp2(-(decay_start + decay_step * (pid % H)).to(tl.float32))   # decays may be fp64
+        i = tl.arange(0, DH)
+        k = tl.load(k_ptr + pid * DH + i).to(tl.float32)
+        v = tl.load(v_ptr + pid * DH + i).to(tl.float32)
+        if LINEAR:
+            q = tl.load(q_ptr + pid * DH + i).to(tl.float32)
+            at = state_ptr + pid * DH * DH + i[:, None] * DH + i[None, :]
+            S = gamma * tl.load(at) + k[:, None] * v[None, :]
+            tl.store(at, S)
+            y = tl.sum(q[:, None] * S, 0)
+        else:
+            y = gamma * tl.load(state_ptr + pid * DH + i) + k * v
+            tl.store(state_ptr + pid * DH + i, y)
+        tl.store(y_ptr + pid * DH + i, y)
+
+
+def attention_step_triton(q, k, v, state, linear, decay):
+    """One position (L = 1), q, k, v (N, 1, H, dh) -> y (N, 1, H, dh) fp32; state updated in place."""
+    N, _, H, dh = q.shape
+    y = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    attention_step_kernel[(N * H,)](q.contiguous(), k.contiguous(), v.contiguous(), state, y, H, *decay,
+                                    LINEAR=linear, DH=dh)
+    return y
 
 
 class LeanRMSNorm(torch.autograd.Function):
@@ -562,195 +703,6 @@ class LeanRMSNorm(torch.autograd.Function):
         dx = r * (dxhat - xhat * (dxhat * xhat).mean(-1, keepdim=True))
         return dx, (dy * xhat).reshape(-1, *g.shape).sum(0), None
 
-
-def norm(x, g, eps, run):
-    """The triton path uses the lean rmsnorm; the torch path lets autograd differentiate it."""
-    return LeanRMSNorm.apply(x, g, eps) if run.kernels == "triton" else rmsnorm(x, g, eps)
-
-
-class Weight(nn.Module):
-    """A module holding one parameter named `weight` (norm gains, the untied head)."""
-
-    def __init__(self, *shape):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(*shape))
-
-
-class Neuron(nn.Module):
-    """A spiking neuron site: fixed beta, theta, or PLIF's learnable w (beta = sigmoid(w)) and theta."""
-
-    def __init__(self, cfg, C, run):
-        super().__init__()
-        self.cfg, self.C, self.run, self.rate = cfg, C, run, None
-        if cfg.neuron == "plif":
-            self.w = nn.Parameter(torch.full((C,), math.log(cfg.beta / (1 - cfg.beta))))
-            self.theta = nn.Parameter(torch.full((C,), cfg.theta))
-        self.record = False
-
-    def forward(self, x, out_dtype):                   # x (T, ..., C) -> spikes (T, ..., C)
-        cfg = self.cfg
-        if not cfg.spiking:
-            s = torch.relu(x).to(out_dtype)
-        else:
-            if cfg.neuron == "plif":
-                beta, theta = torch.sigmoid(self.w), self.theta
-            else:
-                beta, theta = cfg.beta, cfg.theta
-            if self.run.kernels == "triton":
-                if cfg.neuron != "plif":
-                    beta = torch.full((self.C,), beta, device=x.device)
-                    theta = torch.full((self.C,), theta, device=x.device)
-                s = TritonNeuron.apply(x, beta, theta, cfg, out_dtype)
-            else:
-                s = neuron_torch(x, beta, theta, cfg).to(out_dtype)
-        if self.record:
-            self.rate = float((s != 0).float().mean())
-        return s
-
-
-class Attention(nn.Module):
-    def __init__(self, cfg, run):
-        super().__init__()
-        D = cfg.d_model
-        self.cfg, self.run = cfg, run
-        for name in ("wq", "wk", "wv", "wo"):
-            setattr(self, name, nn.Parameter(torch.zeros(D, D)))    # stored (in, out): y = x @ W
-        self.norm = Weight(D)
-        self.sn_q, self.sn_k, self.sn_v, self.sn_o = (Neuron(cfg, D, run) for _ in range(4))
-        self.rate_o = None
-
-    def forward(self, s, mm, dt, state):               # s (T, B, L, D) spikes -> (T, B, L, D)
-        cfg = self.cfg
-        T, B, L, D = s.shape
-        H, dh = cfg.n_head, D // cfg.n_head
-        q, k, v = self.sn_q(mm(s, self.wq), dt), self.sn_k(mm(s, self.wk), dt), self.sn_v(mm(s, self.wv), dt)
-        linear, decay = cfg.attention == "linear", (cfg.decay_start, cfg.decay_step)
-        fused = self.run.kernels == "triton" and dh >= 16 and dh == triton.next_power_of_2(dh)
-        if fused and state is None:                                             # training form
-            chunk = max(16, triton.next_power_of_2(self.run.chunk))
-            y = TritonAttention.apply(*(a.view(T * B, L, H, dh) for a in (q, k, v)), linear, chunk, decay)
-        else:
-            heads = [a.float().view(T * B, L, H, dh).transpose(1, 2) for a in (q, k, v)]   # (T*B, H, L, dh)
-            if fused and L == 1:
-                y, state = attention_step_triton(*heads, state, linear, decay)
-            else:
-                y, state = attention_chunked(*heads, linear, self.run.chunk, decay, state, want_state=state is not None)
-            y = y.transpose(1, 2)                                               # (T*B, L, H, dh)
-        n = norm(y, self.norm.weight.view(H, dh), cfg.norm_eps, self.run).reshape(T, B, L, D)
-        z = self.sn_o(n, dt)
-        o = z if linear else q * z
-        if self.sn_o.record:
-            self.rate_o = float((o != 0).float().mean())
-        return mm(o, self.wo), state
-
-
-class MLP(nn.Module):
-    def __init__(self, cfg, run):
-        super().__init__()
-        self.w1 = nn.Parameter(torch.zeros(cfg.d_model, cfg.d_ff))
-        self.w2 = nn.Parameter(torch.zeros(cfg.d_ff, cfg.d_model))
-        self.sn_h = Neuron(cfg, cfg.d_ff, run)
-
-    def forward(self, s, mm, dt):
-        return mm(self.sn_h(mm(s, self.w1), dt), self.w2)
-
-
-class Block(nn.Module):
-    def __init__(self, cfg, run):
-        super().__init__()
-        D = cfg.d_model
-        self.cfg, self.run = cfg, run
-        self.norm1, self.norm2 = Weight(D), Weight(D)
-        self.sn1, self.sn2 = Neuron(cfg, D, run), Neuron(cfg, D, run)
-        self.attn, self.mlp = Attention(cfg, run), MLP(cfg, run)
-        self.drop = nn.Dropout(cfg.dropout)              # on the branch outputs, in training only
-
-    def forward(self, h, mm, dt, state=None):          # h (T, B, L, D) real residual stream
-        eps, run = self.cfg.norm_eps, self.run
-        o, state = self.attn(self.sn1(norm(h, self.norm1.weight, eps, run), dt), mm, dt, state)
-        h = h + self.drop(o)
-        h = h + self.drop(self.mlp(self.sn2(norm(h, self.norm2.weight, eps, run), dt), mm, dt))
-        return h, state
-
-
-class SpikeLM(nn.Module):
-    """Stage 3's model; state_dict() keys are SPEC's parameter names, weights stored (in, out)."""
-
-    def __init__(self, cfg, run):
-        super().__init__()
-        self.cfg, self.run = cfg, run
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg, run) for _ in range(cfg.n_layer))
-        self.norm_f = Weight(cfg.d_model)
-        self.drop = nn.Dropout(cfg.dropout)
-        if not cfg.tie_embeddings:
-            self.head = Weight(cfg.d_model, cfg.vocab_size)
-        self.dt = getattr(torch, run.dtype)
-
-    def mm(self, x, W):
-        """x @ W in the matmul dtype (bf16 inputs, fp32 accumulation inside the GEMM)."""
-        return x.to(self.dt) @ W.to(self.dt)
-
-    def forward(self, idx, state=None):
-        """idx (B, L) -> logits (B, L, V) fp32; with state (a list per layer): recurrent/prefill form."""
-        cfg = self.cfg
-        T = S3.timesteps(cfg)
-        x = self.drop(self.embed(idx))                                # (B, L, D), one mask for all T
-        h = x.unsqueeze(0).expand(T, *x.shape)                        # (T, B, L, D)
-        new_state = []
-        for i, block in enumerate(self.blocks):
-            h, st = block(h, self.mm, self.dt, None if state is None else state[i])
-            new_state.append(st)
-        xf = rmsnorm(h.mean(0), self.norm_f.weight, cfg.norm_eps)     # (B, L, D)
-        W = self.embed.weight.t() if cfg.tie_embeddings else self.head.weight
-        logits = self.mm(xf, W).float()
-        if state is not None:
-            state[:] = new_state
-        return logits
-
-    def init_state(self, batch):
-        """Zero attention state per layer: (T*B, H, dh, dh) linear or (T*B, H, dh) hadamard."""
-        cfg = self.cfg
-        H, dh = cfg.n_head, cfg.d_model // cfg.n_head
-        shape = (S3.timesteps(cfg) * batch, H, dh) + ((dh,) if cfg.attention == "linear" else ())
-        return [torch.zeros(shape, device=self.embed.weight.device) for _ in range(cfg.n_layer)]
-
-    def spike_rates(self):
-        """Per layer {site: fraction of nonzero outputs} (stage 3's spike_rates layout); after a
-        forward with record on."""
-        out = []
-        for b in self.blocks:
-            a = b.attn
-            out.append({"sn1": b.sn1.rate, "attn.sn_q": a.sn_q.rate, "attn.sn_k": a.sn_k.rate,
-                        "attn.sn_v": a.sn_v.rate, "attn.sn_o": a.sn_o.rate, "sn2": b.sn2.rate,
-                        "mlp.sn_h": b.mlp.sn_h.rate, "wo_input": a.rate_o})
-        return out
-
-    def set_record(self, on):
-        for m in self.modules():
-            if isinstance(m, Neuron):
-                m.record = on
-
-
-def build_model(mcfg, run, params=None, seed=0):
-    """A SpikeLM on run.device with stage 3's initial parameters (or the given numpy params)."""
-    model = SpikeLM(mcfg, run)
-    load_params(model, params if params is not None else S3.init_params(mcfg, seed))
-    return model.to(run.device)
-
-
-def load_params(model, params):
-    """Copy {name: array} into the model; names and shapes must be SPEC's."""
-    shapes = S3.param_shapes(model.cfg)
-    check_shapes("parameters", params, shapes)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(torch.as_tensor(np.asarray(params[name], dtype=np.float32)))
-
-
-def export_params(model):
-    return {n: p.detach().float().cpu().numpy() for n, p in model.named_parameters()}
-
 # ----------------------------------------------------------------------------- optimizer
 
 
@@ -766,27 +718,12 @@ def make_optimizer(model, tcfg, opt_state=None, step=0):
     fused = next(model.parameters()).is_cuda
     opt = torch.optim.AdamW(groups, lr=tcfg.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
     if opt_state is not None:
-        for group in opt.param_groups:
-            p, name = group["params"][0], group["name"]
-            opt.state[p] = {"step": torch.tensor(float(step), device=p.device if fused else "cpu"),
-                            "exp_avg": torch.as_tensor(opt_state["m"][name], device=p.device).clone(),
-                            "exp_avg_sq": torch.as_tensor(opt_state["v"][name], device=p.device).clone()}
+        load_adam_moments(opt, opt_state, step)
     return opt
 
 
-def export_opt_state(opt):
-    """{"m": {name: array}, "v": {...}}, the checkpoint layout (zeros before the first step)."""
-    out = {"m": {}, "v": {}}
-    for group in opt.param_groups:
-        p, name = group["params"][0], group["name"]
-        st = opt.state.get(p, {})
-        out["m"][name] = st["exp_avg"].cpu().numpy() if st else np.zeros(tuple(p.shape), np.float32)
-        out["v"][name] = st["exp_avg_sq"].cpu().numpy() if st else np.zeros(tuple(p.shape), np.float32)
-    return out
-
-
 def train_step(model, opt, mcfg, tcfg, data, step, device, fwd=None):
-    """One step on the batch fixed by (seed, step): (loss, grad norm, lr); params untouched on NaN."""
+    """One step on the batch fixed by (seed, step): (loss, stats); params untouched on NaN."""
     x, y = S3.get_batch(data, tcfg.batch_size, mcfg.context, S3.batch_rng(tcfg.seed, step))
     torch.manual_seed(tcfg.seed * 1_000_003 + step)      # dropout masks, fixed by (seed, step) too
     x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
@@ -794,55 +731,40 @@ def train_step(model, opt, mcfg, tcfg, data, step, device, fwd=None):
     loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), y.view(-1))
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip if tcfg.grad_clip > 0 else float("inf"))
+    clip = tcfg.grad_clip if tcfg.grad_clip > 0 else float("inf")
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
     loss_value = loss.item()
     lr = S3.lr_at(step, tcfg)
-    if not math.isfinite(loss_value):
-        return loss_value, float(norm), lr
-    for group in opt.param_groups:
-        group["lr"] = lr * group["mult"]
-    opt.step()
-    return loss_value, float(norm), lr
+    if math.isfinite(loss_value):
+        for group in opt.param_groups:
+            group["lr"] = lr * group["mult"]
+        opt.step()
+    return loss_value, {"lr": lr, "grad_norm": grad_norm}
 
 # ----------------------------------------------------------------------------- eval, energy, generation
 
 
 @torch.no_grad()
-def eval_report(model, val, context, max_tokens, decode, device):
-    """nats/token, perplexity and BPC on stage 3's fixed validation slice (same characters)."""
-    x, y = S3.eval_windows(val, context, max_tokens)
-    if len(x) == 0:
-        return None
-    total = 0.0
-    for b in range(0, len(x), 8):
-        xb, yb = torch.from_numpy(x[b:b + 8]).to(device), torch.from_numpy(y[b:b + 8]).to(device)
-        logits = model(xb)
-        total += float(F.cross_entropy(logits.view(-1, logits.shape[-1]), yb.view(-1), reduction="sum"))
-    n_chars = len(decode(y.ravel().tolist()))
-    return {"nats": total / y.size, "ppl": math.exp(total / y.size), "bpc": S3.bits_per_char(total, n_chars),
-            "tokens": int(y.size), "chars": n_chars, "context": context}
+def batch_nats(model, x, y):
+    """Total nats of the targets y (B, L) under the parallel form, forward only."""
+    device = model.embed.weight.device
+    logits = model(torch.from_numpy(x).to(device))
+    y = torch.from_numpy(y).to(device)
+    return float(F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum"))
+
+
+def eval_report(model, val, context, max_tokens, decode):
+    """Stage 3's validation figures on the same windows, in the same batches."""
+    nats = partial(batch_nats, model)
+    return S3.validation_report(nats, val, context, model.cfg.context, max_tokens, decode)
 
 
 @torch.no_grad()
 def energy_report(model, x):
-    """Spike rates per layer and site, operation counts and 45 nm energy per token (stage 3's
-    conventions through its synaptic_ops)."""
-    cfg = model.cfg
-    model.set_record(True)
-    model(x)
-    model.set_record(False)
-    rates = model.spike_rates()
-    ops = S3.synaptic_ops(cfg, rates)
-    if not cfg.spiking:       # the twin itself: every layer is dense multiply-accumulates
-        ops.update(ac=0.0, mac=ops["ann_mac"])
-    e_snn, e_ann = ops["ac"] * E_AC + ops["mac"] * E_MAC, ops["ann_mac"] * E_MAC
-    sites = list(rates[0])
-    lines = ["layer " + " ".join(f"{s.replace('attn.', ''):>9}" for s in sites)]
-    lines += [f"{i:5d} " + " ".join(f"{r[s]:9.3f}" for s in sites) for i, r in enumerate(rates)]
-    lines.append(f"mean spike rate {np.mean([r[s] for r in rates for s in S3.SITES]):.3f}")
-    lines.append(f"per token: spiking {ops['ac'] / 1e6:.2f} M AC + {ops['mac'] / 1e6:.2f} M MAC = {e_snn * 1e9:.2f} nJ;"
-                 f"  ANN twin {ops['ann_mac'] / 1e6:.2f} M MAC = {e_ann * 1e9:.2f} nJ (45 nm: AC 0.9 pJ, MAC 4.6 pJ)")
-    return "\n".join(lines), rates
+    """Spike rates per layer and site (recorded by hooks), counted and reported as stage 3 does."""
+    with spike_rates(model) as rates:
+        model(x)
+    return energy_summary(model.cfg, S3.synaptic_ops(model.cfg, rates), rates)
 
 
 @torch.no_grad()
@@ -858,139 +780,76 @@ def generate(model, prompt_ids, max_new_tokens, rng, temperature=1.0, top_k=0, t
         logits = model(torch.tensor([[nxt]], device=device), state)[0, -1]
 
 
-def stream_text(tok, model, prompt, max_new_tokens, seed=0, temperature=0.8, top_k=40, top_p=0.95, out=None):
-    """Sample max_new_tokens after the prompt and print them as they come (stage 3's printer)."""
-    ids = tok.encode(prompt) or [tok.bos_id]
-    new = generate(model, list(ids), max_new_tokens, np.random.default_rng(seed), temperature, top_k, top_p)
-    return print_stream(tok, prompt, ids, new, out)
+def stream_text(tok, model, prompt, sc, out=None):
+    """Sample sc.max_new_tokens after the prompt and print them as they come."""
+    return stream_sample(tok, prompt, sc, partial(generate, model), out)
 
 # ----------------------------------------------------------------------------- training
 
 
 def save(path, model, opt, mcfg, tcfg, step, tok_info, data_dir):
     """Stage 3's checkpoint file: params, AdamW moments, config with the completed step."""
-    S3.save_model(path, export_params(model), mcfg, tcfg, step, export_opt_state(opt), tok_info, data_dir)
+    S3.save_model(path, export_params(model), mcfg, tcfg, step, export_adam_moments(opt), tok_info, data_dir)
 
 
 def train(mcfg, tcfg, run, data_dir, ckpt_path, resume=False):
-    """The training loop: tqdm, periodic eval + checkpoint, exact resume, Ctrl-C saves, NaN guard."""
-    meta, tok, tok_info = S3.load_dataset_info(data_dir)
+    """Train from scratch or from any stage's checkpoint; spikelib.loop runs train_step with a
+    progress bar, periodic evaluation and checkpoints, the time limit, the NaN guard and Ctrl-C."""
+    _, tok, tok_info = S3.load_dataset_info(data_dir)
     train_data, val = S3.open_split(data_dir, "train"), S3.open_split(data_dir, "val")
-    step, opt_state, params = 0, None, None
-    if resume:
-        params, mcfg, _, step, opt_state, config = S3.load_model(ckpt_path)
-        S3.check_tokenizer(config, tok_info["sha256"], ckpt_path)
-        print(f"resuming {ckpt_path} at step {step}")
-    elif mcfg.vocab_size < meta["vocab_size"]:
-        mcfg = S3.ModelConfig(**dict(asdict(mcfg), vocab_size=meta["vocab_size"]))
-    model = build_model(mcfg, run, params, tcfg.seed)
+    params, mcfg, step, opt_state = S3.start_params(mcfg, tcfg, ckpt_path, resume, tok_info)
+    model = build_model(mcfg, run, params)
     opt = make_optimizer(model, tcfg, opt_state, step)
     fwd = torch.compile(model) if run.compile else model
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {n_params / 1e6:.2f} M parameters, {mcfg.n_layer} layers, d={mcfg.d_model}, T={mcfg.T}, "
-          f"context {mcfg.context}, {mcfg.neuron if mcfg.spiking else 'ANN twin'}; kernels {run.kernels}, "
-          f"{run.dtype} matmuls on {run.device}; data: {len(train_data):,} train / {len(val):,} val tokens")
+    backend = f"kernels {run.kernels}, {run.dtype} matmuls on {run.device}"
+    print(model_line(n_params, mcfg, len(train_data), len(val), backend))
 
     def evaluate_now(done):
         model.eval()
-        for ctx in (mcfg.context, 4 * mcfg.context):
-            r = eval_report(model, val, ctx, tcfg.eval_tokens, tok.decode, run.device)
-            if r:
-                tqdm.write(f"step {done}: val @ context {ctx}: {r['nats']:.4f} nats/token, ppl {r['ppl']:.2f}, "
-                           f"{r['bpc']:.4f} bits/char ({r['tokens']} tokens, {r['chars']} chars)")
+        report = partial(eval_report, model, val, max_tokens=tcfg.eval_tokens, decode=tok.decode)
+        print_evals(done, report, mcfg.context)
         model.train()
 
-    t0, tokens_seen, done = time.time(), 0, step
-    bar = tqdm(range(step, tcfg.max_steps), initial=step, total=tcfg.max_steps, desc="train", dynamic_ncols=True)
-    try:
-        for step in bar:
-            loss, norm, lr = train_step(model, opt, mcfg, tcfg, train_data, step, run.device, fwd)
-            if not math.isfinite(loss):
-                bar.close()
-                raise FloatingPointError(f"loss is {loss} at step {step}: stopping without saving; the last good "
-                                         f"checkpoint ({ckpt_path}, if any) is kept. Try a lower --lr.")
-            done, tokens_seen = step + 1, tokens_seen + tcfg.batch_size * mcfg.context
-            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", gnorm=f"{norm:.2f}",
-                            tok_s=f"{tokens_seen / (time.time() - t0):.0f}")
-            out_of_time = tcfg.max_minutes > 0 and time.time() - t0 > 60 * tcfg.max_minutes
-            if done % tcfg.eval_interval == 0 or done == tcfg.max_steps or out_of_time:
-                evaluate_now(done)
-                save(ckpt_path, model, opt, mcfg, tcfg, done, tok_info, data_dir)
-            if out_of_time:
-                tqdm.write(f"max_minutes={tcfg.max_minutes} reached at step {done}; resume with --resume 1")
-                break
-    except KeyboardInterrupt:
-        bar.close()
+    def save_now(done):
         save(ckpt_path, model, opt, mcfg, tcfg, done, tok_info, data_dir)
-        print(f"\ninterrupted: saved step {done} to {ckpt_path}; continue with --resume 1")
-        raise
-    bar.close()
-    return model, tok
+
+    def one_step(step):
+        return train_step(model, opt, mcfg, tcfg, train_data, step, run.device, fwd)
+
+    run_steps(one_step, step, tcfg, tcfg.batch_size * mcfg.context, evaluate_now, save_now, ckpt_path)
+    return model.eval(), tok
 
 # ----------------------------------------------------------------------------- main
 
 
 def build_parser():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--preset", default="small", choices=list(S3.PRESETS))
-    ap.add_argument("--resume", type=parse_bool, default=False, help="continue from the checkpoint")
-    ap.add_argument("--ckpt", default=None, help="checkpoint path (default: OUT_DIR/ckpt.npz)")
-    ap.add_argument("--generate", default=None, metavar="PROMPT", help="only generate from the checkpoint")
-    ap.add_argument("--max_new_tokens", type=int, default=120)
-    ap.add_argument("--temperature", type=float, default=0.8)
-    ap.add_argument("--top_k", type=int, default=40)
-    ap.add_argument("--top_p", type=float, default=0.95)
-    ap.add_argument("--sample_seed", type=int, default=0)
-    g = ap.add_argument_group("stage 5 (RunConfig)")
-    for f in fields(RunConfig):
-        kind = parse_bool if f.type in (bool, "bool") else type(f.default)
-        g.add_argument(f"--{f.name}", type=kind, default=f.default)
-    for group, cls in (("model (ModelConfig)", S3.ModelConfig), ("training (TrainConfig)", S3.TrainConfig)):
-        g = ap.add_argument_group(group, "preset values are used unless given")
-        for f in fields(cls):
-            kind = parse_bool if f.type in (bool, "bool") else type(f.default)
-            g.add_argument(f"--{f.name}", type=kind, default=None, help=f"default {f.default!r} or the preset's")
+    """Stage 3's command line (every config field, presets, sampling) plus RunConfig."""
+    ap = stage_parser(__doc__, S3.PRESETS, S3.SampleConfig, S3.ModelConfig, S3.TrainConfig)
+    add_config_options(ap, RunConfig, "stage 5 (RunConfig)")
     return ap
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    names = {f.name for f in fields(S3.ModelConfig)} | {f.name for f in fields(S3.TrainConfig)}
-    overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    sc = config_from_args(S3.SampleConfig, args)
     try:
-        run = resolve(RunConfig(**{f.name: getattr(args, f.name) for f in fields(RunConfig)}))
-        overrides.setdefault("out_dir", "out/triton")
-        mcfg, tcfg = S3.make_configs(args.preset, **overrides)
-        ckpt = Path(args.ckpt or Path(tcfg.out_dir) / "ckpt.npz")
-        if args.resume:       # the run's own training config, with only the options given here changed
-            saved = S3.load_model(ckpt)[2]
-            tcfg = S3.TrainConfig(**{f.name: overrides.get(f.name, saved.get(f.name, getattr(tcfg, f.name)))
-                                     for f in fields(S3.TrainConfig)})
+        run = resolve_run(config_from_args(RunConfig, args), have_triton=triton is not None)
+        mcfg, tcfg, ckpt = S3.run_configs(args, out_dir="out/triton")
         if args.generate is not None:
-            params, mcfg, _, step, _, config = S3.load_model(ckpt)
-            tok = load_stage("2_tokenizer").Tokenizer.load(config["tokenizer"]["path"])
-            S3.check_tokenizer(config, tok.sha256(), ckpt)
+            params, mcfg, _, _, _, config = S3.load_model(ckpt)
             model = build_model(mcfg, run, params).eval()
-            stream_text(tok, model, args.generate, args.max_new_tokens, args.sample_seed,
-                        args.temperature, args.top_k, args.top_p)
+            stream_text(S3.load_tokenizer(config, ckpt), model, args.generate, sc)
             return 0
         data_dir = S3.prepare_dataset(tcfg.source, tcfg.data_root)
         model, tok = train(mcfg, tcfg, run, data_dir, ckpt, args.resume)
-    except (CheckpointError, FloatingPointError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    except S3.ERRORS as err:
+        return fail(err)
     except KeyboardInterrupt:
         return 130
-    model.eval()
-    val = S3.open_split(data_dir, "val")
-    x, _ = S3.eval_windows(val, model.cfg.context, 8 * model.cfg.context)
-    print("\nspike statistics on validation windows (rate = fraction of neurons firing per timestep):")
-    print(energy_report(model, torch.from_numpy(x).to(run.device))[0])
-    print(f"\nsample (recurrent form, temperature {args.temperature}, top-k {args.top_k}, top-p {args.top_p}):")
-    prompt = tok.decode(np.asarray(val[:8]).tolist())
-    stream_text(tok, model, prompt, args.max_new_tokens, args.sample_seed, args.temperature, args.top_k, args.top_p)
-    print(f"\ncheckpoint: {ckpt}")
+    x, prompt = S3.summary_inputs(data_dir, model.cfg.context, tok)
+    energy = energy_report(model, torch.from_numpy(x).to(run.device))[0]
+    print_summary(energy, lambda: stream_text(tok, model, prompt, sc), sc, ckpt)
     return 0
 
 

@@ -415,12 +415,14 @@ def triton_backend(mcfg):
     """Stage 5: the PyTorch model (Triton kernels on a GPU, torch ops on a CPU), autograd."""
     import torch
     import torch.nn.functional as F
+
+    from spikelib.torch_io import resolve_run
     S5 = load_stage("5_spike_llm_triton")
-    run = S5.resolve(S5.RunConfig(dtype="float32"))
+    run = resolve_run(S5.RunConfig(dtype="float32"), have_triton=S5.triton is not None)
     model = S5.build_model(mcfg, run).eval()          # no dropout: every backend, the same gradients
 
     def grad_fn(params, x, y, mask):
-        S5.load_params(model, params)
+        S5.load_params(model, params, S3.param_shapes(mcfg))
         model.zero_grad(set_to_none=True)
         logits = model(torch.from_numpy(x).to(run.device))                     # (B, L, V)
         nll = F.cross_entropy(logits.flatten(0, 1), torch.from_numpy(y).to(run.device).flatten(), reduction="none")

@@ -29,3 +29,14 @@ def eval_result(nats, y, decode):
     n_chars = len(decode(y.ravel().tolist()))
     return {"nats": nats / y.size, "ppl": math.exp(nats / y.size), "bpc": bits_per_char(nats, n_chars),
             "tokens": int(y.size), "chars": n_chars, "context": y.shape[1]}
+
+
+def validation_report(batch_nats, val, context, model_context, max_tokens, decode):
+    """Validation figures (eval_result) on the fixed slice of val at the given context, scored in
+    eval_batch-sized batches by batch_nats(x, y) -> total nats of targets y; None if empty."""
+    x, y = eval_windows(val, context, max_tokens)
+    if len(x) == 0:
+        return None
+    batch = eval_batch(model_context, context)
+    nats = sum(batch_nats(x[b:b + batch], y[b:b + batch]) for b in range(0, len(x), batch))
+    return eval_result(nats, y, decode)

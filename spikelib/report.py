@@ -2,6 +2,9 @@
 evaluation lines, the spike-rate and energy report."""
 import sys
 
+import numpy as np
+from tqdm import tqdm
+
 
 def print_stream(tok, prompt, ids, new_tokens, out=None):
     """Print the prompt, then each new piece of text as soon as it is complete (a byte-level
@@ -20,6 +23,15 @@ def print_stream(tok, prompt, ids, new_tokens, out=None):
     return tok.decode(ids)
 
 
+def stream_sample(tok, prompt, sc, generate, out=None):
+    """Sample sc.max_new_tokens after the prompt with generate(prompt_ids, n, rng, temperature,
+    top_k, top_p), a generator of token ids, printing the text as it comes; returns all of it."""
+    ids = tok.encode(prompt) or [tok.bos_id]
+    rng = np.random.default_rng(sc.sample_seed)
+    new = generate(list(ids), sc.max_new_tokens, rng, sc.temperature, sc.top_k, sc.top_p)
+    return print_stream(tok, prompt, ids, new, out)
+
+
 def model_line(n_params, mcfg, n_train, n_val, backend=""):
     """One line naming the model and the data, printed when training starts."""
     kind = mcfg.neuron if mcfg.spiking else "ANN twin"
@@ -35,6 +47,15 @@ def eval_line(step, r):
 
 
 E_AC, E_MAC = 0.9e-12, 4.6e-12    # joules per accumulate / multiply-accumulate, 45 nm (Horowitz 2014)
+
+
+def print_evals(step, report, context):
+    """Evaluate at the training context and at 4x it (decoding is not capped by the context) with
+    report(ctx) -> an eval_result or None, and print each result above the progress bar."""
+    for ctx in (context, 4 * context):
+        r = report(ctx)
+        if r:
+            tqdm.write(eval_line(step, r))
 
 
 def energy_summary(cfg, ops, rates):

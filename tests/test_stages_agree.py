@@ -1,0 +1,104 @@
+"""Stages 3, 4 and 5 share their command line, progress bar, evaluation and reports through
+spikelib: one behaviour in every stage, and --help that explains every option."""
+import re
+from dataclasses import fields
+
+import numpy as np
+import pytest
+
+from spikelib.cli import field_comments
+from spikelib.stages import load_stage
+
+S3 = load_stage("3_spike_llm_numpy")
+
+
+def stage(name):
+    """A training stage's module; stage 4 and 5 skip cleanly where MLX or torch is missing."""
+    if name == "4_spike_llm_mlx":
+        pytest.importorskip("mlx.core")
+    if name == "5_spike_llm_triton":
+        pytest.importorskip("torch")
+    return load_stage(name)
+
+
+STAGES = {"3_spike_llm_numpy": [], "4_spike_llm_mlx": ["--device", "cpu"],
+          "5_spike_llm_triton": ["--kernels", "torch", "--device", "cpu"]}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return S3.prepare_dataset("builtin", tmp_path_factory.mktemp("data"))
+
+
+@pytest.mark.parametrize("name", list(STAGES))
+def test_help_explains_every_config_field(name):
+    """Every field of every config a stage reads is an option whose help is the field's comment."""
+    module = stage(name)
+    text = " ".join(module.build_parser().format_help().split())      # argparse wraps lines
+    configs = [S3.SampleConfig, S3.ModelConfig, S3.TrainConfig]
+    if hasattr(module, "RunConfig"):
+        configs.append(module.RunConfig)
+    for cls in configs:
+        comments = field_comments(cls)
+        for f in fields(cls):
+            assert comments.get(f.name), f"{cls.__name__}.{f.name} has no comment to explain it"
+            assert f"--{f.name}" in text
+            assert " ".join(comments[f.name].split()) in text, f.name
+
+
+@pytest.mark.parametrize("name", list(STAGES))
+def test_progress_bar_shows_the_same_fields_in_every_stage(name, dataset, tmp_path, capsys):
+    """loss, lr, gradient norm and tokens/s (stages 3 and 4 once showed a spike rate instead)."""
+    module = stage(name)
+    args = ["--preset", "tiny", "--data_root", str(dataset.parent), "--max_steps", "2", "--eval_interval", "2",
+            "--eval_tokens", "256", "--max_new_tokens", "4", "--out_dir", str(tmp_path)] + STAGES[name]
+    assert module.main(args) == 0
+    err = capsys.readouterr().err
+    fields_shown = set(re.findall(r"(\w+)=", err))
+    assert {"loss", "lr", "gnorm", "tok_s"} <= fields_shown, err[-300:]
+    assert "spikes" not in fields_shown
+
+
+def test_stage5_evaluates_in_stage3_batches_with_stage3_figures(dataset):
+    """Stage 5 scores the same windows in the same batch sizes as stage 3 (fewer windows per batch
+    at 4x the context, as the (L x L) attention grows), and gets stage 3's figures."""
+    torch = pytest.importorskip("torch")
+    S5 = stage("5_spike_llm_triton")
+    cfg = S3.ModelConfig(**dict(S3.PRESETS["tiny"]["model"], vocab_size=S3.load_dataset_info(dataset)[2]["vocab_size"]))
+    params = S3.init_params(cfg, 3)
+    model = S5.build_model(cfg, S5.RunConfig(kernels="torch", device="cpu", dtype="float32"), params).eval()
+    _, tok, _ = S3.load_dataset_info(dataset)
+    val = S3.open_split(dataset, "val")
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
+    for context in (cfg.context, 4 * cfg.context):
+        seen.clear()
+        r5 = S5.eval_report(model, val, context, 2048, tok.decode)
+        r3 = S3.eval_report(params, cfg, val, context, 2048, tok.decode)
+        assert max(seen) == S3.eval_batch(cfg.context, context)
+        assert r5["tokens"] == r3["tokens"] and r5["chars"] == r3["chars"]
+        assert abs(r5["bpc"] - r3["bpc"]) < 1e-4 * r3["bpc"]
+    assert torch.is_grad_enabled()
+
+
+def test_energy_report_labels_the_ann_twin_in_every_stage():
+    """The twin's report says what its rates are (nonzero activations), not "mean spike rate"."""
+    cfg = S3.ModelConfig(**dict(S3.PRESETS["tiny"]["model"], spiking=False))
+    params = S3.init_params(cfg, 4)
+    x = np.random.default_rng(4).integers(0, cfg.vocab_size, (2, 16))
+    texts = [S3.energy_report(params, cfg, x)[0]]
+    try:
+        m4 = stage("4_spike_llm_mlx")
+        texts.append(m4.energy_report(m4.build_model(cfg, params), x)[0])
+    except pytest.skip.Exception:
+        pass
+    try:
+        torch = pytest.importorskip("torch")
+        S5 = stage("5_spike_llm_triton")
+        model = S5.build_model(cfg, S5.RunConfig(kernels="torch", device="cpu", dtype="float32"), params).eval()
+        texts.append(S5.energy_report(model, torch.from_numpy(x))[0])
+    except pytest.skip.Exception:
+        pass
+    for text in texts:
+        assert "ANN twin: fraction of nonzero activations" in text and "mean spike rate" not in text
+    assert len({t.splitlines()[-1] for t in texts}) == 1          # the same energy line everywhere
