@@ -8,7 +8,8 @@ Here a layer is composed from parts, each updated one timestep at a time:
                R  recurrent trace   rec = g rec + (1 - g) out_prev           mem = b mem + x + w_rec rec
                D  dual traces       every trace splits into a positive and a negative part, fed the
                                     positive / negative part of its input, each with its own decay;
-                                    the trace is their sum
+                                    the trace is their sum (LIB never emits a negative
+                                    output, so its negative recurrent trace stays 0)
   membrane   mem = b mem + drive;  ema=True: mem = b mem + (1 - b) drive (bounded by the drive)
   family     what leaves the layer:
                LI    out = mem, no spikes (with ema=True this is LIEMA)
@@ -26,7 +27,7 @@ learning. Every parameter is a scalar, per neuron or a given array, learnable or
 
     python 0b_neuron_families.py --family lit --prefix DS     # train one layer on the timing task
     python 0b_neuron_families.py --gradcheck                  # 32 layers vs finite differences
-    python 0b_neuron_families.py --table                      # all 32 layers on the task (~6 min)
+    python 0b_neuron_families.py --table                      # all 32 layers on the task (~12 min)
 
 Every config field is a command-line flag (`--help`).
 """
@@ -70,9 +71,9 @@ class Config:
     T: int = 30                      # timesteps per sequence; the answer is read at the last one
     noise: float = 0.1               # std of the Gaussian noise on every input channel
     # training
-    steps: int = 300                 # Adam steps
+    steps: int = 600                 # Adam steps
     batch_size: int = 64             # sequences per step
-    lr: float = 0.01                 # Adam learning rate (cosine decay to zero)
+    lr: float = 0.02                 # Adam learning rate (cosine decay to zero)
     n_test: int = 1000               # test sequences
     seed: int = 0                    # seeds the task, the initial weights and the quantizer noise
     # what to do
@@ -250,7 +251,7 @@ def make_layer(family, prefix="", num_neurons=1, init=None, rank=1, learn=True, 
             raise ValueError(f"{name}: rank={r!r}; a parameter is a scalar (0) or per neuron (1)")
         else:
             value = np.full((num_neurons,) if r == 1 else (), float(value))
-        raw[name] = unconstrain(name, value)
+        raw[name] = np.array(unconstrain(name, value))          # an array even for rank 0
     learnable = frozenset(names if learn is True else () if learn is False else learn)
     if learnable - set(names):
         raise ValueError(f"learn names {sorted(learnable - set(names))} not in {names}")
