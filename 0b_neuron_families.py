@@ -682,9 +682,10 @@ def main(argv=None):
     t0 = time.time()
     model, losses = train(cfg)
     acc, rate = evaluate(model, cfg)
+    spikes = "no spikes (LI)" if np.isnan(rate) else f"spike rate {rate:.3f}"
     print(f"{cfg.prefix or 'no prefix'} {cfg.family}, quant {cfg.quant}, task {cfg.task}: trained "
           f"{cfg.steps} steps in {time.time() - t0:.1f} s, final loss {np.mean(losses[-20:]):.3f}, "
-          f"test accuracy {acc:.1%}, spike rate {rate:.3f} (chance 25%)")
+          f"test accuracy {acc:.1%} (chance 25%), {spikes}")
     for name, v in values(model["layer"]).items():
         print(f"  {name:10s} mean {np.mean(v):.3f}  range [{np.min(v):.3f}, {np.max(v):.3f}]")
 
