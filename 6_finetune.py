@@ -44,6 +44,7 @@ from spikelib.cli import add_config_options, fail, given_options, parse_bool, pr
 from spikelib.finetune_backends import mlx_backend, triton_backend  # noqa: E402
 from spikelib.finetune_io import (append_result, print_result, print_table, stable_hash,  # noqa: E402, F401
                                   write_text_atomic)
+from spikelib.loop import progress_fields  # noqa: E402
 from spikelib.report import print_stream  # noqa: E402
 from spikelib.runs import load_tokenizer  # noqa: E402
 from spikelib.stages import load_stage  # noqa: E402
@@ -417,12 +418,12 @@ def finetune(params, mcfg, cfg, train_examples, grad_fn, progress=True):
                            weight_decay=cfg.weight_decay, layer_lr_decay=cfg.layer_lr_decay)
     opt = S3.init_opt_state(trainable)
     scale = cfg.lora_alpha / cfg.lora_rank
-    pad = 0
     losses = []
     bar = tqdm(range(cfg.max_steps), desc=f"finetune {cfg.method}", dynamic_ncols=True, disable=not progress)
+    t0 = time.time()
     for step in bar:
         pick = S3.batch_rng(cfg.seed, step).integers(0, len(train_examples), cfg.batch_size)
-        x, y, mask = make_batch([train_examples[i] for i in pick], pad)
+        x, y, mask = make_batch([train_examples[i] for i in pick], pad_id=0)
         if cfg.method == "lora":
             loss, grads = grad_fn(apply_lora(params, trainable, scale), x, y, mask)
             grads = lora_grads(grads, trainable, scale)
@@ -431,10 +432,10 @@ def finetune(params, mcfg, cfg, train_examples, grad_fn, progress=True):
             grads = {n: grads[n].astype(trainable[n].dtype) for n in trainable}
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss is {loss} at step {step}; try a lower --lr")
-        grads, _ = S3.clip_grads(grads, cfg.grad_clip)
-        S3.adamw_step(trainable, grads, opt, step, sched, mcfg.n_layer)
+        grads, norm = S3.clip_grads(grads, cfg.grad_clip)
+        stats = {"lr": S3.adamw_step(trainable, grads, opt, step, sched, mcfg.n_layer), "grad_norm": norm}
         losses.append(loss)
-        bar.set_postfix(loss=f"{loss:.3f}")
+        bar.set_postfix(progress_fields(loss, stats, (step + 1) * x.size / (time.time() - t0)))
     return trainable, losses
 
 # ----------------------------------------------------------------------------- evaluation
@@ -633,14 +634,6 @@ def split_pairs(cfg, tok, pairs, source):
     return train, test, train_eval
 
 
-def save_tuned(cfg, params, trainable, mcfg, config):
-    """(the tuned parameters, the file written): the adapters alone for lora, else the whole model."""
-    if cfg.method != "lora":
-        return params, save_finetuned(Path(cfg.out_dir) / f"{cfg.method}.npz", params, mcfg, config, cfg)
-    tuned = apply_lora(params, trainable, cfg.lora_alpha / cfg.lora_rank)
-    return tuned, save_lora(Path(cfg.out_dir) / "lora.npz", trainable, cfg, cfg.base)
-
-
 def run(cfg, progress=True):
     """Fine-tune the base with cfg.method, evaluate before and after, write the outputs; a results dict."""
     params, mcfg, config, tok = load_base(cfg.base)
@@ -659,7 +652,12 @@ def run(cfg, progress=True):
     t0 = time.time()
     trainable, losses = finetune(params, mcfg, cfg, train, BACKEND[cfg.backend](mcfg), progress)
     seconds = time.time() - t0
-    tuned, saved = save_tuned(cfg, params, trainable, mcfg, config)
+    if cfg.method == "lora":       # the adapters alone are saved
+        tuned = apply_lora(params, trainable, cfg.lora_alpha / cfg.lora_rank)
+        saved = save_lora(Path(cfg.out_dir) / "lora.npz", trainable, cfg, cfg.base)
+    else:
+        tuned = params
+        saved = save_finetuned(Path(cfg.out_dir) / f"{cfg.method}.npz", params, mcfg, config, cfg)
     n_trained = sum(p.size for p in trainable.values())
     after = score(tuned, test)
     free = after if cfg.decode == "free" else score(tuned, test, "free")
@@ -713,14 +711,11 @@ def build_parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="default", choices=list(PRESETS),
                     help="a named schedule (quick: a smoke run); the options below change fields of it")
-    ap.add_argument("--ask", default=None, metavar="QUESTION",
-                    help="only answer QUESTION, printing the answer as it is decoded (default: fine-tune)")
-    ap.add_argument("--context", default="", metavar="TEXT",
-                    help="with --ask: the passage the answer is a span of (default: none)")
-    ap.add_argument("--ckpt", default=None, help="with --ask: a full checkpoint to answer with "
+    ap.add_argument("--ask", metavar="QUESTION", help="only answer QUESTION, streaming (default: fine-tune)")
+    ap.add_argument("--context", default="", help="with --ask: a passage holding the answer (default: none)")
+    ap.add_argument("--ckpt", help="with --ask: a full checkpoint to answer with "
                     "(default: the base with OUT_DIR/lora.npz for lora, else OUT_DIR/<method>.npz)")
-    ap.add_argument("--adapters", default=None,
-                    help="LoRA adapter file for --ask and --merge (default: OUT_DIR/lora.npz)")
+    ap.add_argument("--adapters", help="LoRA adapter file for --ask and --merge (default: OUT_DIR/lora.npz)")
     ap.add_argument("--merge", type=parse_bool, default=False, metavar="0|1",
                     help="only fold the adapters into the base, writing OUT_DIR/lora_merged.npz (default 0)")
     ap.add_argument("--generate_only", type=parse_bool, default=False, metavar="0|1",
