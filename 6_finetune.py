@@ -1,24 +1,18 @@
 """Stage 6: question answering by fine-tuning the pretrained spiking LLM -- full, frozen layers, LoRA.
 
-A model pretrained by stage 3 (or 4, 5: one checkpoint format) is taught to answer extractive
-questions: the answer is a span of a short context from the corpus it was trained on.
+A model pretrained by stage 3 (or 4, 5: one checkpoint format) learns to answer extractive
+questions whose answer is a span of a short context from its own corpus.
 
-    1. Q&A pairs. A deterministic generator reads the stage 1 corpus, splits it into documents
-       and sections and turns suitable sentences into questions ("X is Y" definitions, what a
-       function returns, the version a feature was added in, dates, places, who speaks a line
-       in a play), writing data/<name>/qa.jsonl with a fixed train/test split by question.
-       Or bring your own JSONL with --qa FILE: {"question", "answer", "context"?} per line.
-    2. Prompts use the tokenizer's role tokens:  <q> context \\n question <a> answer <eos>
-       and the loss is the cross-entropy of the answer tokens (and <eos>) only.
-    3. Methods: full (every parameter), freeze (embedding and the first k blocks fixed),
-       lora (W_eff = W + s B A on the attention and MLP projections, s = alpha / r; only
-       B and A train: dB = s dW_eff A^T, dA = s B^T dW_eff, from any backend's dW_eff).
-    4. Backends: numpy (stage 3's hand backward), mlx (stage 4), triton (stage 5); each only
-       returns the gradients of the loss, the update (AdamW) is stage 3's.
-    5. Results: exact match and token F1 of greedy answers on held-out questions, and the
-       validation bits per character on the original corpus before and after (forgetting).
-       --decode span (default) keeps each answer a span of its context, as an extractive
-       reader's start and end pointers do; free decoding is reported beside it.
+    1. Q&A pairs: a deterministic generator turns sentences of the stage 1 corpus into
+       questions ("X is Y" definitions, what a function returns, versions, dates, places, who
+       speaks a line), data/<name>/qa.jsonl, split by question; or --qa FILE of your own.
+    2. Prompts use the tokenizer's role tokens, <q> context \n question <a> answer <eos>; the
+       loss is the cross-entropy of the answer tokens (and <eos>) only.
+    3. Methods: full, freeze (embedding and the first k blocks fixed), lora (W + s B A on the
+       projections, s = alpha / r: dB = s dW A^T, dA = s B^T dW, from any backend's dW).
+    4. Backends (numpy, mlx, triton) only return gradients; the AdamW update is stage 3's.
+    5. Results: exact match and token F1 on held-out questions (--decode span keeps an answer a
+       span of its context; free decoding beside it), and the corpus BPC before and after.
 
     python 3_spike_llm_numpy.py                           # pretrain first: out/numpy/ckpt.npz
     python 6_finetune.py --method full                    # -> out/finetune/full.npz
@@ -27,13 +21,12 @@ questions: the answer is a span of a short context from the corpus it was traine
     python 6_finetune.py --method lora --ask "What does json.dumps return?"
 """
 import argparse
-import hashlib
 import json
 import math
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,8 +34,13 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from spikelib.checkpoint import CheckpointError, save_checkpoint  # noqa: E402
-from spikelib.cli import parse_bool  # noqa: E402
+from spikelib.cli import add_config_options, fail, given_options, parse_bool, preset_configs  # noqa: E402
+from spikelib.finetune_backends import mlx_backend, triton_backend  # noqa: E402
+from spikelib.finetune_io import (append_result, print_result, print_table, stable_hash,  # noqa: E402, F401
+                                  write_text_atomic)
+from spikelib.loop import progress_fields  # noqa: E402
 from spikelib.report import print_stream  # noqa: E402
+from spikelib.runs import load_tokenizer  # noqa: E402
 from spikelib.stages import load_stage  # noqa: E402
 
 S3 = load_stage("3_spike_llm_numpy")      # the reference model, optimizer, checkpoints, eval
@@ -52,46 +50,50 @@ S3 = load_stage("3_spike_llm_numpy")      # the reference model, optimizer, chec
 METHODS = ("full", "freeze", "lora")
 BACKENDS = ("numpy", "mlx", "triton")
 DECODINGS = ("span", "free")
-LORA_SITES = {"wq": "attn.wq", "wk": "attn.wk", "wv": "attn.wv", "wo": "attn.wo", "w1": "mlp.w1", "w2": "mlp.w2"}
+LORA_SITES = {w: f"attn.{w}" for w in ("wq", "wk", "wv", "wo")} | {w: f"mlp.{w}" for w in ("w1", "w2")}
 
 
 @dataclass
 class FinetuneConfig:
-    base: str = "out/numpy/ckpt.npz"   # pretrained checkpoint (stage 3's default output)
-    out_dir: str = "out/finetune"      # <method>.npz, lora.npz (adapters), results.jsonl
-    qa: str = ""                   # your own JSONL; "" = generate data/<name>/qa.jsonl from the corpus
-    method: str = "lora"           # full | freeze | lora
-    backend: str = "numpy"         # numpy | mlx | triton (triton falls back to torch kernels on CPU)
+    base: str = "out/numpy/ckpt.npz"   # pretrained checkpoint of stage 3, 4 or 5 (stage 3's default output)
+    out_dir: str = "out/finetune"      # where <method>.npz, lora.npz (adapters) and results.jsonl go
+    qa: str = ""                   # your own Q&A JSONL; "" = generate data/<name>/qa.jsonl from the corpus
+    method: str = "lora"           # what trains: full (every weight) | freeze (upper blocks) | lora
+    backend: str = "numpy"         # gradients from numpy | mlx | triton (torch kernels on a CPU)
     freeze_layers: int = -1        # freeze: blocks 0..k-1 (and the embedding) fixed; -1 = half
-    lora_rank: int = 8
-    lora_alpha: float = 16.0       # scale s = alpha / rank
-    lora_targets: str = "wq,wk,wv,wo,w1,w2"
-    max_steps: int = 300
-    batch_size: int = 16
-    lr: float = 0.0                # 0 = the method's default (METHOD_LR)
-    min_lr: float = 0.0            # 0 = lr / 10
-    warmup: int = 20
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    layer_lr_decay: float = 1.0    # stage 3's AdamW reads it
-    seed: int = 0
+    lora_rank: int = 8             # lora: rank r of the adapters B (in, r) and A (r, out)
+    lora_alpha: float = 16.0       # lora: W_eff = W + s B A with scale s = alpha / rank
+    lora_targets: str = "wq,wk,wv,wo,w1,w2"   # lora: the matrices of every block that get adapters
+    max_steps: int = 300           # optimizer steps of fine-tuning (the schedule ends here)
+    batch_size: int = 16           # Q&A pairs per step
+    lr: float = 0.0                # peak learning rate (AdamW); 0 = the method's default (METHOD_LR)
+    min_lr: float = 0.0            # learning rate at the end of the cosine decay; 0 = lr / 10
+    warmup: int = 20               # steps of linear warm-up
+    weight_decay: float = 0.0      # AdamW decoupled weight decay on matrices
+    grad_clip: float = 1.0         # clip the global gradient norm to this
+    layer_lr_decay: float = 1.0    # < 1: lower learning rates for layers nearer the input
+    seed: int = 0                  # LoRA initialization and the order of the batches
     max_len: int = 128             # longest prompt + answer in tokens; longer pairs are skipped
     max_questions: int = 4000      # generator: at most this many pairs (a fixed, spread-out subset)
     test_fraction: float = 0.1     # generator: share of questions held out
     eval_questions: int = 200      # held-out questions scored (the first n, fixed)
     max_answer_tokens: int = 24    # greedy decoding stops here if <eos> does not come first
-    decode: str = "span"           # span: the answer is kept a span of the context (extractive); free: any tokens
+    decode: str = "span"           # span: the answer is kept a span of the context (extractive); free: any
     eval_tokens: int = 8192        # validation tokens of the corpus for BPC
+
+    def __post_init__(self):
+        for name, allowed in (("method", METHODS), ("backend", BACKENDS), ("decode", DECODINGS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{name} must be one of {allowed}, not {getattr(self, name)!r}")
 
 
 METHOD_LR = {"full": 1e-3, "freeze": 1e-3, "lora": 1e-2}     # the best of a sweep on `small` (README)
-PRESETS = {
-    "default": {},
-    "quick": {"max_steps": 60, "eval_questions": 50, "eval_tokens": 2048},   # a smoke run in a minute
-}
+PRESETS = {"default": {"finetune": {}},     # quick: a smoke run
+           "quick": {"finetune": dict(max_steps=60, eval_questions=50, eval_tokens=2048)}}
 
 
 def resolved_lr(cfg):
+    """(peak, final) learning rate: the method's default and a tenth of it unless given."""
     lr = cfg.lr or METHOD_LR[cfg.method]
     return lr, cfg.min_lr or lr / 10
 
@@ -102,9 +104,9 @@ SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'(])")
 DOTTED_NAME = re.compile(r"^(?:class )?([A-Za-z_][\w]*(?:\.[A-Za-z_]\w*)+)$")
 UNDERLINE = re.compile(r"^[*=\-~^]{3,}$")
 SPEAKER = re.compile(r"^([A-Z][A-Za-z' ]{1,30}):$")
-NOT_SUBJECTS = {"this", "it", "there", "that", "which", "he", "she", "they", "these", "those", "what", "here", "its",
-                "one", "each", "such", "all", "both", "some", "any", "none", "if", "when", "while", "since", "because",
-                "although", "unless", "otherwise", "so", "but", "and", "or", "as", "where", "whether", "once", "then"}
+NOT_SUBJECTS = set("this it there that which he she they these those what here its one each such all both "
+                   "some any none if when while since because although unless otherwise so but and or as "
+                   "where whether once then".split())
 DEFINITION = re.compile(r"^((?:The |An? )?[\"\w.()]+(?: [\"\w.()-]+){0,3}) (is|are|was|were) "
                         r"((?:an?|the) [^,;:()]+?)(?:[,;:(]| and | which | that |\.$|$)")
 RETURNS = re.compile(r"^Returns? (.+?)\.?$")
@@ -152,20 +154,22 @@ def questions_from_paragraph(title, para, starts_with_title):
     """(kind, question, answer, context) for every sentence a rule fits; the answer is a span of
     the context, and the context is a short piece of corpus text."""
     out = []
-    body = para.split("\n", 1)[1] if starts_with_title and "\n" in para else ("" if starts_with_title else para)
+    body = para.partition("\n")[2] if starts_with_title else para     # the title is not a sentence
     sents = sentences(body)
     if starts_with_title and sents:
         m = RETURNS.match(sents[0])
-        if m and short_span(m.group(1)):
-            out.append(("returns", f"What does {title} return?", short_span(m.group(1)), f"{title}\n{sents[0]}"))
+        returns = short_span(m.group(1)) if m else None
+        if returns:
+            out.append(("returns", f"What does {title} return?", returns, f"{title}\n{sents[0]}"))
     for s in sents:
         if len(s) > 300:
             continue
         m = DEFINITION.match(s)
         if m and not NOT_SUBJECTS & {m.group(1).split()[0].lower(), m.group(1).lower().removeprefix("the ")}:
             ans = short_span(m.group(3))
-            subject = m.group(1)[0].lower() + m.group(1)[1:] if m.group(1)[:4] in ("The ", "An ", "A ") \
-                or m.group(1)[:2] == "A " else m.group(1)
+            subject = m.group(1)
+            if subject.startswith(("The ", "A ")):
+                subject = subject[0].lower() + subject[1:]
             if ans:
                 out.append(("definition", f"What {m.group(2)} {subject}?", ans, s))
         m = VERSION.search(s)
@@ -201,11 +205,6 @@ def speaker_questions(doc, max_chars=300):
     return out
 
 
-def stable_hash(text):
-    """A number in [0, 1) fixed by the text (Python's hash() changes between runs)."""
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2 ** 64
-
-
 def generate_qa(text, separator="\n\n\n", category="", max_questions=4000, test_fraction=0.1):
     """Deterministic extractive Q&A pairs from a corpus: a list of dicts with question, answer,
     context, split ("train"/"test", fixed by the question's hash), kind, article, section, category.
@@ -215,7 +214,8 @@ def generate_qa(text, separator="\n\n\n", category="", max_questions=4000, test_
         article = doc.strip().split("\n", 1)[0].strip()[:80]
         found = [(k, q, a, c, f"d{d}.s0") for k, q, a, c in speaker_questions(doc)]
         for s, (title, para, starts) in enumerate(sections(doc)):
-            found += [(k, q, a, c, f"d{d}.s{s}") for k, q, a, c in questions_from_paragraph(title, para, starts)]
+            asked = questions_from_paragraph(title, para, starts)
+            found += [(k, q, a, c, f"d{d}.s{s}") for k, q, a, c in asked]
         for kind, q, a, c, sec in found:
             if q in seen or a not in c:
                 continue
@@ -238,9 +238,8 @@ def write_qa(data_dir, cfg):
     meta = json.loads((data_dir / "meta.json").read_text()) if (data_dir / "meta.json").exists() else {}
     text = (data_dir / "train.txt").read_text(encoding="utf-8")
     pairs = generate_qa(text, meta.get("doc_separator", "\n\n\n"), "", cfg.max_questions, cfg.test_fraction)
-    path = data_dir / "qa.jsonl"
-    path.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs), encoding="utf-8")
-    return path, pairs
+    lines = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs)
+    return write_text_atomic(data_dir / "qa.jsonl", lines), pairs
 
 
 def read_qa(path, test_fraction=0.1):
@@ -270,7 +269,8 @@ def read_qa(path, test_fraction=0.1):
         if problems:
             errors.append(f"line {n}: " + "; ".join(problems))
             continue
-        obj.setdefault("split", "test" if stable_hash("split:" + obj["question"]) < test_fraction else "train")
+        held_out = stable_hash("split:" + obj["question"]) < test_fraction
+        obj.setdefault("split", "test" if held_out else "train")
         pairs.append(obj)
     if errors:
         more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
@@ -290,7 +290,8 @@ def prompt_ids(tok, question, context=""):
 
 def encode_pair(tok, pair):
     """(prompt ids, answer ids + <eos>). The answer starts with a space, as it does inside text."""
-    return prompt_ids(tok, pair["question"], pair.get("context", "")), tok.encode(" " + pair["answer"]) + [tok.eos_id]
+    prompt = prompt_ids(tok, pair["question"], pair.get("context", ""))
+    return prompt, tok.encode(" " + pair["answer"]) + [tok.eos_id]
 
 
 def make_batch(examples, pad_id):
@@ -307,7 +308,8 @@ def make_batch(examples, pad_id):
 
 
 def masked_cross_entropy(logits, y, mask):
-    """loss = sum_i m_i (-log softmax(z_i)[y_i]) / sum_i m_i;  dL/dz_i = m_i (softmax(z_i) - onehot(y_i)) / sum m."""
+    """loss = sum_i m_i (-log softmax(z_i)[y_i]) / sum_i m_i;
+    dL/dz_i = m_i (softmax(z_i) - onehot(y_i)) / sum_i m_i."""
     z = logits - logits.max(-1, keepdims=True)
     e = np.exp(z)
     sumexp = e.sum(-1, keepdims=True)
@@ -362,7 +364,8 @@ def lora_grads(grads, lora, scale):
 
 def frozen_names(params, k):
     """freeze: the embedding (tied to the readout) and blocks 0..k-1."""
-    return [n for n in params if n == "embed.weight" or (n.startswith("blocks.") and int(n.split(".")[1]) < k)]
+    return [n for n in params
+            if n == "embed.weight" or (n.startswith("blocks.") and int(n.split(".")[1]) < k)]
 
 
 def trainable_params(params, cfg, mcfg):
@@ -375,11 +378,13 @@ def trainable_params(params, cfg, mcfg):
         return {n: p for n, p in params.items() if n not in frozen}
     names = lora_names(params, cfg.lora_targets)
     if not names:
-        raise ValueError(f"lora_targets={cfg.lora_targets!r} selects no matrix; use names from {list(LORA_SITES)}")
+        raise ValueError(f"lora_targets={cfg.lora_targets!r} selects no matrix; "
+                         f"use names from {list(LORA_SITES)}")
     return init_lora(params, names, cfg.lora_rank, cfg.seed)
 
 # ----------------------------------------------------------------------------- backends
 # A backend turns (parameters, batch) into (masked loss, dL/dparam for every model parameter).
+# mlx (stage 4) and triton (stage 5) wrap those stages' models: spikelib/finetune_backends.py.
 
 
 def numpy_backend(mcfg):
@@ -388,48 +393,6 @@ def numpy_backend(mcfg):
         logits, cache = S3.forward(params, mcfg, x)
         loss, dlogits = masked_cross_entropy(logits, y, mask)
         return loss, S3.backward(params, mcfg, cache, dlogits)
-    return grad_fn
-
-
-def mlx_backend(mcfg):
-    """Stage 4: the MLX model holds the parameters, nn.value_and_grad gives the gradients."""
-    import mlx.core as mx
-    import mlx.nn as nn
-    from mlx.utils import tree_flatten
-    S4 = load_stage("4_spike_llm_mlx")
-    model = S4.build_model(mcfg, S3.init_params(mcfg))
-
-    def loss_fn(model, x, y, m):
-        logits = model(x)[0]
-        return (nn.losses.cross_entropy(logits, y, reduction="none") * m).sum() / m.sum()
-    value_and_grad = nn.value_and_grad(model, loss_fn)
-
-    def grad_fn(params, x, y, mask):
-        model.load_weights([(k, mx.array(np.asarray(v, np.float32))) for k, v in params.items()])
-        loss, grads = value_and_grad(model, mx.array(x), mx.array(y), mx.array(mask.astype(np.float32)))
-        return loss.item(), {k: np.array(g) for k, g in tree_flatten(grads)}
-    return grad_fn
-
-
-def triton_backend(mcfg):
-    """Stage 5: the PyTorch model (Triton kernels on a GPU, torch ops on a CPU), autograd."""
-    import torch
-    import torch.nn.functional as F
-
-    from spikelib.torch_io import resolve_run
-    S5 = load_stage("5_spike_llm_triton")
-    run = resolve_run(S5.RunConfig(dtype="float32"), have_triton=S5.triton is not None)
-    model = S5.build_model(mcfg, run).eval()          # no dropout: every backend, the same gradients
-
-    def grad_fn(params, x, y, mask):
-        S5.load_params(model, params, S3.param_shapes(mcfg))
-        model.zero_grad(set_to_none=True)
-        logits = model(torch.from_numpy(x).to(run.device))                     # (B, L, V)
-        nll = F.cross_entropy(logits.flatten(0, 1), torch.from_numpy(y).to(run.device).flatten(), reduction="none")
-        m = torch.from_numpy(mask.astype(np.float32)).to(run.device).flatten()
-        loss = (nll * m).sum() / m.sum()
-        loss.backward()
-        return loss.item(), {n: p.grad.float().cpu().numpy() for n, p in model.named_parameters()}
     return grad_fn
 
 
@@ -446,12 +409,12 @@ def finetune(params, mcfg, cfg, train_examples, grad_fn, progress=True):
                            weight_decay=cfg.weight_decay, layer_lr_decay=cfg.layer_lr_decay)
     opt = S3.init_opt_state(trainable)
     scale = cfg.lora_alpha / cfg.lora_rank
-    pad = 0
     losses = []
     bar = tqdm(range(cfg.max_steps), desc=f"finetune {cfg.method}", dynamic_ncols=True, disable=not progress)
+    t0 = time.time()
     for step in bar:
         pick = S3.batch_rng(cfg.seed, step).integers(0, len(train_examples), cfg.batch_size)
-        x, y, mask = make_batch([train_examples[i] for i in pick], pad)
+        x, y, mask = make_batch([train_examples[i] for i in pick], pad_id=0)
         if cfg.method == "lora":
             loss, grads = grad_fn(apply_lora(params, trainable, scale), x, y, mask)
             grads = lora_grads(grads, trainable, scale)
@@ -460,10 +423,10 @@ def finetune(params, mcfg, cfg, train_examples, grad_fn, progress=True):
             grads = {n: grads[n].astype(trainable[n].dtype) for n in trainable}
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss is {loss} at step {step}; try a lower --lr")
-        grads, _ = S3.clip_grads(grads, cfg.grad_clip)
-        S3.adamw_step(trainable, grads, opt, step, sched, mcfg.n_layer)
+        grads, norm = S3.clip_grads(grads, cfg.grad_clip)
+        stats = {"lr": S3.adamw_step(trainable, grads, opt, step, sched, mcfg.n_layer), "grad_norm": norm}
         losses.append(loss)
-        bar.set_postfix(loss=f"{loss:.3f}")
+        bar.set_postfix(progress_fields(loss, stats, (step + 1) * x.size / (time.time() - t0)))
     return trainable, losses
 
 # ----------------------------------------------------------------------------- evaluation
@@ -567,16 +530,16 @@ def qa_scores(params, mcfg, tok, pairs, max_new=24, decode="free"):
 
 def matches_by_kind(pairs, answers):
     """{kind: [exact matches, questions]}: which rules of the generator the model has learned."""
-    out = {}
+    hits = {}
     for p, a in zip(pairs, answers):
-        counts = out.setdefault(p.get("kind", "-"), [0, 0])
-        counts[0] += normalize(a) == normalize(p["answer"])
-        counts[1] += 1
-    return dict(sorted(out.items()))
+        hits.setdefault(p.get("kind", "-"), []).append(normalize(a) == normalize(p["answer"]))
+    return {kind: [sum(h), len(h)] for kind, h in sorted(hits.items())}
 
 
 def val_bpc(params, mcfg, tok, data_dir, eval_tokens):
-    """Bits per character on the corpus's validation split (stage 3's fixed slice)."""
+    """Bits per character on the corpus's validation split (stage 3's fixed slice); NaN without one."""
+    if not data_dir or not (Path(data_dir) / "val.bin").exists():
+        return float("nan")
     val = S3.open_split(data_dir, "val")
     report = S3.eval_report(params, mcfg, val, mcfg.context, eval_tokens, tok.decode)
     return report["bpc"] if report else float("nan")
@@ -588,13 +551,11 @@ def load_base(path):
     """(params, ModelConfig, config, tokenizer) of the pretrained checkpoint, with a clear message
     and the command to make one when it is missing."""
     if not Path(path).is_file():
-        raise FileNotFoundError(f"no pretrained checkpoint at {path}. Pretrain one first, e.g.\n"
-                                f"  python 3_spike_llm_numpy.py --preset small --source builtin --ckpt {path}\n"
-                                f"or point --base at a checkpoint of stage 3, 4 or 5.")
+        raise FileNotFoundError(f"no pretrained checkpoint at {path}; pretrain one first "
+                                f"(python 3_spike_llm_numpy.py --preset small --ckpt {path}) "
+                                "or point --base at a checkpoint of stage 3, 4 or 5")
     params, mcfg, _, _, _, config = S3.load_model(path)
-    tok = load_stage("2_tokenizer").Tokenizer.load(config["tokenizer"]["path"])
-    S3.check_tokenizer(config, tok.sha256(), path)
-    return params, mcfg, config, tok
+    return params, mcfg, config, load_tokenizer(config, path)
 
 
 def save_lora(path, lora, cfg, base_path):
@@ -641,24 +602,27 @@ def qa_pairs(cfg, config):
         return read_qa(cfg.qa, cfg.test_fraction), cfg.qa
     data_dir = config.get("data", {}).get("dir")
     if not data_dir or not (Path(data_dir) / "train.txt").exists():
-        raise FileNotFoundError(f"the base checkpoint's corpus ({data_dir!r}) has no train.txt; pass --qa FILE")
+        raise FileNotFoundError(f"the base checkpoint's corpus ({data_dir!r}) has no train.txt; "
+                                "pass --qa FILE")
     path, pairs = write_qa(data_dir, cfg)
     return pairs, str(path)
 
 # ----------------------------------------------------------------------------- main
 
 
-def print_table(rows):
-    """Markdown table of results rows (dicts from run())."""
-    head = ("| method | backend | trained params | time | steps | decode | EM test | F1 test | EM test, free | "
-            "EM train | BPC before | BPC after |")
-    lines = [head, "|" + "---|" * 12]
-    for r in rows:
-        lines.append(f"| {r['method']} | {r['backend']} | {r['trained']:,} ({100 * r['fraction']:.2f}%) | "
-                     f"{r['seconds']:.0f} s | {r['steps']} | {r['decode']} | {100 * r['em_test']:.1f}% | "
-                     f"{100 * r['f1_test']:.1f}% | {100 * r['em_test_free']:.1f}% | {100 * r['em_train']:.1f}% | "
-                     f"{r['bpc_before']:.3f} | {r['bpc_after']:.3f} |")
-    return "\n".join(lines)
+def split_pairs(cfg, tok, pairs, source):
+    """(train examples, held-out pairs scored, train pairs scored) among the pairs that fit max_len."""
+    encoded = [(p, encode_pair(tok, p)) for p in pairs]
+    fits = [(p, e) for p, e in encoded if len(e[0]) + len(e[1]) <= cfg.max_len]
+    train = [e for p, e in fits if p["split"] == "train"]
+    test = [p for p, e in fits if p["split"] == "test"][:cfg.eval_questions]
+    train_eval = [p for p, e in fits if p["split"] == "train"][:cfg.eval_questions]
+    if not train or not test:
+        raise ValueError(f"{source}: {len(train)} train and {len(test)} test pairs fit "
+                         f"max_len={cfg.max_len}; need both")
+    print(f"Q&A: {len(pairs)} pairs from {source}; {len(train)} train, {len(test)} held out scored "
+          f"({len(encoded) - len(fits)} longer than {cfg.max_len} tokens skipped)")
+    return train, test, train_eval
 
 
 def run(cfg, progress=True):
@@ -666,49 +630,38 @@ def run(cfg, progress=True):
     params, mcfg, config, tok = load_base(cfg.base)
     pairs, source = qa_pairs(cfg, config)
     data_dir = config.get("data", {}).get("dir", "")
-    encoded = [(p, encode_pair(tok, p)) for p in pairs]
-    fits = [(p, e) for p, e in encoded if len(e[0]) + len(e[1]) <= cfg.max_len]
-    train = [e for p, e in fits if p["split"] == "train"]
-    test = [p for p, e in fits if p["split"] == "test"][:cfg.eval_questions]
-    train_eval = [p for p, e in fits if p["split"] == "train"][:cfg.eval_questions]
-    if not train or not test:
-        raise ValueError(f"{source}: {len(train)} train and {len(test)} test pairs fit max_len={cfg.max_len}; need both")
-    print(f"Q&A: {len(pairs)} pairs from {source}; {len(train)} train, {len(test)} held out scored "
-          f"({len(encoded) - len(fits)} longer than {cfg.max_len} tokens skipped)")
+    train, test, train_eval = split_pairs(cfg, tok, pairs, source)
+
+    def score(p, questions, decode=cfg.decode):
+        return qa_scores(p, mcfg, tok, questions, cfg.max_answer_tokens, decode)
+
     n_total = sum(p.size for p in params.values())
-    has_val = bool(data_dir) and (Path(data_dir) / "val.bin").exists()
-    bpc_before = val_bpc(params, mcfg, tok, data_dir, cfg.eval_tokens) if has_val else float("nan")
-    before = qa_scores(params, mcfg, tok, test, cfg.max_answer_tokens, cfg.decode)
-    print(f"before: held-out EM {100 * before['em']:.1f}%, F1 {100 * before['f1']:.1f}%, val BPC {bpc_before:.3f}")
+    bpc_before = val_bpc(params, mcfg, tok, data_dir, cfg.eval_tokens)
+    before = score(params, test)
+    print(f"before: held-out EM {100 * before['em']:.1f}%, F1 {100 * before['f1']:.1f}%, "
+          f"val BPC {bpc_before:.3f}")
     t0 = time.time()
     trainable, losses = finetune(params, mcfg, cfg, train, BACKEND[cfg.backend](mcfg), progress)
     seconds = time.time() - t0
-    out = Path(cfg.out_dir)
-    if cfg.method == "lora":
-        lora, scale = trainable, cfg.lora_alpha / cfg.lora_rank
-        tuned = apply_lora(params, lora, scale)
-        saved = save_lora(out / "lora.npz", lora, cfg, cfg.base)
+    if cfg.method == "lora":       # the adapters alone are saved
+        tuned = apply_lora(params, trainable, cfg.lora_alpha / cfg.lora_rank)
+        saved = save_lora(Path(cfg.out_dir) / "lora.npz", trainable, cfg, cfg.base)
     else:
         tuned = params
-        saved = save_finetuned(out / f"{cfg.method}.npz", params, mcfg, config, cfg)
+        saved = save_finetuned(Path(cfg.out_dir) / f"{cfg.method}.npz", params, mcfg, config, cfg)
     n_trained = sum(p.size for p in trainable.values())
-    after = qa_scores(tuned, mcfg, tok, test, cfg.max_answer_tokens, cfg.decode)
-    free = after if cfg.decode == "free" else qa_scores(tuned, mcfg, tok, test, cfg.max_answer_tokens)
-    on_train = qa_scores(tuned, mcfg, tok, train_eval, cfg.max_answer_tokens, cfg.decode)
-    bpc_after = val_bpc(tuned, mcfg, tok, data_dir, cfg.eval_tokens) if has_val else float("nan")
-    result = {"method": cfg.method, "backend": cfg.backend, "trained": int(n_trained), "fraction": n_trained / n_total,
-              "seconds": seconds, "steps": cfg.max_steps, "loss_first": losses[0], "loss_last": float(np.mean(losses[-10:])),
-              "decode": cfg.decode, "em_before": before["em"], "em_test": after["em"], "f1_test": after["f1"],
-              "em_test_free": free["em"], "em_train": on_train["em"],
-              "n_test": after["n"], "bpc_before": bpc_before, "bpc_after": bpc_after, "output": str(saved)}
-    result["em_by_kind"] = matches_by_kind(test, after["answers"])
-    print("held-out exact matches by kind: " + ", ".join(f"{k} {r}/{n}" for k, (r, n) in result["em_by_kind"].items()))
-    for p, a in list(zip(test, after["answers"]))[:5]:
-        print(f"  Q: {p['question']}\n     gold: {p['answer']!r}  model: {a!r}")
-    with open(out / "results.jsonl", "a") as f:
-        f.write(json.dumps({k: None if v != v else v for k, v in result.items()}) + "\n")   # NaN -> null
-    print(print_table([result]))
-    print(f"saved {saved}")
+    after = score(tuned, test)
+    free = after if cfg.decode == "free" else score(tuned, test, "free")
+    on_train = score(tuned, train_eval)
+    result = {"method": cfg.method, "backend": cfg.backend, "trained": int(n_trained),
+              "fraction": n_trained / n_total, "seconds": seconds, "steps": cfg.max_steps,
+              "loss_first": losses[0], "loss_last": float(np.mean(losses[-10:])), "decode": cfg.decode,
+              "em_before": before["em"], "em_test": after["em"], "f1_test": after["f1"],
+              "em_test_free": free["em"], "em_train": on_train["em"], "n_test": after["n"],
+              "bpc_before": bpc_before, "bpc_after": val_bpc(tuned, mcfg, tok, data_dir, cfg.eval_tokens),
+              "output": str(saved), "em_by_kind": matches_by_kind(test, after["answers"])}
+    print_result(result, test, after["answers"])
+    append_result(Path(cfg.out_dir) / "results.jsonl", result)
     return result
 
 
@@ -726,7 +679,8 @@ def ask(cfg, question, context="", ckpt=None, adapters=None, out=None):
     """Answer one question greedily, printing each piece of the answer as it is decoded."""
     base = ckpt or (cfg.base if cfg.method == "lora" else str(Path(cfg.out_dir) / f"{cfg.method}.npz"))
     params, mcfg, _, tok = load_base(base)
-    adapters = adapters or (str(Path(cfg.out_dir) / "lora.npz") if cfg.method == "lora" and not ckpt else None)
+    if not adapters and cfg.method == "lora" and not ckpt:
+        adapters = str(Path(cfg.out_dir) / "lora.npz")
     if adapters:
         lora, scale = load_lora(adapters, params)
         params = apply_lora(params, lora, scale)
@@ -736,44 +690,46 @@ def ask(cfg, question, context="", ckpt=None, adapters=None, out=None):
     return print_stream(tok, "", [], answer, out).strip()
 
 
+def generate_only(cfg):
+    """Write the Q&A file of the base's corpus (or check --qa) and count its pairs by kind."""
+    pairs, path = qa_pairs(cfg, load_base(cfg.base)[2])
+    kinds = {k: sum(p.get("kind") == k for p in pairs) for k in sorted({p.get("kind") for p in pairs})}
+    print(f"{path}: {len(pairs)} pairs, {sum(p['split'] == 'test' for p in pairs)} held out; kinds {kinds}")
+
+
 def build_parser():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--preset", default="default", choices=list(PRESETS))
-    ap.add_argument("--ask", default=None, metavar="QUESTION", help="answer a question (streaming) and exit")
-    ap.add_argument("--context", default="", help="with --ask: a passage the answer comes from")
-    ap.add_argument("--ckpt", default=None, help="with --ask: a full checkpoint to answer with")
-    ap.add_argument("--adapters", default=None, help="LoRA adapters for --ask / --merge (default OUT_DIR/lora.npz)")
-    ap.add_argument("--merge", type=parse_bool, default=False, help="fold adapters into OUT_DIR/lora_merged.npz")
-    ap.add_argument("--generate_only", type=parse_bool, default=False, help="only write qa.jsonl and exit")
-    g = ap.add_argument_group("fine-tuning (FinetuneConfig)", "preset values are used unless given")
-    for f in fields(FinetuneConfig):
-        g.add_argument(f"--{f.name}", type=type(f.default), default=None, help=f"default {f.default!r}")
+    """--help lists every field of FinetuneConfig, explained by its comment above; see spikelib.cli."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="default", choices=list(PRESETS),
+                    help="a named schedule (quick: a smoke run); the options below change fields of it")
+    ap.add_argument("--ask", metavar="QUESTION", help="only answer QUESTION, streaming (default: fine-tune)")
+    ap.add_argument("--context", default="", help="with --ask: a passage holding the answer (default: none)")
+    ap.add_argument("--ckpt", help="with --ask: a full checkpoint to answer with (default: from --method)")
+    ap.add_argument("--adapters", help="LoRA adapter file for --ask and --merge (default: OUT_DIR/lora.npz)")
+    ap.add_argument("--merge", type=parse_bool, default=False, metavar="0|1",
+                    help="only fold the adapters into the base, writing OUT_DIR/lora_merged.npz (default 0)")
+    ap.add_argument("--generate_only", type=parse_bool, default=False, metavar="0|1",
+                    help="only write the generated data/<name>/qa.jsonl and count it (default 0)")
+    add_config_options(ap, FinetuneConfig, "fine-tuning (FinetuneConfig)", PRESETS, "finetune")
     return ap
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    over = {f.name: getattr(args, f.name) for f in fields(FinetuneConfig) if getattr(args, f.name) is not None}
-    cfg = FinetuneConfig(**dict(PRESETS[args.preset], **over))
     try:
-        if cfg.method not in METHODS or cfg.backend not in BACKENDS or cfg.decode not in DECODINGS:
-            raise ValueError(f"--method must be one of {METHODS}, --backend one of {BACKENDS}, --decode one of {DECODINGS}")
+        overrides = given_options(args, FinetuneConfig)
+        cfg = preset_configs(PRESETS, args.preset, overrides, finetune=FinetuneConfig)[0]
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
         if args.ask is not None:
             ask(cfg, args.ask, args.context, args.ckpt, args.adapters)
         elif args.merge:
             merge(cfg, args.adapters or str(Path(cfg.out_dir) / "lora.npz"))
         elif args.generate_only:
-            _, _, config, _ = load_base(cfg.base)
-            pairs, path = qa_pairs(cfg, config)
-            kinds = {k: sum(p.get("kind") == k for p in pairs) for k in sorted({p.get("kind") for p in pairs})}
-            print(f"{path}: {len(pairs)} pairs, {sum(p['split'] == 'test' for p in pairs)} held out; kinds {kinds}")
+            generate_only(cfg)
         else:
             run(cfg)
-    except (CheckpointError, FloatingPointError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    except S3.ERRORS as err:        # ValueError (CheckpointError too), OSError, FloatingPointError
+        return fail(err)
     except KeyboardInterrupt:
         return 130
     return 0

@@ -1,6 +1,7 @@
 """Stage 6: Q&A generation and validation, the masked loss and LoRA gradients against finite
 differences, merged adapters, freezing, exact match rising with every method, the CLI."""
 import json
+from dataclasses import fields
 from functools import partial
 
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 
 from numerics import finite_diff, rel_error
 from spikelib.checkpoint import CheckpointError
+from spikelib.cli import field_comments
 from spikelib.stages import load_stage
 
 F = load_stage("6_finetune")
@@ -363,7 +365,24 @@ def test_cli_finetunes_merges_and_answers(tmp_path, capsys):
     answer = capsys.readouterr().out.strip()
     assert answer and answer in context, answer
     assert F.main(args + ["--decode", "beam"]) == 1
-    assert "--decode one of" in capsys.readouterr().err
+    assert "--decode must be one of" in capsys.readouterr().err
+
+
+def test_help_explains_every_config_field():
+    """--help carries each FinetuneConfig field's own comment (compared without whitespace, as
+    argparse rewraps the text), and every field has one."""
+    comments = field_comments(F.FinetuneConfig)
+    names = [f.name for f in fields(F.FinetuneConfig)]
+    assert [n for n in names if not comments.get(n)] == []
+    help_text = "".join(F.build_parser().format_help().split())
+    for name in names:
+        assert f"--{name}" in help_text and "".join(comments[name].split()) in help_text, name
+
+
+def test_bad_choice_is_one_error_line(capsys):
+    assert F.main(["--method", "bogus"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --method") and "bogus" in err[0], err
 
 
 def is_span(answer, source):
