@@ -31,12 +31,12 @@ dataset folder, doing nothing when it is already prepared with the same settings
 """
 import argparse
 import contextlib
+import errno
 import hashlib
 import http.client
 import inspect
 import io
 import json
-import os
 import pkgutil
 import platform
 import re
@@ -53,6 +53,9 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from spikelib.files import write_bytes_atomic, write_text_atomic  # noqa: E402
 
 # ----------------------------------------------------------------------------
 # config
@@ -89,6 +92,7 @@ class DataConfig:
     min_interval: float = 0.5       # seconds between API requests (rate limit)
     timeout: float = 20.0           # seconds per HTTP request
     retries: int = 5                # attempts after the first one, on 429 / 5xx / timeouts / bad JSON
+                                    # (a failed name lookup or a refused connection fails at once)
     backoff: float = 2.0            # first retry delay in seconds; doubles each retry
     max_backoff: float = 60.0
     # shakespeare
@@ -115,8 +119,23 @@ def log(msg):
 # ----------------------------------------------------------------------------
 # sources: each returns (docs, single_file, complete), docs a list of raw strings
 
-class FetchError(RuntimeError):
-    pass
+class FetchError(ValueError):
+    """A download that failed for good. A ValueError, so every stage's main prints it as one line."""
+
+
+# errno values of a machine that is offline or cut off: retrying in a minute will not help
+UNREACHABLE = (errno.ECONNREFUSED, errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN)
+
+
+def unreachable(err):
+    """What failed, when err says the server cannot be reached at all (else None): a name lookup
+    that failed (DNS, the usual sign of no network) or a connection that was refused."""
+    reason = err.reason if isinstance(err, urllib.error.URLError) else err
+    if isinstance(reason, socket.gaierror):
+        return f"the name lookup failed ({reason.strerror or reason})"
+    if isinstance(reason, OSError) and reason.errno in UNREACHABLE:
+        return f"the connection failed ({reason.strerror or reason})"
+    return None
 
 
 class HttpClient:
@@ -124,7 +143,8 @@ class HttpClient:
 
     Retries wait backoff * 2**attempt seconds (or the server's Retry-After, if
     larger), on HTTP 429 and 5xx, timeouts, dropped connections and JSON that
-    does not parse. Other HTTP errors (404, 403, ...) fail at once.
+    does not parse. Other HTTP errors (404, 403, ...) fail at once, and so does
+    a server that cannot be reached at all (no network: see unreachable()).
     """
 
     def __init__(self, cfg: DataConfig):
@@ -157,13 +177,18 @@ class HttpClient:
             try:
                 with urllib.request.urlopen(req, timeout=self.cfg.timeout) as resp:
                     return parse(resp, desc)
+            except FetchError:
+                raise
             except urllib.error.HTTPError as e:
                 if e.code != 429 and e.code < 500:
                     raise FetchError(f"HTTP {e.code} for {url}: {e.reason}") from e
                 e.retry_after = e.headers.get("Retry-After") if e.headers else None
                 last_error = e
-            except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError,
-                    http.client.HTTPException, ValueError) as e:
+            except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as e:
+                if what := unreachable(e):
+                    host = urllib.parse.urlsplit(url).hostname
+                    raise FetchError(f"cannot reach {host}: {what}. Offline? Use a local text file "
+                                     f"or folder with --source files:PATH, or --source builtin") from None
                 last_error = e
         raise FetchError(f"giving up on {url} after {self.cfg.retries + 1} attempts: {last_error}")
 
@@ -339,10 +364,7 @@ def shakespeare_docs(cfg, out_dir):
     out_dir.mkdir(parents=True, exist_ok=True)
     raw = out_dir / "input.txt"
     if not raw.exists():
-        data = HttpClient(cfg).get_bytes(cfg.shakespeare_url, "tinyshakespeare")
-        tmp = raw.with_suffix(".part")
-        tmp.write_bytes(data)
-        os.replace(tmp, raw)
+        write_bytes_atomic(raw, HttpClient(cfg).get_bytes(cfg.shakespeare_url, "tinyshakespeare"))
     return [raw.read_text(encoding="utf-8")], True, True
 
 
@@ -688,25 +710,18 @@ def sha256_file(path: Path):
     return h.hexdigest()
 
 
-def write_atomic(path: Path, text: str):
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def write_dataset(out_dir, train_text, val_text, n_train, n_val, meta):
     """train.txt, val.txt, then meta.json last: a dataset without meta.json is unfinished."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "meta.json").unlink(missing_ok=True)
     for name, text, n_docs in (("train", train_text, n_train), ("val", val_text, n_val)):
         path = out_dir / f"{name}.txt"
-        write_atomic(path, text)
+        write_text_atomic(path, text)
         meta[f"{name}_docs"] = n_docs
         meta[f"{name}_chars"] = len(text)
         meta[f"{name}_bytes"] = path.stat().st_size
         meta.setdefault("sha256", {})[path.name] = sha256_file(path)
-    write_atomic(out_dir / "meta.json", json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    write_text_atomic(out_dir / "meta.json", json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
     return meta
 
 
