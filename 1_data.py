@@ -98,6 +98,25 @@ class DataConfig:
     # shakespeare
     shakespeare_url: str = SHAKESPEARE_URL
 
+    def __post_init__(self):
+        """Check every option before any work starts; a bad one is a ValueError naming it."""
+        if self.unicode_form not in ("NFC", "NFKC", "NFD", "NFKD"):
+            raise ValueError(f"--unicode_form must be NFC, NFKC, NFD or NFKD, got {self.unicode_form!r}")
+        for name, (allowed, words) in NUMBER_OPTIONS.items():
+            if not allowed(getattr(self, name)):         # comparisons with NaN are false: refused too
+                raise ValueError(f"--{name} must be {words}, got {getattr(self, name)}")
+
+
+# Each numeric option: the test of an allowed value, and the allowed values in words.
+NUMBER_OPTIONS = {
+    "min_chars": (lambda v: v >= 1, ">= 1"), "val_fraction": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "per_category": (lambda v: v >= 1, ">= 1"), "max_depth": (lambda v: v >= 0, ">= 0"),
+    "max_bytes": (lambda v: v >= 1, ">= 1"), "max_articles": (lambda v: v >= 0, ">= 0 (0 = no limit)"),
+    "min_interval": (lambda v: v >= 0, ">= 0"), "timeout": (lambda v: v > 0, "> 0"),
+    "retries": (lambda v: v >= 0, ">= 0"), "backoff": (lambda v: v >= 0, ">= 0"),
+    "max_backoff": (lambda v: v >= 0, ">= 0"),
+}
+
 
 PRESETS = {
     "default": {},
@@ -322,34 +341,40 @@ def collect_wikipedia(cfg: DataConfig, out_dir: Path):
         log(f"resuming: {len(articles)} articles ({total_bytes / 1e6:.1f} MB) already in {cache}")
     client, new = HttpClient(cfg), 0
     categories = [c.strip() for c in cfg.categories.split(",") if c.strip()]
-    with open(cache, "a", encoding="utf-8") as f:
-        for cat in categories:
-            done = sum(a["category"] == cat for a in articles)
-            if done >= cfg.per_category:
-                continue
-            # list twice what we need: some titles are already held under another category
-            titles = list_category_pages(client, cat, 2 * cfg.per_category, cfg.max_depth)
-            todo = [t for t in titles if t not in have_titles][:cfg.per_category - done]
-            for title in tqdm(todo, desc=f"{cat:>16}", unit="article"):
-                if cfg.max_articles and new >= cfg.max_articles:
-                    log(f"stopping after {new} new articles (--max_articles); rerun to continue")
-                    return articles, False
-                art = fetch_extract(client, title)
-                if art is None or art["pageid"] in have_ids:
-                    continue   # missing page, or a redirect to an article we already have
-                size = len(art["text"].encode())
-                if total_bytes + size > cfg.max_bytes:
-                    log(f"size cap reached: {total_bytes / 1e6:.1f} MB of {cfg.max_bytes / 1e6:.1f} MB")
-                    return articles, True
-                art = {**art, "asked": title, "category": cat}
-                f.write(json.dumps(art, ensure_ascii=False) + "\n")
-                f.flush()
-                articles.append(art)
-                have_ids.add(art["pageid"])
-                have_titles.update((title, art["title"]))
-                total_bytes += size
-                new += 1
+    for cat in categories:
+        done = sum(a["category"] == cat for a in articles)
+        if done >= cfg.per_category:
+            continue
+        # list twice what we need: some titles are already held under another category
+        titles = list_category_pages(client, cat, 2 * cfg.per_category, cfg.max_depth)
+        todo = [t for t in titles if t not in have_titles][:cfg.per_category - done]
+        for title in tqdm(todo, desc=f"{cat:>16}", unit="article"):
+            if cfg.max_articles and new >= cfg.max_articles:
+                log(f"stopping after {new} new articles (--max_articles); rerun to continue")
+                return articles, False
+            art = fetch_extract(client, title)
+            if art is None or art["pageid"] in have_ids:
+                continue   # missing page, or a redirect to an article we already have
+            size = len(art["text"].encode())
+            if total_bytes + size > cfg.max_bytes:
+                log(f"size cap reached: {total_bytes / 1e6:.1f} MB of {cfg.max_bytes / 1e6:.1f} MB")
+                return articles, True
+            art = {**art, "asked": title, "category": cat}
+            append_line(cache, json.dumps(art, ensure_ascii=False))
+            articles.append(art)
+            have_ids.add(art["pageid"])
+            have_titles.update((title, art["title"]))
+            total_bytes += size
+            new += 1
     return articles, True
+
+
+def append_line(path: Path, line: str):
+    """Append one line and close: finished articles are on disk at once, and a run that fails
+    before its first article leaves no file behind. (The cache grows by appending, not through
+    the atomic rewrite every other file gets: load_article_cache repairs a torn last line.)"""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line + "\n")
 
 
 def wikipedia_docs(cfg, out_dir):
@@ -854,9 +879,8 @@ def parse_args(argv=None) -> DataConfig:
 
 
 def main(argv=None):
-    cfg = parse_args(argv)
     try:
-        run(cfg)
+        run(parse_args(argv))
     except (FetchError, ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:

@@ -72,6 +72,15 @@ class TokenizerConfig:
     min_count: int = 2          # a piece must occur this often in train.txt to be learned
     force: bool = False         # rebuild even when tokens.json says everything is up to date
 
+    def __post_init__(self):
+        """Check every option before any work starts; a bad one is a ValueError naming it."""
+        if not PIECE0 <= self.vocab_size < 65536:
+            raise ValueError(f"--vocab_size must be in [{PIECE0}, 65535] ({N_SPECIAL} special + 256 byte "
+                             f"tokens + learned pieces, uint16 ids), got {self.vocab_size}")
+        if self.min_count < 1:
+            raise ValueError(f"--min_count must be >= 1, got {self.min_count}")
+        check_lang(self.lang)
+
 
 PRESETS = {
     "default": {},
@@ -512,8 +521,7 @@ def build(data_dir, vocab_size=None, lang=None, min_count=None, force=False) -> 
     if not force and is_up_to_date(data_dir, last, settings, inputs):
         log(f"{data_dir} tokens are up to date (same settings and inputs): nothing to do")
         return data_dir
-    train_text = (data_dir / "train.txt").read_text(encoding="utf-8")
-    val_text = (data_dir / "val.txt").read_text(encoding="utf-8")
+    train_text, val_text = (read_utf8(data_dir / name) for name in ("train.txt", "val.txt"))
     tok = Tokenizer.train(train_text, vocab_size, lang, min_count)
     tok.save(data_dir / "tokenizer.json")
     n_train = encode_file(tok, train_text, data_dir / "train.bin", "encoding train")
@@ -532,6 +540,14 @@ def build(data_dir, vocab_size=None, lang=None, min_count=None, force=False) -> 
     write_bytes_atomic(data_dir / "tokens.json", (json.dumps(meta, indent=2) + "\n").encode())
     print_summary(data_dir, tok, meta, time.time() - t0)
     return data_dir
+
+
+def read_utf8(path: Path):
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); stage 1 writes UTF-8, "
+                         f"rerun python 1_data.py") from None
 
 
 def print_summary(data_dir, tok, meta, seconds):
@@ -595,8 +611,8 @@ def parse_args(argv=None) -> TokenizerConfig:
 
 
 def main(argv=None):
-    cfg = parse_args(argv)
     try:
+        cfg = parse_args(argv)
         build(dataset_dir(cfg), cfg.vocab_size, cfg.lang, cfg.min_count, cfg.force)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")

@@ -33,6 +33,7 @@ import math
 import re
 import sys
 import time
+import zipfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -40,7 +41,8 @@ import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from spikelib.checkpoint import CheckpointError, save_checkpoint  # noqa: E402
+from spikelib.checkpoint import CheckpointError, data_ref, save_checkpoint, tokenizer_path  # noqa: E402
+from spikelib.files import atomic_write  # noqa: E402
 from spikelib.report import print_stream  # noqa: E402
 from spikelib.stages import load_stage  # noqa: E402
 
@@ -82,6 +84,36 @@ class FinetuneConfig:
     decode: str = "span"           # span: the answer is kept a span of the context (extractive); free: any tokens
     eval_tokens: int = 8192        # validation tokens of the corpus for BPC
 
+    def __post_init__(self):
+        """Check every option before any work starts; a bad one is a ValueError naming it."""
+        for name, allowed in (("method", METHODS), ("backend", BACKENDS), ("decode", DECODINGS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        targets = [t.strip() for t in self.lora_targets.split(",")]
+        if not all(t in LORA_SITES for t in targets):
+            raise ValueError(f"--lora_targets must be a comma-separated list of {', '.join(LORA_SITES)}, "
+                             f"got {self.lora_targets!r}")
+        for name, (allowed, words) in NUMBER_OPTIONS.items():
+            if not allowed(getattr(self, name)):         # comparisons with NaN are false: refused too
+                raise ValueError(f"--{name} must be {words}, got {getattr(self, name)}")
+
+
+def at_least(low):
+    return lambda v: v >= low
+
+
+# Each numeric option: the test of an allowed value, and the allowed values in words.
+NUMBER_OPTIONS = {
+    "freeze_layers": (at_least(-1), "-1 (half the blocks) or a number of blocks >= 0"),
+    "lora_rank": (at_least(1), ">= 1"), "lora_alpha": (lambda v: v > 0, "> 0"),
+    "max_steps": (at_least(1), ">= 1"), "batch_size": (at_least(1), ">= 1"),
+    "lr": (at_least(0), ">= 0 (0 = the method's default)"), "min_lr": (at_least(0), ">= 0 (0 = lr / 10)"),
+    "warmup": (at_least(0), ">= 0"), "weight_decay": (at_least(0), ">= 0"),
+    "grad_clip": (at_least(0), ">= 0 (0 = no clipping)"), "layer_lr_decay": (lambda v: v > 0, "> 0"),
+    "max_len": (at_least(1), ">= 1"), "max_questions": (at_least(1), ">= 1"),
+    "test_fraction": (lambda v: 0 <= v <= 1, "in [0, 1]"), "eval_questions": (at_least(1), ">= 1"),
+    "max_answer_tokens": (at_least(1), ">= 1"), "eval_tokens": (at_least(0), ">= 0"),
+}
 
 METHOD_LR = {"full": 1e-3, "freeze": 1e-3, "lora": 1e-2}     # the best of a sweep on `small` (README)
 PRESETS = {
@@ -249,7 +281,14 @@ def read_qa(path, test_fraction=0.1):
     string "context", optional "split" in {train, test} (default: fixed by the question's hash).
     """
     pairs, errors = [], []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--qa {path}: no such file")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason}); "
+                         f"save it as UTF-8") from None
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -272,8 +311,8 @@ def read_qa(path, test_fraction=0.1):
         obj.setdefault("split", "test" if stable_hash("split:" + obj["question"]) < test_fraction else "train")
         pairs.append(obj)
     if errors:
-        more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
-        raise ValueError(f"{path}: {len(errors)} bad line(s):\n  " + "\n  ".join(errors[:20]) + more)
+        more = f"; ... and {len(errors) - 20} more" if len(errors) > 20 else ""
+        raise ValueError(f"{path}: {len(errors)} bad line(s): " + "; ".join(errors[:20]) + more)
     if not pairs:
         raise ValueError(f"{path}: no question-answer pairs")
     return pairs
@@ -600,35 +639,47 @@ def save_lora(path, lora, cfg, base_path):
            "targets": cfg.lora_targets, "base": str(base_path)}
     arrays = {"config.json": np.frombuffer(json.dumps(doc).encode(), np.uint8)}
     arrays.update({"lora/" + k: np.asarray(v, np.float32) for k, v in lora.items()})
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, **arrays)
-    return path
+    return atomic_write(path, lambda f: np.savez(f, **arrays))    # a failed save keeps the old file
 
 
 def load_lora(path, params):
-    """(adapters, scale) from save_lora's file; checks each adapter against the base's shapes."""
+    """(adapters, scale) from save_lora's file; checks each adapter against the base's shapes.
+    Anything else (a missing, truncated or foreign file) is a CheckpointError naming the file."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"no LoRA adapters at {path}: train them with --method lora, "
+                              f"or pass --adapters FILE")
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
         doc = json.loads(arrays.pop("config.json").tobytes().decode())
-    except (OSError, ValueError, KeyError) as err:
-        raise CheckpointError(f"{path} is not a readable LoRA adapter file: {err}") from None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        raise CheckpointError(f"{path} is not a readable LoRA adapter file ({type(err).__name__}: {err}); "
+                              f"retrain the adapters") from None
+    if not isinstance(doc, dict):
+        raise CheckpointError(f"{path}: its config.json is a JSON {type(doc).__name__}, not an object")
     if doc.get("format") != "spike-transformer-lora":
         raise CheckpointError(f"{path} is not a LoRA adapter file (format={doc.get('format')!r})")
+    rank, alpha = doc.get("rank"), doc.get("alpha")
+    if not (isinstance(rank, int) and rank >= 1 and isinstance(alpha, (int, float))):
+        raise CheckpointError(f"{path}: its config needs an integer rank >= 1 and a number alpha")
     lora = {k[len("lora/"):]: v for k, v in arrays.items()}
     for key, v in lora.items():
-        n, r = key[:-2], doc["rank"]
+        if not key.endswith((".A", ".B")) or not np.issubdtype(v.dtype, np.floating):
+            raise CheckpointError(f"{path}: lora/{key} is not a floating-point .A or .B adapter")
+        n = key[:-2]
         d_in, d_out = params[n].shape if n in params and params[n].ndim == 2 else (None, None)
-        want = {".B": (d_in, r), ".A": (r, d_out)}.get(key[-2:])
+        want = {".B": (d_in, rank), ".A": (rank, d_out)}.get(key[-2:])
         if d_in is None or v.shape != want or {n + ".A", n + ".B"} - set(lora):     # each B needs its A
             raise CheckpointError(f"{path}: adapter {key} {v.shape} does not fit the base model")
-    return lora, doc["alpha"] / doc["rank"]
+    return lora, alpha / rank
 
 
 def save_finetuned(path, params, mcfg, config, cfg):
-    """The same checkpoint format as every stage: the base's config plus a "finetune" record."""
+    """The same checkpoint format as every stage: the base's config plus a "finetune" record, its
+    dataset folder recorded anew from this file's folder (data_ref), so it finds its tokenizer."""
     doc = dict(config, model=asdict(mcfg), finetune=asdict(cfg))
     doc.pop("format", None), doc.pop("version", None)
+    doc["data"] = data_ref(tokenizer_path(config, cfg.base).parent, path)
     return save_checkpoint(path, params, doc)
 
 
@@ -752,10 +803,8 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     over = {f.name: getattr(args, f.name) for f in fields(FinetuneConfig) if getattr(args, f.name) is not None}
-    cfg = FinetuneConfig(**dict(PRESETS[args.preset], **over))
     try:
-        if cfg.method not in METHODS or cfg.backend not in BACKENDS or cfg.decode not in DECODINGS:
-            raise ValueError(f"--method must be one of {METHODS}, --backend one of {BACKENDS}, --decode one of {DECODINGS}")
+        cfg = FinetuneConfig(**dict(PRESETS[args.preset], **over))
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
         if args.ask is not None:
             ask(cfg, args.ask, args.context, args.ckpt, args.adapters)

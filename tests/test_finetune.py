@@ -363,7 +363,7 @@ def test_cli_finetunes_merges_and_answers(tmp_path, capsys):
     answer = capsys.readouterr().out.strip()
     assert answer and answer in context, answer
     assert F.main(args + ["--decode", "beam"]) == 1
-    assert "--decode one of" in capsys.readouterr().err
+    assert "--decode must be one of span, free, got 'beam'" in capsys.readouterr().err
 
 
 def is_span(answer, source):
