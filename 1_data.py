@@ -31,12 +31,12 @@ dataset folder, doing nothing when it is already prepared with the same settings
 """
 import argparse
 import contextlib
+import errno
 import hashlib
 import http.client
 import inspect
 import io
 import json
-import os
 import pkgutil
 import platform
 import re
@@ -53,6 +53,9 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from spikelib.files import write_bytes_atomic, write_text_atomic  # noqa: E402
 
 # ----------------------------------------------------------------------------
 # config
@@ -89,10 +92,30 @@ class DataConfig:
     min_interval: float = 0.5       # seconds between API requests (rate limit)
     timeout: float = 20.0           # seconds per HTTP request
     retries: int = 5                # attempts after the first one, on 429 / 5xx / timeouts / bad JSON
+                                    # (a failed name lookup or a refused connection fails at once)
     backoff: float = 2.0            # first retry delay in seconds; doubles each retry
     max_backoff: float = 60.0
     # shakespeare
     shakespeare_url: str = SHAKESPEARE_URL
+
+    def __post_init__(self):
+        """Check every option before any work starts; a bad one is a ValueError naming it."""
+        if self.unicode_form not in ("NFC", "NFKC", "NFD", "NFKD"):
+            raise ValueError(f"--unicode_form must be NFC, NFKC, NFD or NFKD, got {self.unicode_form!r}")
+        for name, (allowed, words) in NUMBER_OPTIONS.items():
+            if not allowed(getattr(self, name)):         # comparisons with NaN are false: refused too
+                raise ValueError(f"--{name} must be {words}, got {getattr(self, name)}")
+
+
+# Each numeric option: the test of an allowed value, and the allowed values in words.
+NUMBER_OPTIONS = {
+    "min_chars": (lambda v: v >= 1, ">= 1"), "val_fraction": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "per_category": (lambda v: v >= 1, ">= 1"), "max_depth": (lambda v: v >= 0, ">= 0"),
+    "max_bytes": (lambda v: v >= 1, ">= 1"), "max_articles": (lambda v: v >= 0, ">= 0 (0 = no limit)"),
+    "min_interval": (lambda v: v >= 0, ">= 0"), "timeout": (lambda v: v > 0, "> 0"),
+    "retries": (lambda v: v >= 0, ">= 0"), "backoff": (lambda v: v >= 0, ">= 0"),
+    "max_backoff": (lambda v: v >= 0, ">= 0"),
+}
 
 
 PRESETS = {
@@ -115,8 +138,23 @@ def log(msg):
 # ----------------------------------------------------------------------------
 # sources: each returns (docs, single_file, complete), docs a list of raw strings
 
-class FetchError(RuntimeError):
-    pass
+class FetchError(ValueError):
+    """A download that failed for good. A ValueError, so every stage's main prints it as one line."""
+
+
+# errno values of a machine that is offline or cut off: retrying in a minute will not help
+UNREACHABLE = (errno.ECONNREFUSED, errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN)
+
+
+def unreachable(err):
+    """What failed, when err says the server cannot be reached at all (else None): a name lookup
+    that failed (DNS, the usual sign of no network) or a connection that was refused."""
+    reason = err.reason if isinstance(err, urllib.error.URLError) else err
+    if isinstance(reason, socket.gaierror):
+        return f"the name lookup failed ({reason.strerror or reason})"
+    if isinstance(reason, OSError) and reason.errno in UNREACHABLE:
+        return f"the connection failed ({reason.strerror or reason})"
+    return None
 
 
 class HttpClient:
@@ -124,7 +162,8 @@ class HttpClient:
 
     Retries wait backoff * 2**attempt seconds (or the server's Retry-After, if
     larger), on HTTP 429 and 5xx, timeouts, dropped connections and JSON that
-    does not parse. Other HTTP errors (404, 403, ...) fail at once.
+    does not parse. Other HTTP errors (404, 403, ...) fail at once, and so does
+    a server that cannot be reached at all (no network: see unreachable()).
     """
 
     def __init__(self, cfg: DataConfig):
@@ -157,13 +196,18 @@ class HttpClient:
             try:
                 with urllib.request.urlopen(req, timeout=self.cfg.timeout) as resp:
                     return parse(resp, desc)
+            except FetchError:
+                raise
             except urllib.error.HTTPError as e:
                 if e.code != 429 and e.code < 500:
                     raise FetchError(f"HTTP {e.code} for {url}: {e.reason}") from e
                 e.retry_after = e.headers.get("Retry-After") if e.headers else None
                 last_error = e
-            except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError,
-                    http.client.HTTPException, ValueError) as e:
+            except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as e:
+                if what := unreachable(e):
+                    host = urllib.parse.urlsplit(url).hostname
+                    raise FetchError(f"cannot reach {host}: {what}. Offline? Use a local text file "
+                                     f"or folder with --source files:PATH, or --source builtin") from None
                 last_error = e
         raise FetchError(f"giving up on {url} after {self.cfg.retries + 1} attempts: {last_error}")
 
@@ -297,34 +341,40 @@ def collect_wikipedia(cfg: DataConfig, out_dir: Path):
         log(f"resuming: {len(articles)} articles ({total_bytes / 1e6:.1f} MB) already in {cache}")
     client, new = HttpClient(cfg), 0
     categories = [c.strip() for c in cfg.categories.split(",") if c.strip()]
-    with open(cache, "a", encoding="utf-8") as f:
-        for cat in categories:
-            done = sum(a["category"] == cat for a in articles)
-            if done >= cfg.per_category:
-                continue
-            # list twice what we need: some titles are already held under another category
-            titles = list_category_pages(client, cat, 2 * cfg.per_category, cfg.max_depth)
-            todo = [t for t in titles if t not in have_titles][:cfg.per_category - done]
-            for title in tqdm(todo, desc=f"{cat:>16}", unit="article"):
-                if cfg.max_articles and new >= cfg.max_articles:
-                    log(f"stopping after {new} new articles (--max_articles); rerun to continue")
-                    return articles, False
-                art = fetch_extract(client, title)
-                if art is None or art["pageid"] in have_ids:
-                    continue   # missing page, or a redirect to an article we already have
-                size = len(art["text"].encode())
-                if total_bytes + size > cfg.max_bytes:
-                    log(f"size cap reached: {total_bytes / 1e6:.1f} MB of {cfg.max_bytes / 1e6:.1f} MB")
-                    return articles, True
-                art = {**art, "asked": title, "category": cat}
-                f.write(json.dumps(art, ensure_ascii=False) + "\n")
-                f.flush()
-                articles.append(art)
-                have_ids.add(art["pageid"])
-                have_titles.update((title, art["title"]))
-                total_bytes += size
-                new += 1
+    for cat in categories:
+        done = sum(a["category"] == cat for a in articles)
+        if done >= cfg.per_category:
+            continue
+        # list twice what we need: some titles are already held under another category
+        titles = list_category_pages(client, cat, 2 * cfg.per_category, cfg.max_depth)
+        todo = [t for t in titles if t not in have_titles][:cfg.per_category - done]
+        for title in tqdm(todo, desc=f"{cat:>16}", unit="article"):
+            if cfg.max_articles and new >= cfg.max_articles:
+                log(f"stopping after {new} new articles (--max_articles); rerun to continue")
+                return articles, False
+            art = fetch_extract(client, title)
+            if art is None or art["pageid"] in have_ids:
+                continue   # missing page, or a redirect to an article we already have
+            size = len(art["text"].encode())
+            if total_bytes + size > cfg.max_bytes:
+                log(f"size cap reached: {total_bytes / 1e6:.1f} MB of {cfg.max_bytes / 1e6:.1f} MB")
+                return articles, True
+            art = {**art, "asked": title, "category": cat}
+            append_line(cache, json.dumps(art, ensure_ascii=False))
+            articles.append(art)
+            have_ids.add(art["pageid"])
+            have_titles.update((title, art["title"]))
+            total_bytes += size
+            new += 1
     return articles, True
+
+
+def append_line(path: Path, line: str):
+    """Append one line and close: finished articles are on disk at once, and a run that fails
+    before its first article leaves no file behind. (The cache grows by appending, not through
+    the atomic rewrite every other file gets: load_article_cache repairs a torn last line.)"""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line + "\n")
 
 
 def wikipedia_docs(cfg, out_dir):
@@ -339,10 +389,7 @@ def shakespeare_docs(cfg, out_dir):
     out_dir.mkdir(parents=True, exist_ok=True)
     raw = out_dir / "input.txt"
     if not raw.exists():
-        data = HttpClient(cfg).get_bytes(cfg.shakespeare_url, "tinyshakespeare")
-        tmp = raw.with_suffix(".part")
-        tmp.write_bytes(data)
-        os.replace(tmp, raw)
+        write_bytes_atomic(raw, HttpClient(cfg).get_bytes(cfg.shakespeare_url, "tinyshakespeare"))
     return [raw.read_text(encoding="utf-8")], True, True
 
 
@@ -688,25 +735,18 @@ def sha256_file(path: Path):
     return h.hexdigest()
 
 
-def write_atomic(path: Path, text: str):
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def write_dataset(out_dir, train_text, val_text, n_train, n_val, meta):
     """train.txt, val.txt, then meta.json last: a dataset without meta.json is unfinished."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "meta.json").unlink(missing_ok=True)
     for name, text, n_docs in (("train", train_text, n_train), ("val", val_text, n_val)):
         path = out_dir / f"{name}.txt"
-        write_atomic(path, text)
+        write_text_atomic(path, text)
         meta[f"{name}_docs"] = n_docs
         meta[f"{name}_chars"] = len(text)
         meta[f"{name}_bytes"] = path.stat().st_size
         meta.setdefault("sha256", {})[path.name] = sha256_file(path)
-    write_atomic(out_dir / "meta.json", json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    write_text_atomic(out_dir / "meta.json", json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
     return meta
 
 
@@ -839,9 +879,8 @@ def parse_args(argv=None) -> DataConfig:
 
 
 def main(argv=None):
-    cfg = parse_args(argv)
     try:
-        run(cfg)
+        run(parse_args(argv))
     except (FetchError, ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:

@@ -45,7 +45,6 @@ are up to date; it keeps the vocabulary size the dataset was built with) and
 import argparse
 import hashlib
 import json
-import os
 import re
 import sys
 import time
@@ -56,6 +55,9 @@ from pathlib import Path
 import numpy as np
 import pyphen
 from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from spikelib.files import atomic_write, write_bytes_atomic  # noqa: E402
 
 # ----------------------------------------------------------------------------
 # config
@@ -69,6 +71,15 @@ class TokenizerConfig:
     lang: str = "en_US"         # pyphen hyphenation language
     min_count: int = 2          # a piece must occur this often in train.txt to be learned
     force: bool = False         # rebuild even when tokens.json says everything is up to date
+
+    def __post_init__(self):
+        """Check every option before any work starts; a bad one is a ValueError naming it."""
+        if not PIECE0 <= self.vocab_size < 65536:
+            raise ValueError(f"--vocab_size must be in [{PIECE0}, 65535] ({N_SPECIAL} special + 256 byte "
+                             f"tokens + learned pieces, uint16 ids), got {self.vocab_size}")
+        if self.min_count < 1:
+            raise ValueError(f"--min_count must be >= 1, got {self.min_count}")
+        check_lang(self.lang)
 
 
 PRESETS = {
@@ -352,7 +363,7 @@ class Tokenizer:
     def save(self, path):
         """Write the tokenizer as readable JSON (one piece per line), atomically."""
         text = json.dumps(self.to_dict(), indent=1, ensure_ascii=False) + "\n"
-        write_atomic(Path(path), text.encode("utf-8"))
+        write_bytes_atomic(Path(path), text.encode("utf-8"))
 
     @classmethod
     def load(cls, path):
@@ -405,12 +416,6 @@ def check_lang(lang):
 # building a dataset: tokenizer.json, train.bin, val.bin, tokens.json
 
 
-def write_atomic(path: Path, data: bytes):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def sha256_file(path: Path):
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -421,16 +426,41 @@ def sha256_file(path: Path):
 
 def encode_file(tok, text, path: Path, desc):
     """Encode text block by block into path as flat little-endian uint16; return the token count."""
-    tmp = path.with_name(path.name + ".tmp")
-    n = 0
-    with open(tmp, "wb") as f, tqdm(total=len(text), unit="char", unit_scale=True, desc=desc) as bar:
-        for block in text_blocks(text):
-            ids = np.asarray(tok.encode(block), dtype="<u2")   # vocab < 65536 fits uint16
-            ids.tofile(f)
-            n += len(ids)
-            bar.update(len(block))
-    os.replace(tmp, path)
-    return n
+    counts = []
+
+    def write(f):
+        with tqdm(total=len(text), unit="char", unit_scale=True, desc=desc) as bar:
+            for block in text_blocks(text):
+                ids = np.asarray(tok.encode(block), dtype="<u2")   # vocab < 65536 fits uint16
+                f.write(ids.tobytes())
+                counts.append(len(ids))
+                bar.update(len(block))
+    atomic_write(path, write)
+    return sum(counts)
+
+
+def check_token_ids(data_dir, splits=("train", "val")) -> int:
+    """Check that data_dir's .bin files fit its tokenizer.json; return the tokenizer's vocab_size.
+
+    A .bin must hold whole uint16 ids (an even number of bytes) and no id >= vocab_size, which
+    would index past the model's embedding. One max over a memory map: fast even for 100M tokens.
+    Raises ValueError naming the file and the command that rebuilds it.
+    """
+    data_dir = Path(data_dir)
+    vocab_size = Tokenizer.load(data_dir / "tokenizer.json").vocab_size
+    rebuild = f"rebuild them with python 2_tokenizer.py --data {data_dir} --force"
+    for split in splits:
+        path = data_dir / f"{split}.bin"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: {rebuild}")
+        size = path.stat().st_size
+        if size % 2:
+            raise ValueError(f"{path} has {size} bytes, an odd number: not uint16 token ids "
+                             f"(a truncated or foreign file); {rebuild}")
+        if size and (top := int(np.memmap(path, dtype="<u2", mode="r").max())) >= vocab_size:
+            raise ValueError(f"{path} holds token id {top}, outside the vocabulary of "
+                             f"{data_dir / 'tokenizer.json'} (vocab_size {vocab_size}); {rebuild}")
+    return vocab_size
 
 
 def token_stats(tok, paths):
@@ -491,8 +521,7 @@ def build(data_dir, vocab_size=None, lang=None, min_count=None, force=False) -> 
     if not force and is_up_to_date(data_dir, last, settings, inputs):
         log(f"{data_dir} tokens are up to date (same settings and inputs): nothing to do")
         return data_dir
-    train_text = (data_dir / "train.txt").read_text(encoding="utf-8")
-    val_text = (data_dir / "val.txt").read_text(encoding="utf-8")
+    train_text, val_text = (read_utf8(data_dir / name) for name in ("train.txt", "val.txt"))
     tok = Tokenizer.train(train_text, vocab_size, lang, min_count)
     tok.save(data_dir / "tokenizer.json")
     n_train = encode_file(tok, train_text, data_dir / "train.bin", "encoding train")
@@ -508,9 +537,17 @@ def build(data_dir, vocab_size=None, lang=None, min_count=None, force=False) -> 
             "outputs": {name: sha256_file(data_dir / name)
                         for name in ("tokenizer.json", "train.bin", "val.bin")}}
     # tokens.json is written last: its presence says the other three files are complete
-    write_atomic(data_dir / "tokens.json", (json.dumps(meta, indent=2) + "\n").encode())
+    write_bytes_atomic(data_dir / "tokens.json", (json.dumps(meta, indent=2) + "\n").encode())
     print_summary(data_dir, tok, meta, time.time() - t0)
     return data_dir
+
+
+def read_utf8(path: Path):
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); stage 1 writes UTF-8, "
+                         f"rerun python 1_data.py") from None
 
 
 def print_summary(data_dir, tok, meta, seconds):
@@ -574,8 +611,8 @@ def parse_args(argv=None) -> TokenizerConfig:
 
 
 def main(argv=None):
-    cfg = parse_args(argv)
     try:
+        cfg = parse_args(argv)
         build(dataset_dir(cfg), cfg.vocab_size, cfg.lang, cfg.min_count, cfg.force)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")

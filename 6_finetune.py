@@ -33,11 +33,12 @@ import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from spikelib.checkpoint import CheckpointError, save_checkpoint  # noqa: E402
+from spikelib.checkpoint import data_ref, save_checkpoint, tokenizer_path  # noqa: E402
 from spikelib.cli import add_config_options, fail, given_options, parse_bool, preset_configs  # noqa: E402
+from spikelib.files import write_text_atomic  # noqa: E402
 from spikelib.finetune_backends import mlx_backend, triton_backend  # noqa: E402
-from spikelib.finetune_io import (append_result, print_result, print_table, stable_hash,  # noqa: E402, F401
-                                  write_text_atomic)
+from spikelib.finetune_io import (append_result, load_lora, print_result, print_table,  # noqa: E402, F401
+                                  read_qa, save_lora, stable_hash)
 from spikelib.loop import progress_fields  # noqa: E402
 from spikelib.report import print_stream  # noqa: E402
 from spikelib.runs import load_tokenizer  # noqa: E402
@@ -82,10 +83,35 @@ class FinetuneConfig:
     eval_tokens: int = 8192        # validation tokens of the corpus for BPC
 
     def __post_init__(self):
+        """Check every option before any work starts; a bad one is a ValueError naming it."""
         for name, allowed in (("method", METHODS), ("backend", BACKENDS), ("decode", DECODINGS)):
             if getattr(self, name) not in allowed:
-                raise ValueError(f"--{name} must be one of {allowed}, not {getattr(self, name)!r}")
+                raise ValueError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        targets = [t.strip() for t in self.lora_targets.split(",")]
+        if not all(t in LORA_SITES for t in targets):
+            raise ValueError(f"--lora_targets must be a comma-separated list of {', '.join(LORA_SITES)}, "
+                             f"got {self.lora_targets!r}")
+        for name, (allowed, words) in NUMBER_OPTIONS.items():
+            if not allowed(getattr(self, name)):         # comparisons with NaN are false: refused too
+                raise ValueError(f"--{name} must be {words}, got {getattr(self, name)}")
 
+
+def at_least(low):
+    return lambda v: v >= low
+
+
+# Each numeric option: the test of an allowed value, and the allowed values in words.
+NUMBER_OPTIONS = {
+    "freeze_layers": (at_least(-1), "-1 (half the blocks) or a number of blocks >= 0"),
+    "lora_rank": (at_least(1), ">= 1"), "lora_alpha": (lambda v: v > 0, "> 0"),
+    "max_steps": (at_least(1), ">= 1"), "batch_size": (at_least(1), ">= 1"),
+    "lr": (at_least(0), ">= 0 (0 = the method's default)"), "min_lr": (at_least(0), ">= 0 (0 = lr / 10)"),
+    "warmup": (at_least(0), ">= 0"), "weight_decay": (at_least(0), ">= 0"),
+    "grad_clip": (at_least(0), ">= 0 (0 = no clipping)"), "layer_lr_decay": (lambda v: v > 0, "> 0"),
+    "max_len": (at_least(1), ">= 1"), "max_questions": (at_least(1), ">= 1"),
+    "test_fraction": (lambda v: 0 <= v <= 1, "in [0, 1]"), "eval_questions": (at_least(1), ">= 1"),
+    "max_answer_tokens": (at_least(1), ">= 1"), "eval_tokens": (at_least(0), ">= 0"),
+}
 
 METHOD_LR = {"full": 1e-3, "freeze": 1e-3, "lora": 1e-2}     # the best of a sweep on `small` (README)
 PRESETS = {"default": {"finetune": {}},     # quick: a smoke run
@@ -241,43 +267,6 @@ def write_qa(data_dir, cfg):
     lines = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs)
     return write_text_atomic(data_dir / "qa.jsonl", lines), pairs
 
-
-def read_qa(path, test_fraction=0.1):
-    """Validate a user JSONL file line by line; raises ValueError listing every bad line.
-
-    Each non-empty line: a JSON object with non-empty strings "question" and "answer", optional
-    string "context", optional "split" in {train, test} (default: fixed by the question's hash).
-    """
-    pairs, errors = [], []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            errors.append(f"line {n}: not valid JSON ({err.msg} at column {err.colno})")
-            continue
-        if not isinstance(obj, dict):
-            errors.append(f"line {n}: expected a JSON object, got {type(obj).__name__}")
-            continue
-        problems = [f'"{k}" must be a non-empty string' for k in ("question", "answer")
-                    if not isinstance(obj.get(k), str) or not obj.get(k).strip()]
-        if "context" in obj and not isinstance(obj["context"], str):
-            problems.append('"context" must be a string')
-        if obj.get("split", "train") not in ("train", "test"):
-            problems.append('"split" must be "train" or "test"')
-        if problems:
-            errors.append(f"line {n}: " + "; ".join(problems))
-            continue
-        held_out = stable_hash("split:" + obj["question"]) < test_fraction
-        obj.setdefault("split", "test" if held_out else "train")
-        pairs.append(obj)
-    if errors:
-        more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
-        raise ValueError(f"{path}: {len(errors)} bad line(s):\n  " + "\n  ".join(errors[:20]) + more)
-    if not pairs:
-        raise ValueError(f"{path}: no question-answer pairs")
-    return pairs
 
 # ----------------------------------------------------------------------------- prompts and the loss
 
@@ -558,41 +547,12 @@ def load_base(path):
     return params, mcfg, config, load_tokenizer(config, path)
 
 
-def save_lora(path, lora, cfg, base_path):
-    """Adapters as a small npz: lora/<name>.B, lora/<name>.A and a JSON config (no pickle)."""
-    doc = {"format": "spike-transformer-lora", "version": 1, "rank": cfg.lora_rank, "alpha": cfg.lora_alpha,
-           "targets": cfg.lora_targets, "base": str(base_path)}
-    arrays = {"config.json": np.frombuffer(json.dumps(doc).encode(), np.uint8)}
-    arrays.update({"lora/" + k: np.asarray(v, np.float32) for k, v in lora.items()})
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, **arrays)
-    return path
-
-
-def load_lora(path, params):
-    """(adapters, scale) from save_lora's file; checks each adapter against the base's shapes."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-        doc = json.loads(arrays.pop("config.json").tobytes().decode())
-    except (OSError, ValueError, KeyError) as err:
-        raise CheckpointError(f"{path} is not a readable LoRA adapter file: {err}") from None
-    if doc.get("format") != "spike-transformer-lora":
-        raise CheckpointError(f"{path} is not a LoRA adapter file (format={doc.get('format')!r})")
-    lora = {k[len("lora/"):]: v for k, v in arrays.items()}
-    for key, v in lora.items():
-        n, r = key[:-2], doc["rank"]
-        d_in, d_out = params[n].shape if n in params and params[n].ndim == 2 else (None, None)
-        want = {".B": (d_in, r), ".A": (r, d_out)}.get(key[-2:])
-        if d_in is None or v.shape != want or {n + ".A", n + ".B"} - set(lora):     # each B needs its A
-            raise CheckpointError(f"{path}: adapter {key} {v.shape} does not fit the base model")
-    return lora, doc["alpha"] / doc["rank"]
-
-
 def save_finetuned(path, params, mcfg, config, cfg):
-    """The same checkpoint format as every stage: the base's config plus a "finetune" record."""
+    """The same checkpoint format as every stage: the base's config plus a "finetune" record, its
+    dataset folder recorded anew from this file's folder (data_ref), so it finds its tokenizer."""
     doc = dict(config, model=asdict(mcfg), finetune=asdict(cfg))
     doc.pop("format", None), doc.pop("version", None)
+    doc["data"] = data_ref(tokenizer_path(config, cfg.base).parent, path)
     return save_checkpoint(path, params, doc)
 
 

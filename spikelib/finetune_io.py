@@ -1,29 +1,15 @@
-"""What stage 6 writes beside its checkpoints: the Q&A file, the results rows and their table."""
+"""The files of stage 6 besides its checkpoints: a user's Q&A JSONL (validated), LoRA adapter files,
+the results rows and their table."""
 import hashlib
 import json
 import math
-import os
-import tempfile
+import zipfile
 from pathlib import Path
 
+import numpy as np
 
-def write_text_atomic(path, text):
-    """Write text to path through a temp file in the same folder, fsync, rename: a crash mid-write
-    leaves the previous file as it was."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+from spikelib.checkpoint import CheckpointError
+from spikelib.files import atomic_write, write_text_atomic
 
 
 def append_result(path, result):
@@ -62,3 +48,89 @@ def print_result(result, test, answers):
 def stable_hash(text):
     """A number in [0, 1) fixed by the text (Python's hash() changes between runs)."""
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2 ** 64
+
+
+def read_qa(path, test_fraction=0.1):
+    """Validate a user JSONL file line by line; raises ValueError listing every bad line.
+
+    Each non-empty line: a JSON object with non-empty strings "question" and "answer", optional
+    string "context", optional "split" in {train, test} (default: fixed by the question's hash).
+    """
+    pairs, errors = [], []
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--qa {path}: no such file")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason}); "
+                         f"save it as UTF-8") from None
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            errors.append(f"line {n}: not valid JSON ({err.msg} at column {err.colno})")
+            continue
+        if not isinstance(obj, dict):
+            errors.append(f"line {n}: expected a JSON object, got {type(obj).__name__}")
+            continue
+        problems = [f'"{k}" must be a non-empty string' for k in ("question", "answer")
+                    if not isinstance(obj.get(k), str) or not obj.get(k).strip()]
+        if "context" in obj and not isinstance(obj["context"], str):
+            problems.append('"context" must be a string')
+        if obj.get("split", "train") not in ("train", "test"):
+            problems.append('"split" must be "train" or "test"')
+        if problems:
+            errors.append(f"line {n}: " + "; ".join(problems))
+            continue
+        held_out = stable_hash("split:" + obj["question"]) < test_fraction
+        obj.setdefault("split", "test" if held_out else "train")
+        pairs.append(obj)
+    if errors:
+        more = f"; ... and {len(errors) - 20} more" if len(errors) > 20 else ""
+        raise ValueError(f"{path}: {len(errors)} bad line(s): " + "; ".join(errors[:20]) + more)
+    if not pairs:
+        raise ValueError(f"{path}: no question-answer pairs")
+    return pairs
+
+
+def save_lora(path, lora, cfg, base_path):
+    """Adapters as a small npz: lora/<name>.B, lora/<name>.A and a JSON config (no pickle)."""
+    doc = {"format": "spike-transformer-lora", "version": 1, "rank": cfg.lora_rank, "alpha": cfg.lora_alpha,
+           "targets": cfg.lora_targets, "base": str(base_path)}
+    arrays = {"config.json": np.frombuffer(json.dumps(doc).encode(), np.uint8)}
+    arrays.update({"lora/" + k: np.asarray(v, np.float32) for k, v in lora.items()})
+    return atomic_write(path, lambda f: np.savez(f, **arrays))    # a failed save keeps the old file
+
+
+def load_lora(path, params):
+    """(adapters, scale) from save_lora's file; checks each adapter against the base's shapes.
+    Anything else (a missing, truncated or foreign file) is a CheckpointError naming the file."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"no LoRA adapters at {path}: train them with --method lora, "
+                              f"or pass --adapters FILE")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        doc = json.loads(arrays.pop("config.json").tobytes().decode())
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        raise CheckpointError(f"{path} is not a readable LoRA adapter file ({type(err).__name__}: {err}); "
+                              f"retrain the adapters") from None
+    if not isinstance(doc, dict):
+        raise CheckpointError(f"{path}: its config.json is a JSON {type(doc).__name__}, not an object")
+    if doc.get("format") != "spike-transformer-lora":
+        raise CheckpointError(f"{path} is not a LoRA adapter file (format={doc.get('format')!r})")
+    rank, alpha = doc.get("rank"), doc.get("alpha")
+    if not (isinstance(rank, int) and rank >= 1 and isinstance(alpha, (int, float))):
+        raise CheckpointError(f"{path}: its config needs an integer rank >= 1 and a number alpha")
+    lora = {k[len("lora/"):]: v for k, v in arrays.items()}
+    for key, v in lora.items():
+        if not key.endswith((".A", ".B")) or not np.issubdtype(v.dtype, np.floating):
+            raise CheckpointError(f"{path}: lora/{key} is not a floating-point .A or .B adapter")
+        n = key[:-2]
+        d_in, d_out = params[n].shape if n in params and params[n].ndim == 2 else (None, None)
+        want = {".B": (d_in, rank), ".A": (rank, d_out)}.get(key[-2:])
+        if d_in is None or v.shape != want or {n + ".A", n + ".B"} - set(lora):     # each B needs its A
+            raise CheckpointError(f"{path}: adapter {key} {v.shape} does not fit the base model")
+    return lora, alpha / rank

@@ -1,10 +1,23 @@
 """The shared checkpoint file: round trip, atomic replace, and clear errors."""
 import json
+import re
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from spikelib.checkpoint import FORMAT, VERSION, CheckpointError, load_checkpoint, save_checkpoint
+from spikelib.checkpoint import (
+    FORMAT,
+    VERSION,
+    CheckpointError,
+    check_vocab,
+    data_ref,
+    load_checkpoint,
+    save_checkpoint,
+    tokenizer_info,
+    tokenizer_path,
+)
 
 
 def sample():
@@ -89,3 +102,87 @@ def test_unknown_versions_are_refused(tmp_path, version):
     path = write_raw(tmp_path / "ck.npz", dict(config, format=FORMAT, version=version), params)
     with pytest.raises(CheckpointError, match="format version"):
         load_checkpoint(path)
+
+
+@pytest.mark.parametrize("doc, message", [
+    ([1, 2], "a JSON list, not an object"),
+    ("v2", "a JSON str, not an object"),
+    ({"format": FORMAT, "version": "2"}, "version '2', a string; this code reads the number 2"),
+    ({"format": FORMAT, "version": True}, "format version True"),
+    ({"format": FORMAT, "version": 2, "model": [3]}, '"model" must be a JSON object'),
+])
+def test_malformed_configs_are_refused_with_one_clear_line(tmp_path, doc, message):
+    path = write_raw(tmp_path / "ck.npz", doc, sample()[0])
+    with pytest.raises(CheckpointError, match=re.escape(message)) as err:
+        load_checkpoint(path)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.int32, np.uint8, np.bool_])
+def test_non_float_parameters_are_refused(tmp_path, dtype):
+    params, config, _ = sample()
+    path = write_raw(tmp_path / "ck.npz", dict(config, format=FORMAT, version=VERSION), params)
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["param/embed.weight"] = arrays["param/embed.weight"].astype(dtype)
+    np.savez(path, **arrays)
+    with pytest.raises(CheckpointError, match=f"param/embed.weight holds {np.dtype(dtype)} values"):
+        load_checkpoint(path)
+
+
+def test_a_model_vocab_smaller_than_the_tokenizers_is_refused():
+    check_vocab(2000, 2000)
+    check_vocab(2048, 2000)            # spare rows are harmless
+    with pytest.raises(CheckpointError, match="vocab_size 64 is smaller than its tokenizer's 2000"):
+        check_vocab(64, 2000, "ck.npz")
+
+
+@pytest.mark.parametrize("tokenizer", [None, "data/x/tokenizer.json", {"sha256": "ab"},
+                                       {"path": 3, "sha256": "ab"}])
+def test_a_missing_tokenizer_record_is_a_clear_error(tokenizer):
+    config = {"model": {}} if tokenizer is None else {"model": {}, "tokenizer": tokenizer}
+    with pytest.raises(CheckpointError, match="records no tokenizer"):
+        tokenizer_info(config, "ck.npz")
+
+
+def saved_with_data(tmp_path, monkeypatch):
+    """A checkpoint trained in tmp_path/project, referring to data/builtin as the stages do."""
+    project = tmp_path / "project"
+    (project / "data" / "builtin").mkdir(parents=True)
+    (project / "data" / "builtin" / "tokenizer.json").write_text("{}")
+    monkeypatch.chdir(project)
+    ckpt = Path("out") / "numpy" / "ckpt.npz"
+    config = {"model": {}, "tokenizer": {"path": "data/builtin/tokenizer.json", "sha256": "ab"},
+              "data": data_ref("data/builtin", ckpt)}
+    save_checkpoint(ckpt, sample()[0], config)
+    return project, ckpt
+
+
+def test_the_tokenizer_is_found_from_another_working_folder(tmp_path, monkeypatch):
+    project, ckpt = saved_with_data(tmp_path, monkeypatch)
+    _, config, _ = load_checkpoint(ckpt)
+    assert tokenizer_path(config, ckpt) == Path("data/builtin/tokenizer.json")
+    monkeypatch.chdir(tmp_path)
+    found = tokenizer_path(config, project / ckpt)
+    assert found.resolve() == (project / "data/builtin/tokenizer.json").resolve()
+
+
+def test_the_tokenizer_is_found_after_moving_checkpoint_and_data_together(tmp_path, monkeypatch):
+    project, ckpt = saved_with_data(tmp_path, monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    moved = shutil.move(str(project), str(tmp_path / "elsewhere"))
+    _, config, _ = load_checkpoint(Path(moved) / ckpt)
+    found = tokenizer_path(config, Path(moved) / ckpt)
+    assert found.resolve() == (Path(moved) / "data/builtin/tokenizer.json").resolve()
+
+
+def test_a_lost_tokenizer_names_the_paths_tried_and_what_to_pass(tmp_path, monkeypatch):
+    project, ckpt = saved_with_data(tmp_path, monkeypatch)
+    (project / "data/builtin/tokenizer.json").unlink()
+    _, config, _ = load_checkpoint(ckpt)
+    with pytest.raises(CheckpointError, match="data/builtin/tokenizer.json.*; pass --data DIR") as err:
+        tokenizer_path(config, ckpt, hint="pass --data DIR")
+    assert "\n" not in str(err.value)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "tokenizer.json").write_text("{}")
+    assert tokenizer_path(config, ckpt, data_dir=tmp_path / "mine") == tmp_path / "mine" / "tokenizer.json"

@@ -1,12 +1,17 @@
 """Stage 1 (1_data.py): sources, cleaning, split, resume. Offline: Wikipedia is a local fake."""
+import errno
 import hashlib
+import io
 import json
+import socket
 import subprocess
 import sys
 import threading
 import time
 import unicodedata
+import urllib.error
 import urllib.parse
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -248,6 +253,61 @@ def test_wikipedia_size_cap_holds(wiki, tmp_path):
     # rerunning with the same cap adds nothing
     data.prepare("wikipedia", root=tmp_path, **wiki_opts(wiki, max_bytes=cap, force=True))
     assert len(cached_articles(ds)) == 3
+
+
+class FakeUrlopen:
+    """urlopen that raises the given errors in turn, then answers; counts the calls."""
+
+    def __init__(self, *errors, body=b"First Citizen:\nBefore we proceed any further, hear me speak.\n"):
+        self.errors, self.body, self.calls = list(errors), body, 0
+
+    def __call__(self, req, timeout=None):
+        self.calls += 1
+        if self.errors:
+            raise self.errors.pop(0)
+        resp = io.BytesIO(self.body)
+        resp.headers = {"Content-Length": str(len(self.body))}
+        return resp
+
+
+OFFLINE = [(urllib.error.URLError(socket.gaierror(socket.EAI_NONAME, "Name or service not known")),
+            "the name lookup failed (Name or service not known)"),
+           (urllib.error.URLError(ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")),
+            "the connection failed (Connection refused)"),
+           (ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused"),
+            "the connection failed (Connection refused)"),
+           (urllib.error.URLError(OSError(errno.ENETUNREACH, "Network is unreachable")),
+            "the connection failed (Network is unreachable)")]
+
+
+@pytest.mark.parametrize("error, what", OFFLINE, ids=["dns", "refused", "refused-raw", "unreachable"])
+def test_an_unreachable_server_fails_at_once_with_one_line(tmp_path, monkeypatch, error, what):
+    fake = FakeUrlopen(error)
+    monkeypatch.setattr(urllib.request, "urlopen", fake)
+    t0 = time.monotonic()
+    with pytest.raises(data.FetchError) as err:   # a ValueError: the later stages print it as one line
+        data.prepare("shakespeare", root=tmp_path, min_interval=0.0, backoff=5.0)
+    assert fake.calls == 1 and time.monotonic() - t0 < 2.0        # no retry, no backoff sleep
+    message = str(err.value)
+    assert isinstance(err.value, ValueError) and "\n" not in message
+    assert "raw.githubusercontent.com" in message and "--source files:PATH" in message
+    assert message.startswith(f"cannot reach raw.githubusercontent.com: {what}.")
+
+
+def test_server_errors_and_timeouts_are_still_retried(tmp_path, monkeypatch):
+    errors = [urllib.error.HTTPError(data.SHAKESPEARE_URL, 503, "Service Unavailable", {}, None),
+              urllib.error.URLError(TimeoutError("timed out")), ConnectionResetError("reset by peer")]
+    fake = FakeUrlopen(*errors)
+    monkeypatch.setattr(urllib.request, "urlopen", fake)
+    ds = data.prepare("shakespeare", root=tmp_path, **FAST)
+    assert fake.calls == 4 and (ds / "input.txt").read_bytes() == fake.body
+
+
+def test_offline_command_line_prints_one_error_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(urllib.request, "urlopen", FakeUrlopen(OFFLINE[0][0]))
+    with pytest.raises(SystemExit) as e:
+        data.main(["--source", "shakespeare", "--root", str(tmp_path)])
+    assert str(e.value.code).startswith("error: cannot reach") and "\n" not in str(e.value.code)
 
 
 def test_requests_are_rate_limited(wiki):

@@ -365,7 +365,7 @@ def test_cli_finetunes_merges_and_answers(tmp_path, capsys):
     answer = capsys.readouterr().out.strip()
     assert answer and answer in context, answer
     assert F.main(args + ["--decode", "beam"]) == 1
-    assert "--decode must be one of" in capsys.readouterr().err
+    assert "--decode must be one of span, free, got 'beam'" in capsys.readouterr().err
 
 
 def test_help_explains_every_config_field():

@@ -1,4 +1,5 @@
 """Stage 2 (2_tokenizer.py): lossless round trip, determinism, vocabulary, JSON file, dataset build."""
+import errno
 import json
 import random
 import subprocess
@@ -315,6 +316,57 @@ def test_build_without_settings_keeps_the_datasets_tokenizer(tmp_path):
         (fresh / name).write_text((d / name).read_text(encoding="utf-8"), encoding="utf-8")
     tk.build(fresh)                                    # nothing recorded: the config's default
     assert json.loads((fresh / "tokens.json").read_text())["settings"]["vocab_size"] == tk.TokenizerConfig().vocab_size
+
+
+def mini_dataset(tmp_path, vocab_size=300):
+    d = tmp_path / "mini"
+    d.mkdir()
+    (d / "train.txt").write_text(ENGLISH * 30, encoding="utf-8")
+    (d / "val.txt").write_text(ENGLISH, encoding="utf-8")
+    tk.build(d, vocab_size=vocab_size)
+    return d
+
+
+def test_check_token_ids_accepts_a_build_and_names_bad_bins(tmp_path):
+    d = mini_dataset(tmp_path)
+    assert tk.check_token_ids(d) == 300
+    val = (d / "val.bin").read_bytes()
+    (d / "val.bin").write_bytes(val[:-1])                          # a torn copy: half an id
+    with pytest.raises(ValueError, match=r"val.bin has \d+ bytes, an odd number.*--force") as err:
+        tk.check_token_ids(d)
+    assert "\n" not in str(err.value)
+    (d / "val.bin").write_bytes(val + np.array([299, 300], "<u2").tobytes())   # 300 = vocab_size
+    with pytest.raises(ValueError, match=r"val.bin holds token id 300, outside the vocabulary .*size 300"):
+        tk.check_token_ids(d)
+    (d / "val.bin").write_bytes(b"")                               # an empty split holds no bad id
+    assert tk.check_token_ids(d) == 300
+    (d / "train.bin").unlink()
+    with pytest.raises(FileNotFoundError, match="train.bin not found"):
+        tk.check_token_ids(d)
+
+
+def test_a_build_that_runs_out_of_disk_keeps_the_previous_files(tmp_path, monkeypatch):
+    d = mini_dataset(tmp_path)
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    calls = []
+
+    def encode_then_disk_full(self, text):
+        calls.append(1)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return encode(self, text)
+    encode = tk.Tokenizer.encode
+    monkeypatch.setattr(tk.Tokenizer, "encode", encode_then_disk_full)
+    with pytest.raises(OSError, match="No space"):
+        tk.build(d, vocab_size=320)                                 # a new build, failing midway
+    after = {p.name: p.read_bytes() for p in d.iterdir()}
+    assert after.keys() == before.keys()                            # no temp file left behind
+    assert after["val.bin"] == before["val.bin"]                    # the file being written: intact
+    assert after["tokens.json"] == before["tokens.json"]            # still the old build's record,
+    assert not tk.is_up_to_date(d, tk.last_build(d), json.loads(after["tokens.json"])["settings"],
+                                json.loads(after["tokens.json"])["inputs"])   # which no longer matches
+    monkeypatch.undo()
+    assert tk.build(d, vocab_size=320) and tk.check_token_ids(d) == 320   # the rerun completes
 
 
 def test_build_needs_the_text_files(tmp_path):
