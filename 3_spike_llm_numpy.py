@@ -25,8 +25,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from spikelib.evaluation import (bits_per_char, eval_batch, eval_result, eval_windows,  # noqa: E402, F401
                                  validation_report)
-from spikelib.cli import (config_from_args, fail, given_options, preset_configs,  # noqa: E402
-                          resumed_config, stage_parser)
+from spikelib.checkpoint import check_vocab  # noqa: E402
+from spikelib.cli import (check_choices, check_fields, config_from_args, fail, given_options,  # noqa: E402
+                          preset_configs, resumed_config, stage_parser)
 from spikelib.loop import run_steps  # noqa: E402
 from spikelib.report import energy_summary, model_line, print_evals, print_summary, stream_sample  # noqa: E402
 from spikelib.runs import (batch_rng, check_tokenizer, get_batch, load_dataset_info,  # noqa: E402, F401
@@ -68,19 +69,15 @@ class ModelConfig:
     norm_eps: float = 1e-5        # epsilon of the RMS norms
 
     def __post_init__(self):
-        choices = {"neuron": NEURONS, "surrogate": SURROGATES, "reset": ("soft", "hard"),
-                   "attention": ("linear", "hadamard")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}={getattr(self, name)!r}; choose one of {allowed}")
+        check_choices(self, {"neuron": NEURONS, "surrogate": SURROGATES,
+                             "reset": ("soft", "hard"), "attention": ("linear", "hadamard")})
+        sizes = ("vocab_size", "n_layer", "n_head", "d_model", "d_ff", "T", "context")
+        check_fields(self, dict.fromkeys(sizes, ">= 1"))
         if self.d_model % self.n_head:
-            raise ValueError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
-        if min(self.vocab_size, self.n_layer, self.n_head, self.d_ff, self.T, self.context) < 1:
-            raise ValueError("sizes must be positive")
-        if self.decay_start <= 0 or self.decay_step < 0:
-            raise ValueError("decay_start must be positive and decay_step non-negative (0 < gamma < 1)")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout={self.dropout} must lie in [0, 1)")
+            raise ValueError(f"--n_head must divide --d_model {self.d_model}, got {self.n_head}")
+        check_fields(self, {"decay_start": "> 0 (so that 0 < gamma < 1)", "decay_step": ">= 0",
+                            "alpha": "> 0", "dropout": "in [0, 1)", "theta": "> 0", "norm_eps": "> 0",
+                            "beta": "in (0, 1)" if self.neuron == "plif" else "in [0, 1] (1: no leak)"})
 
 
 @dataclass
@@ -101,6 +98,11 @@ class TrainConfig:
     eval_interval: int = 100      # evaluate and save every this many steps
     eval_tokens: int = 16384      # validation tokens per evaluation (a fixed slice from the start)
 
+    def __post_init__(self):
+        check_fields(self, {"batch_size": ">= 1", "max_steps": ">= 1", "max_minutes": ">= 0", "lr": "> 0",
+                            "min_lr": ">= 0", "warmup": ">= 0", "weight_decay": ">= 0", "grad_clip": ">= 0",
+                            "layer_lr_decay": "> 0", "eval_interval": ">= 1", "eval_tokens": ">= 1"})
+
 
 @dataclass
 class SampleConfig:
@@ -109,6 +111,10 @@ class SampleConfig:
     top_k: int = 40               # sample only among the k most likely tokens (0: all)
     top_p: float = 0.95           # ... and the smallest set of them whose probability reaches top_p
     sample_seed: int = 0          # seed of the sampler
+
+    def __post_init__(self):
+        check_fields(self, {"max_new_tokens": ">= 0", "temperature": ">= 0", "top_k": ">= 0",
+                            "top_p": "in (0, 1]"})
 
 
 # Presets: threshold 0.5 (spike rates near 0.25 rather than 0.13 at theta = 1, and lower loss),
@@ -704,6 +710,7 @@ def start_params(mcfg, tcfg, ckpt_path, resume, tok_info):
     if resume:
         params, mcfg, _, step, opt, config = load_model(ckpt_path)
         check_tokenizer(config, tok_info["sha256"], ckpt_path)
+        check_vocab(mcfg.vocab_size, tok_info["vocab_size"], ckpt_path)
         print(f"resuming {ckpt_path} at step {step}")
         return params, mcfg, step, opt
     if mcfg.vocab_size < tok_info["vocab_size"]:
@@ -809,13 +816,22 @@ def build_parser():
 
 def run_configs(args, out_dir="out/numpy"):
     """(ModelConfig, TrainConfig, checkpoint path) from parsed options; when resuming, the saved
-    run's own training config with only the options given now changed."""
+    run's own configs with only the training options given now changed. A new run does not replace
+    another run's checkpoint unless asked (--overwrite 1)."""
     overrides = given_options(args, ModelConfig, TrainConfig)
     overrides.setdefault("out_dir", out_dir)
     mcfg, tcfg = make_configs(args.preset, **overrides)
     ckpt = Path(args.ckpt or Path(tcfg.out_dir) / "ckpt.npz")
     if args.resume:
-        tcfg = resumed_config(TrainConfig, load_model(ckpt)[2], overrides, tcfg)
+        _, saved_model, saved_train, step, _, _ = load_model(ckpt)
+        for name in given_options(args, ModelConfig):
+            if getattr(saved_model, name) != getattr(mcfg, name):
+                raise ValueError(f"--{name}: the checkpoint's model has {getattr(saved_model, name)!r}; a "
+                                 f"resumed run keeps its model (start a new one with --overwrite 1)")
+        tcfg = resumed_config(TrainConfig, saved_train, overrides, tcfg)
+    elif args.generate is None and ckpt.exists() and not args.overwrite:
+        raise ValueError(f"{ckpt} already holds a trained checkpoint: continue it with --resume 1, "
+                         f"replace it with --overwrite 1, or choose another --out_dir")
     return mcfg, tcfg, ckpt
 
 

@@ -28,7 +28,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from spikelib.cli import add_config_options, config_from_args, fail, stage_parser  # noqa: E402
+from spikelib.cli import (add_config_options, check_choices, check_fields, config_from_args,  # noqa: E402
+                          fail, stage_parser)
 from spikelib.loop import run_steps  # noqa: E402
 from spikelib.report import energy_summary, model_line, print_evals, print_summary, stream_sample  # noqa: E402
 from spikelib.stages import load_stage  # noqa: E402
@@ -54,6 +55,11 @@ class RunConfig:
     dtype: str = "auto"          # matmul dtype: auto (bfloat16 on CUDA, else float32) | bfloat16 | float32
     compile: bool = False        # torch.compile the model (either kernels; first steps compile)
     chunk: int = 64              # attention chunk length for the training form
+
+    def __post_init__(self):
+        check_choices(self, {"kernels": ("auto", "triton", "torch"), "device": ("auto", "cuda", "cpu"),
+                             "dtype": ("auto", "bfloat16", "float32")})
+        check_fields(self, {"chunk": ">= 1"})
 
 
 # ----------------------------------------------------------------------------- PyTorch reference
@@ -318,11 +324,6 @@ def build_model(mcfg, run, params=None, seed=0):
     load_params(model, params if params is not None else S3.init_params(mcfg, seed), S3.param_shapes(mcfg))
     return model.to(run.device)
 
-
-def spike_rates(model):
-    """record_spike_rates at stage 3's sites of every block, and at what feeds wo."""
-    where = {site: site for site in S3.SITES} | {"wo_input": "attn.wo_input"}   # site -> module path
-    return record_spike_rates(model.blocks, where)
 
 # ----------------------------------------------------------------------------- Triton fast path
 # Neuron kinds and surrogates are compile-time constants, so each combination compiles to a
@@ -761,8 +762,10 @@ def eval_report(model, val, context, max_tokens, decode):
 
 @torch.no_grad()
 def energy_report(model, x):
-    """Spike rates per layer and site (recorded by hooks), counted and reported as stage 3 does."""
-    with spike_rates(model) as rates:
+    """Spike rates per layer and site, recorded by forward hooks at stage 3's sites and at what feeds
+    wo (attn.wo_input), counted and reported as stage 3 does."""
+    where = {site: site for site in S3.SITES} | {"wo_input": "attn.wo_input"}   # site -> module path
+    with record_spike_rates(model.blocks, where) as rates:
         model(x)
     return energy_summary(model.cfg, S3.synaptic_ops(model.cfg, rates), rates)
 

@@ -85,6 +85,39 @@ def resumed_config(cls, saved, overrides, fallback):
                   for f in fields(cls)})
 
 
+RANGE = re.compile(r"^(?:(>=|>) (-?[\d.e-]+)|in ([\[(])(-?[\d.e-]+), (-?[\d.e-]+)([\])]))")
+
+
+def allowed(value, rule):
+    """Whether a number meets a rule written as its --help would say it: ">= 1", "> 0",
+    "in [0, 1)" (a note may follow the rule). NaN meets none."""
+    m = RANGE.match(rule)
+    if m is None:
+        raise ValueError(f"unreadable rule {rule!r}")
+    op, low, left, lo, hi, right = m.groups()
+    if op:
+        return value >= float(low) if op == ">=" else value > float(low)
+    above_low = value >= float(lo) if left == "[" else value > float(lo)
+    below_high = value <= float(hi) if right == "]" else value < float(hi)
+    return above_low and below_high
+
+
+def check_fields(cfg, rules):
+    """rules: {field: rule for allowed()}. The first field whose value breaks its rule is a
+    ValueError naming the option: "--lr must be > 0, got -1.0"."""
+    for name, rule in rules.items():
+        value = getattr(cfg, name)
+        if not allowed(value, rule):
+            raise ValueError(f"--{name} must be {rule}, got {value!r}")
+
+
+def check_choices(cfg, choices):
+    """choices: {field: allowed values}; a value outside them is a ValueError naming the option."""
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
+
+
 def fail(err, code=1):
     """Report an expected error as one line on stderr and return the exit code."""
     print(f"error: {err}", file=sys.stderr)
@@ -98,6 +131,8 @@ def add_run_options(parser, presets):
     parser.add_argument("--resume", type=parse_bool, default=False, metavar="0|1",
                         help="continue the run saved in the checkpoint, with its settings unless given here")
     parser.add_argument("--ckpt", default=None, help="checkpoint file (default: OUT_DIR/ckpt.npz)")
+    parser.add_argument("--overwrite", type=parse_bool, default=False, metavar="0|1",
+                        help="start a new run even where the checkpoint file already holds one, replacing it")
     parser.add_argument("--generate", default=None, metavar="PROMPT",
                         help="only stream text after PROMPT from the checkpoint (no training)")
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from spikelib.evaluation import eval_windows
-from spikelib.checkpoint import CheckpointError, check_shapes, load_checkpoint, save_checkpoint
+from spikelib.checkpoint import (CheckpointError, check_shapes, check_vocab, data_ref, load_checkpoint,
+                                 save_checkpoint, tokenizer_path)
 from spikelib.stages import load_stage
 
 
@@ -41,6 +42,7 @@ def get_batch(data, batch_size, context, rng):
 def load_dataset_info(data_dir):
     """(tokens.json dict, tokenizer, tokenizer_info) of a prepared dataset dir."""
     data_dir = Path(data_dir)
+    load_stage("2_tokenizer").check_token_ids(data_dir)     # whole uint16 ids, all inside the vocabulary
     meta = json.loads((data_dir / "tokens.json").read_text())
     tok = load_stage("2_tokenizer").Tokenizer.load(data_dir / "tokenizer.json")
     info = {"path": str(data_dir / "tokenizer.json"), "sha256": meta["tokenizer_sha256"],
@@ -57,9 +59,11 @@ def check_tokenizer(config, sha256, path="checkpoint"):
 
 
 def load_tokenizer(config, ckpt):
-    """The tokenizer a checkpoint was trained with (checked by its hash)."""
-    tok = load_stage("2_tokenizer").Tokenizer.load(config["tokenizer"]["path"])
+    """The tokenizer a checkpoint was trained with, found where the checkpoint says (tokenizer_path)
+    and checked: the same hash, and no id the model has no embedding row for."""
+    tok = load_stage("2_tokenizer").Tokenizer.load(tokenizer_path(config, ckpt))
     check_tokenizer(config, tok.sha256(), ckpt)
+    check_vocab(config["model"]["vocab_size"], tok.vocab_size, ckpt)
     return tok
 
 
@@ -70,7 +74,7 @@ def save_model(path, params, mcfg, tcfg, step, opt_state=None, tokenizer_info=No
     if data_dir is None and tok.get("path"):
         data_dir = Path(tok["path"]).parent
     config = {"model": asdict(mcfg), "train": dict(asdict(tcfg), step=int(step)), "tokenizer": tok,
-              "data": {"dir": str(data_dir or "")}}
+              "data": data_ref(data_dir, path) if data_dir else {"dir": ""}}
     return save_checkpoint(path, params, config, opt_state)
 
 

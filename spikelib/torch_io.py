@@ -12,6 +12,8 @@ from spikelib.checkpoint import check_shapes
 
 def resolve_run(rc, have_triton):
     """A run config (kernels, device, dtype) with its "auto" choices made for this machine."""
+    if rc.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but this torch sees no CUDA GPU; use --device cpu")
     device = rc.device if rc.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     kernels = rc.kernels
     if kernels == "auto":
