@@ -89,18 +89,18 @@ def random_turns(rng, lengths, vocab):
 
 @pytest.mark.parametrize("name", BACKENDS)
 def test_turns_fed_one_by_one_equal_one_parallel_pass(name):
-    """Two conversations of ragged turns (one of 40 tokens, longer than the training context of
-    32), fed turn by turn with the carried state: every logit equals the parallel pass over that
+    """Two conversations of ragged turns (two of 33 and 34 tokens, longer than the training context
+    of 32), fed turn by turn with the carried state: every logit equals the parallel pass over that
     conversation's concatenated transcript, and the position counters count every token."""
     conv, params, mcfg = conversation(name, 2)
     rng = np.random.default_rng(0)
-    turns = [random_turns(rng, (5, 3, 40, 1), 264), random_turns(rng, (2, 7, 9, 0), 264)]
+    turns = [random_turns(rng, (3, 2, 34, 1), 264), random_turns(rng, (1, 4, 33, 0), 264)]
     got = [[], []]
     for k in range(4):
         for b, logits in enumerate(conv.feed([turns[0][k], turns[1][k]])):
             got[b].append(logits)
         assert conv.pos.tolist() == [sum(map(len, t[:k + 1])) for t in turns]      # counter continuity
-    assert 40 > mcfg.context
+    assert 33 > mcfg.context
     for b in range(2):
         ref = parallel_logits(params, mcfg, sum(turns[b], []))
         assert np.abs(ref).max() > 1e-2
