@@ -152,15 +152,17 @@ def test_saved_and_loaded_state_continues_identically(name, tmp_path):
     rng = np.random.default_rng(2)
     for k in range(2):
         conv.feed(random_turns(rng, (4, 3), 264))
+    conv.say(["x", "y"])                                       # saved between a turn and its reply
     conv.save(tmp_path / "s.npz")
     other = C8.Conversation(backend(name, params, mcfg), TOKENIZER, conv.fingerprint, 2)
     other.load(tmp_path / "s.npz")
-    assert other.pos.tolist() == conv.pos.tolist()
+    assert other.pos.tolist() == conv.pos.tolist() and other.open.all()
+    cfg = C8.ChatConfig(temperature=1.0, seed=5)
+    replies = [[t.tolist() for t in c.reply(C8.sampler(cfg), 8)] for c in (conv, other)]
+    assert replies[0] == replies[1] and len(replies[0]) > 1
     third = random_turns(rng, (5, 2), 264)
     for a, b in zip(conv.feed(third), other.feed(third)):
         assert np.array_equal(a, b)
-    cfg = C8.ChatConfig(temperature=1.0, seed=5)
-    assert conv.replies(["x", "y"], C8.sampler(cfg), 8) == other.replies(["x", "y"], C8.sampler(cfg), 8)
 
 
 def test_state_files_of_another_model_or_corrupt_are_refused(tmp_path):
