@@ -133,15 +133,17 @@ def qa(args, cfg):
                     conv.reset()
                     ids = S6.prompt_ids(tok, p["question"], context)
                 got = tok.decode(answer(conv, ids, src, S6, args.max_answer_tokens), skip_special=True).strip()
-                results[way].append((k, S6.normalize(got) == S6.normalize(p["answer"])))
+                results[way].append((k, S6.normalize(got) == S6.normalize(p["answer"]), got))
         seconds[way] = time.perf_counter() - t0
     print("| way | EM, all held-out questions | EM, later questions | seconds |")
     print("|---|---|---|---|")
     for way, rows in results.items():
-        later = [ok for k, ok in rows if k > 0]
-        print(f"| {way} | {100 * np.mean([ok for _, ok in rows]):.1f}% ({sum(ok for _, ok in rows)}/{len(rows)}) | "
+        later = [ok for k, ok, _ in rows if k > 0]
+        print(f"| {way} | {100 * np.mean([ok for _, ok, _ in rows]):.1f}% ({sum(ok for _, ok, _ in rows)}/{len(rows)}) | "
               f"{100 * np.mean(later):.1f}% ({sum(later)}/{len(later)}) | {seconds[way]:.1f} |")
-    print(json.dumps({w: [int(ok) for _, ok in r] for w, r in results.items()}))
+    same = [a[2] == b[2] for a, b in zip(*results.values()) if a[0] > 0]
+    print(f"later questions answered with the same text both ways: {sum(same)}/{len(same)}")
+    print(json.dumps({w: [got for _, _, got in r] for w, r in results.items()})[:2000])
 
 
 def main():
