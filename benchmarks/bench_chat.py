@@ -105,7 +105,7 @@ def answer(conv, question_ids, source, S6, max_new):
 
 def qa(args, cfg):
     S6 = load_stage("6_finetune")
-    backend, tok, fp, mcfg = C8.load_chat_model(cfg)
+    backend, tok, fp, _ = C8.load_chat_model(cfg)
     config = C8.S3.load_model(cfg.ckpt)[5]
     pairs, source = S6.qa_pairs(S6.FinetuneConfig(), config)
     groups = OrderedDict()

@@ -166,7 +166,7 @@ def test_saved_and_loaded_state_continues_identically(name, tmp_path):
 
 
 def test_state_files_of_another_model_or_corrupt_are_refused(tmp_path):
-    conv, params, mcfg = conversation("numpy", 1, seed=3)
+    conv, _, _ = conversation("numpy", 1, seed=3)
     conv.feed([[1, 2, 3]])
     conv.save(tmp_path / "s.npz")
     stranger, _, _ = conversation("numpy", 1, seed=4)          # same shapes, other parameters
