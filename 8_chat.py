@@ -140,9 +140,12 @@ class TritonBackend:
 
     def __init__(self, params, mcfg, cfg):
         import torch
+
+        from spikelib.torch_io import resolve_run
         S5 = load_stage("5_spike_llm_triton")
         self.torch, self.T = torch, S3.timesteps(mcfg)
-        self.run = S5.resolve(S5.RunConfig(kernels=cfg.kernels, device=cfg.device, dtype=cfg.dtype))
+        run = S5.RunConfig(kernels=cfg.kernels, device=cfg.device, dtype=cfg.dtype)
+        self.run = resolve_run(run, have_triton=S5.triton is not None)
         self.model = S5.build_model(mcfg, self.run, params).eval()
 
     def init(self, B):

@@ -40,7 +40,9 @@ def hardware(cfg):
     if cfg.backend == "triton":
         import torch
         S5 = load_stage("5_spike_llm_triton")
-        run = S5.resolve(S5.RunConfig(kernels=cfg.kernels, device=cfg.device, dtype=cfg.dtype))
+        from spikelib.torch_io import resolve_run
+        rc = S5.RunConfig(kernels=cfg.kernels, device=cfg.device, dtype=cfg.dtype)
+        run = resolve_run(rc, have_triton=S5.triton is not None)
         gpu = torch.cuda.get_device_name() if run.device == "cuda" else "none"
         line += f", torch {torch.__version__}, device {run.device} (GPU: {gpu}), kernels {run.kernels}, {run.dtype}"
     return line + f"; backend {cfg.backend}"

@@ -41,7 +41,9 @@ def pretrain(args):
     t0 = time.time()
     if args.pretrain == "triton":
         S5 = load_stage("5_spike_llm_triton")
-        S5.train(mcfg, tcfg, S5.resolve(S5.RunConfig()), Path(args.data), Path(args.base))
+        from spikelib.torch_io import resolve_run
+        run = resolve_run(S5.RunConfig(), have_triton=S5.triton is not None)
+        S5.train(mcfg, tcfg, run, Path(args.data), Path(args.base))
     else:
         S3.train(mcfg, tcfg, Path(args.data), Path(args.base))
     print(f"pretrained {args.base} in {time.time() - t0:.0f} s")
