@@ -96,12 +96,12 @@ class TrainConfig:
     layer_lr_decay: float = 1.0   # < 1: lower learning rates for layers nearer the input
     seed: int = 1337              # parameters and batches (a resumed run draws the same batches)
     eval_interval: int = 100      # evaluate and save every this many steps
-    eval_tokens: int = 16384      # validation tokens per evaluation (a fixed slice from the start)
+    eval_tokens: int = 0          # validation tokens per evaluation: 0 = the whole split, N = the first N
 
     def __post_init__(self):
         check_fields(self, {"batch_size": ">= 1", "max_steps": ">= 1", "max_minutes": ">= 0", "lr": "> 0",
                             "min_lr": ">= 0", "warmup": ">= 0", "weight_decay": ">= 0", "grad_clip": ">= 0",
-                            "layer_lr_decay": "> 0", "eval_interval": ">= 1", "eval_tokens": ">= 1"})
+                            "layer_lr_decay": "> 0", "eval_interval": ">= 1", "eval_tokens": ">= 0"})
 
 
 @dataclass

@@ -41,12 +41,13 @@ def model_line(n_params, mcfg, n_train, n_val, backend=""):
 
 
 def eval_line(step, r):
-    """One validation result (a dict of an eval_report) as printed during training."""
+    """One validation result (a dict of eval_result) as printed during training; a result on a
+    slice of the split says so."""
+    scope = "whole val split"
+    if not r["whole"]:
+        scope = f"slice: first {r['tokens']:,} of {r['split_tokens']:,} val tokens"
     return (f"step {step}: val @ context {r['context']}: {r['nats']:.4f} nats/token, ppl {r['ppl']:.2f}, "
-            f"{r['bpc']:.4f} bits/char ({r['tokens']} tokens, {r['chars']} chars)")
-
-
-E_AC, E_MAC = 0.9e-12, 4.6e-12    # joules per accumulate / multiply-accumulate, 45 nm (Horowitz 2014)
+            f"{r['bpc']:.4f} bits/char ({scope}, {r['tokens']:,} tokens, {r['chars']:,} chars)")
 
 
 def print_evals(step, report, context):
@@ -56,6 +57,9 @@ def print_evals(step, report, context):
         r = report(ctx)
         if r:
             tqdm.write(eval_line(step, r))
+
+
+E_AC, E_MAC = 0.9e-12, 4.6e-12    # joules per accumulate / multiply-accumulate, 45 nm (Horowitz 2014)
 
 
 def energy_summary(cfg, ops, rates):

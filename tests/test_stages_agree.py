@@ -102,3 +102,29 @@ def test_energy_report_labels_the_ann_twin_in_every_stage():
     for text in texts:
         assert "ANN twin: fraction of nonzero activations" in text and "mean spike rate" not in text
     assert len({t.splitlines()[-1] for t in texts}) == 1          # the same energy line everywhere
+
+
+def test_evaluation_scores_every_token_of_the_split_and_labels_a_slice(dataset):
+    """--eval_tokens 0 (the default) scores each target of the validation split exactly once: the
+    windows at the context, then the shorter rest. An independent sum over the same windows agrees.
+    A slice is labelled as such in the printed line."""
+    from spikelib.report import eval_line
+    _, tok, info = S3.load_dataset_info(dataset)
+    cfg = S3.ModelConfig(**dict(S3.PRESETS["tiny"]["model"], vocab_size=info["vocab_size"]))
+    params = S3.init_params(cfg, 5)
+    val = np.asarray(S3.open_split(dataset, "val"), dtype=np.int64)
+    L = 3 * cfg.context
+    whole = S3.eval_report(params, cfg, val, L, 0, tok.decode)
+    assert whole["whole"] and whole["tokens"] == len(val) - 1 and len(val) % L != 1   # a rest exists
+    nats = 0.0
+    for start in range(0, len(val) - 1, L):                  # each window, the last one shorter
+        x, y = val[start:start + L][None], val[start + 1:start + L + 1][None]
+        x = x[:, :y.shape[1]]
+        logits, _ = S3.forward(params, cfg, x)
+        nats += S3.cross_entropy(logits, y)[0] * y.size
+    assert abs(whole["nats"] * whole["tokens"] - nats) < 1e-6 * nats
+    assert whole["chars"] == len(tok.decode(val[1:].tolist()))
+    assert "whole val split" in eval_line(1, whole)
+    part = S3.eval_report(params, cfg, val, L, 2 * L, tok.decode)
+    assert not part["whole"] and part["tokens"] == 2 * L
+    assert f"slice: first {2 * L:,} of {len(val) - 1:,} val tokens" in eval_line(1, part)
