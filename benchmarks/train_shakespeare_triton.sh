@@ -8,8 +8,8 @@
 # python benchmarks/bench_triton.py --only step). Stage 1 splits off the last 10% as validation.
 # The README's figures: ... 5.5 1300 --kernels triton --compile 1 --lr 3e-4 --min_lr 3e-5 --dropout 0.2
 # (1,300 steps: a schedule that ends before the model memorises the corpus; about 4 minutes on an H100).
-# Each run prints "val @ context 512: ... bits/char" at every evaluation (and at 4x the
-# context); the last lines give the best and the final value of each run.
+# Each run prints "val @ context 512: ... bits/char" on the whole validation split at every
+# evaluation (and at 4x the context); the last lines give the best and the final value of each run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TEXT=${1:?usage: train_shakespeare_triton.sh PATH/TO/tinyshakespeare.txt [minutes] [steps] [options]}
@@ -20,7 +20,7 @@ VOCAB=${VOCAB:-2000}
 mkdir -p out
 $PY 2_tokenizer.py --source "files:$TEXT" --vocab-size "$VOCAB"
 COMMON=(--preset base --source "files:$TEXT" --vocab_size "$VOCAB" --max_steps "$STEPS" --warmup 200 --eval_interval 100
-        --eval_tokens 40000 --max_new_tokens 200 "${@:4}")
+        --max_new_tokens 200 --overwrite 1 "${@:4}")
 $PY 5_spike_llm_triton.py "${COMMON[@]}" --max_minutes "$MINUTES" --out_dir out/shakespeare_base_snn \
     | tee out/shakespeare_base_snn.log
 $PY 5_spike_llm_triton.py "${COMMON[@]}" --spiking 0 --out_dir out/shakespeare_base_ann \
