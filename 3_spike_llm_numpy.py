@@ -67,6 +67,8 @@ class ModelConfig:
     dropout: float = 0.0          # training only: on the embedding and on each residual branch
     tie_embeddings: bool = True   # the readout reuses the embedding matrix
     norm_eps: float = 1e-5        # epsilon of the RMS norms
+    rate_coding: bool = False     # norms and attention read running means over the timesteps so far
+    # (stage 7: a converted network then approaches its ANN as T grows)
 
     def __post_init__(self):
         check_choices(self, {"neuron": NEURONS, "surrogate": SURROGATES,
@@ -361,6 +363,18 @@ def linear_backward(dy, x, W):
     return (dy2 @ W.T).reshape(x.shape), x.reshape(-1, x.shape[-1]).T @ dy2
 
 
+def running_mean(x):
+    """xbar_t = (1/t) sum_{tau<=t} x_tau over axis 0 (T): a rate estimate that sharpens with t."""
+    t = np.arange(1, x.shape[0] + 1, dtype=x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
+    return np.cumsum(x, 0) / t
+
+
+def running_mean_backward(dxbar):
+    """Adjoint: dx_tau = sum_{t>=tau} dxbar_t / t (a reversed cumulative sum)."""
+    t = np.arange(1, dxbar.shape[0] + 1, dtype=dxbar.dtype).reshape((-1,) + (1,) * (dxbar.ndim - 1))
+    return np.flip(np.cumsum(np.flip(dxbar / t, 0), 0), 0)
+
+
 def rmsnorm(x, g, eps):
     """y = x / sqrt(mean(x^2) + eps) * g over the last axis."""
     r = 1.0 / np.sqrt((x * x).mean(-1, keepdims=True) + eps)
@@ -491,21 +505,22 @@ def block_forward(params, i, h, cfg, smooth=False, state=None, rng=None):
     are c[site]["s"]), the norms, the attention, wo's input and the dropout masks."""
     p, b, eps = params, f"blocks.{i}.", cfg.norm_eps
     c = {}
-    n1, c["norm1"] = rmsnorm(h, p[b + "norm1.weight"], eps)
+    rate = running_mean if cfg.rate_coding else (lambda x: x)    # rate coding: products of rates
+    n1, c["norm1"] = rmsnorm(rate(h), p[b + "norm1.weight"], eps)
     s1 = neuron_site(p, b, "sn1", n1, cfg, smooth, c)                             # (T, B, L, D) spikes
     q = neuron_site(p, b, "attn.sn_q", linear(s1, p[b + "attn.wq"]), cfg, smooth, c)
     k = neuron_site(p, b, "attn.sn_k", linear(s1, p[b + "attn.wk"]), cfg, smooth, c)
     v = neuron_site(p, b, "attn.sn_v", linear(s1, p[b + "attn.wv"]), cfg, smooth, c)
     if state is None:
-        y, c["attn"] = attention(q, k, v, cfg)                                     # (T, B, H, L, dh)
+        y, c["attn"] = attention(rate(q), rate(k), rate(v), cfg)                   # (T, B, H, L, dh)
     else:
-        y = attention_recurrent(q, k, v, cfg, state, i)
+        y = attention_recurrent(rate(q), rate(k), rate(v), cfg, state, i)
     nrm, c["attn.norm"] = headnorm(y, p[b + "attn.norm.weight"], eps)
     z = neuron_site(p, b, "attn.sn_o", nrm, cfg, smooth, c)
     c["wo_input"] = z if cfg.attention == "linear" else q * z                     # hadamard: gated by q
     c["drop_attn"] = dropout_mask(h.shape, cfg.dropout, rng)
     h = h + linear(c["wo_input"], p[b + "attn.wo"]) * c["drop_attn"]
-    n2, c["norm2"] = rmsnorm(h, p[b + "norm2.weight"], eps)
+    n2, c["norm2"] = rmsnorm(rate(h), p[b + "norm2.weight"], eps)
     s2 = neuron_site(p, b, "sn2", n2, cfg, smooth, c)
     u = neuron_site(p, b, "mlp.sn_h", linear(s2, p[b + "mlp.w1"]), cfg, smooth, c)  # (T, B, L, F)
     c["drop_mlp"] = dropout_mask(h.shape, cfg.dropout, rng)
@@ -524,13 +539,14 @@ def neuron_site_backward(ds, c, b, site, cfg, grads):
 def block_backward(dh, c, params, i, cfg, grads):
     """Backward of block_forward: returns dL/dh_in and writes the block's grads."""
     p, b = params, f"blocks.{i}."
+    rate_bwd = running_mean_backward if cfg.rate_coding else (lambda d: d)
     # MLP: h_out = h_mid + (u @ w2) * m, u = SN_h(s2 @ w1), s2 = SN_2(rmsnorm(h_mid)), m dropout
     du, grads[b + "mlp.w2"] = linear_backward(dh * c["drop_mlp"], c["mlp.sn_h"]["s"], p[b + "mlp.w2"])
     da = neuron_site_backward(du, c, b, "mlp.sn_h", cfg, grads)
     ds2, grads[b + "mlp.w1"] = linear_backward(da, c["sn2"]["s"], p[b + "mlp.w1"])
     dn2 = neuron_site_backward(ds2, c, b, "sn2", cfg, grads)
     dx, grads[b + "norm2.weight"] = rmsnorm_backward(dn2, c["norm2"])
-    dh = dh + dx
+    dh = dh + rate_bwd(dx)
     # attention: h_mid = h + (o @ wo) * m, o = z (linear) or q * z (hadamard), z = SN_o(headnorm(y))
     do, grads[b + "attn.wo"] = linear_backward(dh * c["drop_attn"], c["wo_input"], p[b + "attn.wo"])
     dz, dq_gate = do, 0.0
@@ -538,7 +554,7 @@ def block_backward(dh, c, params, i, cfg, grads):
         dz, dq_gate = do * c["attn.sn_q"]["s"], do * c["attn.sn_o"]["s"]
     dnrm = neuron_site_backward(dz, c, b, "attn.sn_o", cfg, grads)
     dy, grads[b + "attn.norm.weight"] = headnorm_backward(dnrm, c["attn.norm"])
-    dq, dk, dv = attention_backward(dy, c["attn"], cfg)
+    dq, dk, dv = (rate_bwd(d) for d in attention_backward(dy, c["attn"], cfg))
     # q, k, v = SN(s1 @ w): each adds its share to dL/ds1
     ds1 = 0.0
     for name, d in (("q", dq + dq_gate), ("k", dk), ("v", dv)):
@@ -547,7 +563,7 @@ def block_backward(dh, c, params, i, cfg, grads):
         ds1 = ds1 + dsw
     dn1 = neuron_site_backward(ds1, c, b, "sn1", cfg, grads)
     dx, grads[b + "norm1.weight"] = rmsnorm_backward(dn1, c["norm1"])
-    return dh + dx
+    return dh + rate_bwd(dx)
 
 
 def readout_weight(params, cfg):
@@ -743,20 +759,23 @@ def synaptic_ops(cfg, rates):
     its ANN twin (all MACs). A layer fed by spikes: rate_in * in * out * T accumulates.
     Attention per timestep and head: linear form S += k^T v, y = q S -> (rate_k + rate_q) dh^2
     ACs (twin: 2 dh^2 MACs); hadamard c += k * v -> rate_k dh ACs (twin: 2 dh MACs, k*v and q*z).
-    The readout (real-valued, D*V) is a MAC in both; norms and neuron updates are not counted."""
+    The readout (real-valued, D*V) is a MAC in both; norms and neuron updates are not counted.
+    rate_coding: attention reads running means (reals), T times the twin's MACs."""
     D, F, V, T, H = cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.T, cfg.n_head
     dh = D // H
-    ac, ann = 0.0, 0.0
+    ac, ann, mac = 0.0, 0.0, D * V
     for r in rates:
         ac += T * (3 * r["sn1"] * D * D + r["wo_input"] * D * D + r["sn2"] * D * F + r["mlp.sn_h"] * F * D)
         ann += 4 * D * D + 2 * D * F
-        if cfg.attention == "linear":
+        attn_mac = 2 * H * dh * dh if cfg.attention == "linear" else 2 * H * dh
+        ann += attn_mac
+        if cfg.rate_coding:            # attention on running means multiplies reals: MACs
+            mac += T * attn_mac
+        elif cfg.attention == "linear":
             ac += T * H * (r["attn.sn_k"] + r["attn.sn_q"]) * dh * dh
-            ann += 2 * H * dh * dh
         else:
             ac += T * H * r["attn.sn_k"] * dh
-            ann += 2 * H * dh
-    return {"ac": ac, "mac": D * V, "ann_mac": ann + D * V}
+    return {"ac": ac, "mac": mac, "ann_mac": ann + D * V}
 
 
 def energy_report(params, cfg, x):

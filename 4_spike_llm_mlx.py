@@ -121,6 +121,13 @@ class Neuron(nn.Module):
         return mx.concatenate(out)                         # (T, ..., C)
 
 
+def running_mean(x, on):
+    """Stage 3's running_mean over axis 0 (T) when rate coding is on: mean_{tau<=t} x_tau."""
+    if not on:
+        return x
+    return mx.cumsum(x, axis=0) / mx.arange(1, x.shape[0] + 1).reshape((-1,) + (1,) * (x.ndim - 1))
+
+
 @lru_cache(maxsize=16)
 def decay_mask(H, L, start, step):
     """Dmask[h, l, j] = gamma_h^(l-j) for j <= l else 0, (H, L, L): stage 3's table, in MLX."""
@@ -185,7 +192,7 @@ class Attention(nn.Module):
 
     def __call__(self, s, state=None):                     # s: spikes (T, B, L, D)
         q, k, v = self.sn_q(s @ self.wq), self.sn_k(s @ self.wk), self.sn_v(s @ self.wv)
-        Q, K, V = self.split_heads(q), self.split_heads(k), self.split_heads(v)
+        Q, K, V = (self.split_heads(running_mean(a, self.cfg.rate_coding)) for a in (q, k, v))
         if state is None:
             y = self.parallel(Q, K, V)
         else:
@@ -221,10 +228,11 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)                # a fresh mask per call, over all of (T, B, L, D)
 
     def __call__(self, h, state=None):                     # h (T, B, L, D) real residual stream
-        s = self.sn1(self.norm1(h))
+        rate = self.attn.cfg.rate_coding                    # norms read running means (stage 3)
+        s = self.sn1(self.norm1(running_mean(h, rate)))
         o, state, spikes = self.attn(s, state)
         h = h + self.drop(o)
-        s2 = self.sn2(self.norm2(h))
+        s2 = self.sn2(self.norm2(running_mean(h, rate)))
         m, u = self.mlp(s2)
         spikes = {"sn1": s, **spikes, "sn2": s2, "mlp.sn_h": u}
         return h + self.drop(m), state, spikes

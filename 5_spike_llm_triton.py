@@ -176,6 +176,14 @@ def matmul(x, W, dt):
     return x.to(dt) @ W.to(dt)
 
 
+def running_mean(x, on):
+    """Stage 3's running_mean over axis 0 (T) when rate coding is on (autograd differentiates it)."""
+    if not on:
+        return x
+    t = torch.arange(1, x.shape[0] + 1, device=x.device, dtype=torch.float32)
+    return x.float().cumsum(0) / t.view((-1,) + (1,) * (x.dim() - 1))
+
+
 def norm(x, g, eps, kernels):
     """The triton path uses the lean rmsnorm; the torch path lets autograd differentiate it."""
     return LeanRMSNorm.apply(x, g, eps) if kernels == "triton" else rmsnorm(x, g, eps)
@@ -233,8 +241,9 @@ class Attention(nn.Module):
         v = self.sn_v(matmul(s, self.wv, self.dt))
         linear = cfg.attention == "linear"
         decay = (cfg.decay_start, cfg.decay_step)
-        qkv = [a.view(T * B, L, H, dh) for a in (q, k, v)]                    # (T*B, L, H, dh)
+        qkv = [running_mean(a, cfg.rate_coding).reshape(T * B, L, H, dh) for a in (q, k, v)]  # (TB,L,H,dh)
         fused = run.kernels == "triton" and dh >= 16 and dh == triton.next_power_of_2(dh)
+        fused = fused and not cfg.rate_coding            # rates are reals: the torch path, in fp32
         if fused and state is None:                                             # training form
             y = attention_triton(*qkv, linear, run.chunk, decay)
         elif fused and L == 1:                                                  # one decoding step
@@ -273,11 +282,11 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)              # on the branch outputs, in training only
 
     def forward(self, h, state=None):                  # h (T, B, L, D) real residual stream
-        eps = self.cfg.norm_eps
-        s = self.sn1(norm(h, self.norm1.weight, eps, self.kernels))           # (T, B, L, D) spikes
+        eps, rate = self.cfg.norm_eps, self.cfg.rate_coding
+        s = self.sn1(norm(running_mean(h, rate), self.norm1.weight, eps, self.kernels))   # (T,B,L,D) spikes
         o, state = self.attn(s, state)
         h = h + self.drop(o)
-        s2 = self.sn2(norm(h, self.norm2.weight, eps, self.kernels))
+        s2 = self.sn2(norm(running_mean(h, rate), self.norm2.weight, eps, self.kernels))
         h = h + self.drop(self.mlp(s2))
         return h, state
 

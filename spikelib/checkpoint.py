@@ -23,10 +23,14 @@ import numpy as np
 from spikelib.files import atomic_write
 
 FORMAT = "spike-transformer-checkpoint"
-VERSION = 2
+VERSION = 3
 # Version 1 predates the per-head decay fields: its heads all decayed as gamma_h = 1 - 2^-(5 + h),
 # which version 2 writes as decay_start 5, decay_step 1. Version 1 files load with those values.
 V1_DECAYS = {"decay_start": 5.0, "decay_step": 1.0}
+# Version 3 adds the model field rate_coding (stage 7's converted networks); versions 1 and 2 lack it
+# and load with rate_coding false, their model. Code that reads only version 2 refuses version 3 files
+# rather than running a rate-coded network as a plain one.
+READABLE = (1, 2, VERSION)
 
 
 class CheckpointError(ValueError):
@@ -81,7 +85,7 @@ def load_checkpoint(path, expected_shapes: dict | None = None):
     if isinstance(version, str):
         raise CheckpointError(f"{path} has format version {version!r}, a string; this code reads "
                               f"the number {VERSION}")
-    if isinstance(version, bool) or version not in (1, VERSION):
+    if isinstance(version, bool) or version not in READABLE:
         raise CheckpointError(f"{path} has format version {version!r}, this code reads {VERSION}")
     if not isinstance(config.get("model", {}), dict):
         raise CheckpointError(f"checkpoint {path}: \"model\" must be a JSON object")

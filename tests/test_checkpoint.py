@@ -2,6 +2,7 @@
 import json
 import re
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from spikelib.checkpoint import (
     tokenizer_info,
     tokenizer_path,
 )
+from spikelib.stages import load_stage
 
 
 def sample():
@@ -92,11 +94,22 @@ def test_version_1_files_load_with_the_decays_they_were_trained_with(tmp_path):
     doc["model"] = {"d_model": 3, "decay_start": 2.0, "decay_step": 0.5}    # values it names win
     _, cfg, _ = load_checkpoint(write_raw(tmp_path / "v1b.npz", doc, params))
     assert (cfg["model"]["decay_start"], cfg["model"]["decay_step"]) == (2.0, 0.5)
-    _, cfg, _ = load_checkpoint(save_checkpoint(tmp_path / "v2.npz", params, config))
-    assert cfg["version"] == VERSION == 2 and cfg["model"] == {"d_model": 3}
+    _, cfg, _ = load_checkpoint(save_checkpoint(tmp_path / "v3.npz", params, config))
+    assert cfg["version"] == VERSION == 3 and cfg["model"] == {"d_model": 3}
 
 
-@pytest.mark.parametrize("version", [0, 3, None])
+def test_version_2_files_load_as_the_model_without_rate_coding(tmp_path):
+    """A version-2 file has no rate_coding field: stage 3 builds it with rate_coding false."""
+    m = load_stage("3_spike_llm_numpy")
+    cfg = m.make_configs("tiny")[0]
+    params = m.init_params(cfg)
+    model = {k: v for k, v in asdict(cfg).items() if k != "rate_coding"}
+    path = write_raw(tmp_path / "v2.npz", {"format": FORMAT, "version": 2, "model": model}, params)
+    _, loaded, *_ = m.load_model(path)
+    assert loaded.rate_coding is False and loaded == cfg
+
+
+@pytest.mark.parametrize("version", [0, 4, None])
 def test_unknown_versions_are_refused(tmp_path, version):
     params, config, _ = sample()
     path = write_raw(tmp_path / "ck.npz", dict(config, format=FORMAT, version=version), params)
@@ -107,7 +120,7 @@ def test_unknown_versions_are_refused(tmp_path, version):
 @pytest.mark.parametrize("doc, message", [
     ([1, 2], "a JSON list, not an object"),
     ("v2", "a JSON str, not an object"),
-    ({"format": FORMAT, "version": "2"}, "version '2', a string; this code reads the number 2"),
+    ({"format": FORMAT, "version": "2"}, "version '2', a string; this code reads the number 3"),
     ({"format": FORMAT, "version": True}, "format version True"),
     ({"format": FORMAT, "version": 2, "model": [3]}, '"model" must be a JSON object'),
 ])

@@ -1,0 +1,76 @@
+"""Conversion against direct training (stage 7): train the ANN twin, convert it, fine-tune it at T = 4,
+and train the same-size SNN directly, on TinyShakespeare; one table of bits/char, spike rate, energy
+per token and wall-clock, written to OUT/bench_convert.json.
+
+    python benchmarks/bench_convert.py --source files:path/to/tinyshakespeare.txt          # CPU, small
+    python benchmarks/bench_convert.py --source files:path/to/tinyshakespeare.txt \\
+        --backend triton --preset base --steps 5000 --eval_tokens 0 --sweep 1,2,4,8,16,32,64   # H200
+
+CPU defaults (preset small, batch 8, 120 ANN and 120 SNN steps, fine-tuning 20% of those, scoring the
+first 1,024 validation tokens) are sized for a 2-core machine; the GPU line scores the whole split.
+"""
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from spikelib.files import atomic_write  # noqa: E402
+from spikelib.hardware import cpu_model, usable_cpus  # noqa: E402
+
+
+def timed(cmd):
+    """Run a stage as a subprocess; its wall-clock seconds (it must succeed)."""
+    t0 = time.time()
+    subprocess.run([sys.executable, *cmd], cwd=ROOT, check=True)
+    return time.time() - t0
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--source", required=True, help="dataset for stage 1, e.g. files:PATH")
+    ap.add_argument("--preset", default="small", help="model size (stage 3 preset)")
+    ap.add_argument("--backend", default="numpy", choices=["numpy", "torch", "triton"],
+                    help="numpy: stage 3; torch/triton: stage 5 (training, conversion scoring, fine-tuning)")
+    ap.add_argument("--steps", type=int, default=120, help="training steps of the ANN and of the direct SNN")
+    ap.add_argument("--batch_size", type=int, default=8, help="sequences per training step")
+    ap.add_argument("--finetune_frac", type=float, default=0.2, help="fine-tuning steps / --steps")
+    ap.add_argument("--eval_tokens", type=int, default=1024, help="validation tokens scored (0: all)")
+    ap.add_argument("--sweep", default="1,2,4,8,16,32", help="T of the converted model to score")
+    ap.add_argument("--out", default="out/bench_convert", help="folder for checkpoints and results")
+    args = ap.parse_args()
+    out = Path(args.out)
+    stage = ["3_spike_llm_numpy.py"] if args.backend == "numpy" else ["5_spike_llm_triton.py", "--kernels",
+                                                                       args.backend]
+    common = ["--preset", args.preset, "--source", args.source, "--data_root", str(out / "data"),
+              "--batch_size", str(args.batch_size), "--max_steps", str(args.steps), "--max_minutes", "0",
+              "--eval_interval", str(10 * args.steps), "--max_new_tokens", "0", "--overwrite", "1"]
+    ann_s = timed(stage + common + ["--spiking", "0", "--out_dir", str(out / "ann")])
+    snn_s = timed(stage + common + ["--out_dir", str(out / "snn")])
+    ft = max(1, int(args.finetune_frac * args.steps))
+    convert_s = timed(["7_convert.py", "--ckpt", str(out / "ann" / "ckpt.npz"),
+                       "--out", str(out / "conv.npz"),
+                       "--report", str(out / "report.json"), "--sweep", args.sweep, "--eval_tokens",
+                       str(args.eval_tokens), "--finetune_steps", str(ft), "--backend", args.backend,
+                       "--compare", str(out / "snn" / "ckpt.npz"), "--plot", "1", "--overwrite", "1"])
+    report = json.loads((out / "report.json").read_text())
+    result = {"hardware": f"{cpu_model()} ({usable_cpus()} cores)", "args": vars(args), "ann_train_s": ann_s,
+              "snn_train_s": snn_s, "convert_and_finetune_s": convert_s, "report": report}
+    atomic_write(out / "bench_convert.json", lambda f: f.write(json.dumps(result, indent=1).encode()))
+    ann = report["ann"]["bpc"]
+    print(f"\n{'model':30} {'T':>3} {'bits/char':>9} {'vs ANN':>8} {'spikes':>7} {'nJ/token':>9}")
+    rows = [("ANN twin", report["ann"])] + [("converted", r) for r in report["converted"]]
+    rows += [(f"converted + {ft} steps", report["finetuned"]),
+             (f"direct SNN, {args.steps} steps", report["direct"])]
+    for name, r in rows:
+        print(f"{name:30} {r['T']:>3} {r['bpc']:9.4f} {r['bpc'] - ann:+8.4f} {r['spike_rate']:7.3f} "
+              f"{r['energy_nj']:9.2f}")
+    print(f"wall-clock: ANN {ann_s:.0f} s + conversion and fine-tuning {convert_s:.0f} s "
+          f"(fine-tuning {report['finetuned']['seconds']:.0f} s) vs direct SNN {snn_s:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
