@@ -141,7 +141,7 @@ def plot_decay(cfg, path):
     ax.text(cfg.context, 1.02, " training context", fontsize=8, color="grey")
     ax.set(xscale="log", xlabel="tokens back (lag)", ylabel="weight gamma^lag", ylim=(0, 1.08),
            title="How far back each attention head remembers")
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=8, loc="upper right")
     return save(fig, path, plt)
 
 
