@@ -29,6 +29,7 @@ from spikelib.checkpoint import check_vocab  # noqa: E402
 from spikelib.cli import (check_choices, check_fields, config_from_args, fail, given_options,  # noqa: E402
                           preset_configs, resumed_config, stage_parser)
 from spikelib.loop import run_steps  # noqa: E402
+from spikelib.plots import plot_checkpoint, plot_only  # noqa: E402
 from spikelib.report import energy_summary, model_line, print_evals, print_summary, stream_sample  # noqa: E402
 from spikelib.runs import (batch_rng, check_tokenizer, get_batch, load_dataset_info,  # noqa: E402, F401
                            load_tokenizer, open_split, prepare_dataset, save_model, summary_inputs)
@@ -128,6 +129,10 @@ PRESETS = {
                            **SPIKING),
              "train": dict(batch_size=4, max_steps=200, lr=3e-3, min_lr=3e-4, warmup=10,
                            eval_interval=50, eval_tokens=2048)},
+    # quick: the README's quick start, `small` with a schedule that ends in 300 steps (its cosine
+    # decay completes on any machine; a busy 2-core laptop still finishes in minutes)
+    "quick": {"model": dict(n_layer=4, n_head=4, d_model=128, d_ff=512, T=4, context=64, **SPIKING),
+              "train": dict(batch_size=16, max_steps=300, lr=3e-3, min_lr=3e-4, warmup=20, eval_interval=50)},
     "small": {"model": dict(n_layer=4, n_head=4, d_model=128, d_ff=512, T=4, context=64, **SPIKING),
               "train": dict(batch_size=16, max_steps=500, lr=3e-3, min_lr=3e-4, warmup=30,
                             max_minutes=5.0, eval_interval=100)},
@@ -812,7 +817,7 @@ def train(mcfg, tcfg, data_dir, ckpt_path, resume=False):
 
     def evaluate_now(done):
         report = partial(eval_report, params, mcfg, val, max_tokens=tcfg.eval_tokens, decode=tok.decode)
-        print_evals(done, report, mcfg.context)
+        return print_evals(done, report, mcfg.context)
 
     def save(done):
         save_model(ckpt_path, params, mcfg, tcfg, done, opt, tok_info, data_dir)
@@ -848,7 +853,7 @@ def run_configs(args, out_dir="out/numpy"):
                 raise ValueError(f"--{name}: the checkpoint's model has {getattr(saved_model, name)!r}; a "
                                  f"resumed run keeps its model (start a new one with --overwrite 1)")
         tcfg = resumed_config(TrainConfig, saved_train, overrides, tcfg)
-    elif args.generate is None and ckpt.exists() and not args.overwrite:
+    elif args.generate is None and not args.plot and ckpt.exists() and not args.overwrite:
         raise ValueError(f"{ckpt} already holds a trained checkpoint: continue it with --resume 1, "
                          f"replace it with --overwrite 1, or choose another --out_dir")
     return mcfg, tcfg, ckpt
@@ -859,6 +864,9 @@ def main(argv=None):
     sc = config_from_args(SampleConfig, args)
     try:
         mcfg, tcfg, ckpt = run_configs(args)
+        if plot_only(args, ckpt):
+            plot_checkpoint(ckpt)
+            return 0
         if args.generate is not None:
             params, mcfg, _, _, _, config = load_model(ckpt)
             stream_text(load_tokenizer(config, ckpt), params, mcfg, args.generate, sc)
@@ -872,6 +880,8 @@ def main(argv=None):
     x, prompt = summary_inputs(data_dir, mcfg.context, tok)
     energy = energy_report(params, mcfg, x)[0]
     print_summary(energy, lambda: stream_text(tok, params, mcfg, prompt, sc), sc, ckpt)
+    if args.plot:
+        plot_checkpoint(ckpt)
     return 0
 
 

@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from spikelib.cli import config_from_args, fail, stage_parser  # noqa: E402
 from spikelib.hardware import blas_hint  # noqa: E402
 from spikelib.loop import run_steps  # noqa: E402
+from spikelib.plots import plot_checkpoint, plot_only  # noqa: E402
 from spikelib.report import energy_summary, model_line, print_evals, print_summary, stream_sample  # noqa: E402
 from spikelib.stages import load_stage  # noqa: E402
 
@@ -453,7 +454,7 @@ def train(mcfg, tcfg, data_dir, ckpt_path, resume=False):
 
     def evaluate_now(done):
         report = partial(eval_report, model, mcfg, val, max_tokens=tcfg.eval_tokens, decode=tok.decode)
-        print_evals(done, report, mcfg.context)
+        return print_evals(done, report, mcfg.context)
 
     def save_now(done):
         save(ckpt_path, model, opt, mcfg, tcfg, done, tok_info, data_dir)
@@ -486,6 +487,9 @@ def main(argv=None):
         mx.set_default_device(mx.gpu if args.device == "gpu" else mx.cpu)
     try:
         mcfg, tcfg, ckpt = ref.run_configs(args, out_dir="out/mlx")
+        if plot_only(args, ckpt):
+            plot_checkpoint(ckpt)
+            return 0
         if args.generate is not None:
             model, _, _, _, config = load(ckpt)
             stream_text(ref.load_tokenizer(config, ckpt), model, args.generate, sc)
@@ -498,6 +502,8 @@ def main(argv=None):
         return 130
     x, prompt = ref.summary_inputs(data_dir, model.cfg.context, tok)
     print_summary(energy_report(model, x)[0], lambda: stream_text(tok, model, prompt, sc), sc, ckpt)
+    if args.plot:
+        plot_checkpoint(ckpt)
     return 0
 
 

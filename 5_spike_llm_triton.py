@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from spikelib.cli import (add_config_options, check_choices, check_fields, config_from_args,  # noqa: E402
                           fail, stage_parser)
 from spikelib.loop import run_steps  # noqa: E402
+from spikelib.plots import plot_checkpoint, plot_only  # noqa: E402
 from spikelib.report import energy_summary, model_line, print_evals, print_summary, stream_sample  # noqa: E402
 from spikelib.stages import load_stage  # noqa: E402
 from spikelib.torch_io import (export_adam_moments, export_params, load_adam_moments,  # noqa: E402
@@ -820,8 +821,9 @@ def train(mcfg, tcfg, run, data_dir, ckpt_path, resume=False):
     def evaluate_now(done):
         model.eval()
         report = partial(eval_report, model, val, max_tokens=tcfg.eval_tokens, decode=tok.decode)
-        print_evals(done, report, mcfg.context)
+        results = print_evals(done, report, mcfg.context)
         model.train()
+        return results
 
     def save_now(done):
         save(ckpt_path, model, opt, mcfg, tcfg, done, tok_info, data_dir)
@@ -848,6 +850,9 @@ def main(argv=None):
     try:
         run = resolve_run(config_from_args(RunConfig, args), have_triton=triton is not None)
         mcfg, tcfg, ckpt = S3.run_configs(args, out_dir="out/triton")
+        if plot_only(args, ckpt):
+            plot_checkpoint(ckpt)
+            return 0
         if args.generate is not None:
             params, mcfg, _, _, _, config = S3.load_model(ckpt)
             model = build_model(mcfg, run, params).eval()
@@ -862,6 +867,8 @@ def main(argv=None):
     x, prompt = S3.summary_inputs(data_dir, model.cfg.context, tok)
     energy = energy_report(model, torch.from_numpy(x).to(run.device))[0]
     print_summary(energy, lambda: stream_text(tok, model, prompt, sc), sc, ckpt)
+    if args.plot:
+        plot_checkpoint(ckpt)
     return 0
 
 

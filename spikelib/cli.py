@@ -135,6 +135,10 @@ def add_run_options(parser, presets):
                         help="start a new run even where the checkpoint file already holds one, replacing it")
     parser.add_argument("--generate", default=None, metavar="PROMPT",
                         help="only stream text after PROMPT from the checkpoint (no training)")
+    parser.add_argument("--plot", type=parse_bool, default=False, metavar="0|1",
+                        help="draw PNGs of the run beside its checkpoint (curves, spike rates, a raster, "
+                             "head decays; needs matplotlib): after training, or, on an existing "
+                             "checkpoint without --resume/--overwrite, instead of training")
 
 
 def preset_configs(presets, preset, overrides, **classes):

@@ -16,6 +16,8 @@ from contextlib import contextmanager
 
 from tqdm import tqdm
 
+from spikelib.metrics import MetricsLog
+
 
 class StopRequest:
     """Set by the first Ctrl-C; the loop reads it between steps."""
@@ -59,11 +61,13 @@ def run_steps(train_step, start, tcfg, tokens_per_step, evaluate, save, ckpt_pat
     """Call train_step(step) -> (loss, stats) for step = start .. tcfg.max_steps - 1.
 
     After a step completes (done = step + 1): every eval_interval steps, at the last step and when
-    tcfg.max_minutes has passed, evaluate(done) then save(done). A non-finite loss raises
-    FloatingPointError before anything is saved. Ctrl-C: the step finishes, save(done), then
-    KeyboardInterrupt. Returns the number of completed steps.
+    tcfg.max_minutes has passed, evaluate(done) then save(done); what evaluate returns (a list of
+    eval_result dicts) goes to the run's metrics.jsonl beside the checkpoint (spikelib.metrics).
+    A non-finite loss raises FloatingPointError before anything is saved. Ctrl-C: the step
+    finishes, save(done), then KeyboardInterrupt. Returns the number of completed steps.
     """
     t0, done = time.time(), start
+    log = MetricsLog(ckpt_path, start)
     bar = tqdm(total=tcfg.max_steps, initial=start, desc="train", dynamic_ncols=True)
     with interrupts_between_steps() as stop:
         try:
@@ -79,7 +83,7 @@ def run_steps(train_step, start, tcfg, tokens_per_step, evaluate, save, ckpt_pat
                 bar.set_postfix(progress_fields(loss, stats, (done - start) * tokens_per_step / elapsed))
                 out_of_time = 0 < tcfg.max_minutes < elapsed / 60
                 if done % tcfg.eval_interval == 0 or done == tcfg.max_steps or out_of_time:
-                    evaluate(done)
+                    log.add(done, time.time() - t0, evaluate(done), stats)
                     save(done)
                 elif stop.requested:
                     save(done)

@@ -52,11 +52,11 @@ def eval_line(step, r):
 
 def print_evals(step, report, context):
     """Evaluate at the training context and at 4x it (decoding is not capped by the context) with
-    report(ctx) -> an eval_result or None, and print each result above the progress bar."""
-    for ctx in (context, 4 * context):
-        r = report(ctx)
-        if r:
-            tqdm.write(eval_line(step, r))
+    report(ctx) -> an eval_result or None, and print each result above the progress bar; returns them."""
+    results = [r for r in (report(ctx) for ctx in (context, 4 * context)) if r]
+    for r in results:
+        tqdm.write(eval_line(step, r))
+    return results
 
 
 E_AC, E_MAC = 0.9e-12, 4.6e-12    # joules per accumulate / multiply-accumulate, 45 nm (Horowitz 2014)
