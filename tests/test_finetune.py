@@ -65,7 +65,8 @@ def test_split_is_fixed_by_the_question(tmp_path):
     half = {p["question"]: p for p in F.generate_qa(CORPUS, test_fraction=0.5) if p["kind"] != "next"}
     edited = CORPUS.replace("what light through yonder window breaks", "is that a light up in the window") \
                    .replace("Paris is a city in France and the capital", "Paris is a city in France, old and large")
-    moved = {p["question"]: p for p in F.generate_qa("\n\n\n".join(edited.split("\n\n\n")[::-1]), test_fraction=0.5)
+    reordered = "\n\n\n".join(edited.split("\n\n\n")[::-1])
+    moved = {p["question"]: p for p in F.generate_qa(reordered, test_fraction=0.5)
              if p["kind"] != "next"}       # "next" questions quote the edited text
     assert set(moved) == set(half)
     assert sum(moved[q]["context"] != half[q]["context"] for q in half) >= 3     # speaker, place, definition

@@ -93,7 +93,8 @@ def test_squad_json_v1_and_v2_read(tmp_path):
     (lambda d: d["data"][0].update(paragraphs={}), "data[0].paragraphs must be a list"),
     (lambda d: d["data"][0]["paragraphs"][0].update(context=7), "data[0].paragraphs[0].context must be"),
     (lambda d: d["data"][0]["paragraphs"][0]["qas"][0].pop("question"), "qas[0].question must be"),
-    (lambda d: d["data"][0]["paragraphs"][0]["qas"][0]["answers"][1].update(text=3), "qas[0].answers[1].text"),
+    (lambda d: d["data"][0]["paragraphs"][0]["qas"][0]["answers"][1].update(text=3),
+     "qas[0].answers[1].text"),
     (lambda d: d["data"][0]["paragraphs"][0]["qas"][1].update(is_impossible="yes"), "qas[1].is_impossible"),
     (lambda d: d["data"][0]["paragraphs"][0]["qas"][0].update(answers=[]), "qas[0].answers is empty"),
 ])
@@ -171,7 +172,7 @@ def test_lora_with_replay_leaves_the_base_bit_identical(tiny):
     params = S3.init_params(mcfg, 0)
     before = {k: v.copy() for k, v in params.items()}
     cfg = F.FinetuneConfig(method="lora", max_steps=3, warmup=1, batch_size=4, replay=0.5)
-    trainable, _ = F.finetune(params, mcfg, cfg, examples, F.numpy_backend(mcfg), progress=False, corpus=corpus)
+    trainable, _ = F.finetune(params, mcfg, cfg, examples, F.numpy_backend(mcfg), False, corpus)
     assert all(np.abs(v).sum() > 0 for k, v in trainable.items() if k.endswith(".A"))     # adapters moved
     assert set(params) == set(before)
     for k in params:
