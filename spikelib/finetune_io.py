@@ -34,6 +34,21 @@ def print_table(rows):
     return "\n".join(lines)
 
 
+def qa_table(rows):
+    """Markdown table, method x decoding: SQuAD 2.0 EM (one standard error) and F1 on the held-out
+    questions, EM on the answerable and unanswerable ones, the corpus BPC before and after."""
+    lines = ["| method | replay | decoding | EM | F1 | EM has-answer | EM no-answer | BPC before | "
+             "BPC after |", "|" + "---|" * 9]
+    for r in rows:
+        for d, s in r["scores"].items():
+            cells = [f"{100 * s['em']:.1f}% ± {100 * s['em_se']:.1f}", f"{100 * s['f1']:.1f}%"]
+            cells += [f"{100 * s['em_' + k]:.1f}% (n={s['n_' + k]})" if s["n_" + k] else "-"
+                      for k in ("has", "none")]
+            lines.append(f"| {r['method']} | {r['replay']:g} | {d} | " + " | ".join(cells) +
+                         f" | {r['bpc_before']:.3f} | {r['bpc_after']:.3f} |")
+    return "\n".join(lines)
+
+
 def print_result(result, test, answers):
     """What a fine-tuning run prints at its end: exact matches by kind, the first held-out
     answers beside the gold ones, the results table and the file written."""
@@ -42,6 +57,7 @@ def print_result(result, test, answers):
     for p, a in list(zip(test, answers))[:5]:
         print(f"  Q: {p['question']}\n     gold: {p['answer']!r}  model: {a!r}")
     print(print_table([result]))
+    print(qa_table([result]))
     print(f"saved {result['output']}")
 
 
