@@ -51,6 +51,7 @@ S3 = load_stage("3_spike_llm_numpy")      # the reference model, optimizer, chec
 METHODS = ("full", "freeze", "lora")
 BACKENDS = ("numpy", "mlx", "triton")
 DECODINGS = ("span", "free")
+PROMPT_ORDERS = ("question_first", "context_first")
 LORA_SITES = {w: f"attn.{w}" for w in ("wq", "wk", "wv", "wo")} | {w: f"mlp.{w}" for w in ("w1", "w2")}
 
 
@@ -74,17 +75,22 @@ class FinetuneConfig:
     grad_clip: float = 1.0         # clip the global gradient norm to this
     layer_lr_decay: float = 1.0    # < 1: lower learning rates for layers nearer the input
     seed: int = 0                  # LoRA initialization and the order of the batches
-    max_len: int = 128             # longest prompt + answer in tokens; longer pairs are skipped
-    max_questions: int = 4000      # generator: at most this many pairs (a fixed, spread-out subset)
+    max_len: int = 0               # longest prompt + answer in tokens (longer: skipped); 0 = max(128, ctx)
+    max_questions: int = 20000     # generator: at most this many answerable pairs (a spread-out subset)
     test_fraction: float = 0.1     # generator: share of questions held out
-    eval_questions: int = 200      # held-out questions scored (the first n, fixed)
+    context_chars: int = 0         # generator: contexts widened to ~this many chars; 0 = 2 x context
+    no_answer: float = 0.2         # generator: share of questions also asked of another text (no answer)
+    prompt_order: str = "question_first"   # question_first: <q> question \n context <a> | context_first
+    replay: float = 0.0            # corpus windows per Q&A pair in a batch (next-token loss): keeps the LM
+    eval_questions: int = 400      # held-out questions scored (a fixed subset)
     max_answer_tokens: int = 24    # greedy decoding stops here if <eos> does not come first
     decode: str = "span"           # span: the answer is kept a span of the context (extractive); free: any
-    eval_tokens: int = 8192        # validation tokens of the corpus for BPC
+    eval_tokens: int = 0           # validation tokens of the corpus for BPC; 0 = the whole validation split
 
     def __post_init__(self):
         """Check every option before any work starts; a bad one is a ValueError naming it."""
-        for name, allowed in (("method", METHODS), ("backend", BACKENDS), ("decode", DECODINGS)):
+        for name, allowed in (("method", METHODS), ("backend", BACKENDS), ("decode", DECODINGS),
+                              ("prompt_order", PROMPT_ORDERS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         targets = [t.strip() for t in self.lora_targets.split(",")]
@@ -108,14 +114,17 @@ NUMBER_OPTIONS = {
     "lr": (at_least(0), ">= 0 (0 = the method's default)"), "min_lr": (at_least(0), ">= 0 (0 = lr / 10)"),
     "warmup": (at_least(0), ">= 0"), "weight_decay": (at_least(0), ">= 0"),
     "grad_clip": (at_least(0), ">= 0 (0 = no clipping)"), "layer_lr_decay": (lambda v: v > 0, "> 0"),
-    "max_len": (at_least(1), ">= 1"), "max_questions": (at_least(1), ">= 1"),
+    "max_len": (at_least(0), ">= 0 (0 = the model's context, at least 128)"),
+    "max_questions": (at_least(1), ">= 1"), "context_chars": (at_least(0), ">= 0 (0 = 2 x the context)"),
+    "no_answer": (lambda v: 0 <= v <= 1, "in [0, 1]"), "replay": (at_least(0), ">= 0"),
     "test_fraction": (lambda v: 0 <= v <= 1, "in [0, 1]"), "eval_questions": (at_least(1), ">= 1"),
     "max_answer_tokens": (at_least(1), ">= 1"), "eval_tokens": (at_least(0), ">= 0"),
 }
 
 METHOD_LR = {"full": 1e-3, "freeze": 1e-3, "lora": 1e-2}     # the best of a sweep on `small` (README)
 PRESETS = {"default": {"finetune": {}},     # quick: a smoke run
-           "quick": {"finetune": dict(max_steps=60, eval_questions=50, eval_tokens=2048)}}
+           "quick": {"finetune": dict(max_steps=60, eval_questions=50, eval_tokens=2048)},
+           "keep_lm": {"finetune": dict(replay=0.5)}}     # corpus replay: BPC stays where it was
 
 
 def resolved_lr(cfg):
@@ -141,6 +150,7 @@ BORN = re.compile(r"^([A-Z][\w.'-]+(?: [A-Z][\w.'-]+){0,3})\b[^.]*? was born (?:
 PLACE = re.compile(r"^([A-Z]\w+(?: [A-Z]\w+){0,2}) is an? (?:city|town|village|country|region|river|island) "
                    r"in ([A-Z][\w]+(?: [A-Z]\w+){0,2})")
 YEAR = re.compile(r"^In (\d{3,4}), ([^.]{10,120})\.$")
+NO_ANSWER = ""                     # the gold answer of an unanswerable question: <a> <eos> at once
 
 
 def sentences(paragraph):
@@ -211,7 +221,36 @@ def questions_from_paragraph(title, para, starts_with_title):
         m = YEAR.match(s)
         if m:
             out.append(("date", f"In which year: {m.group(2)}?", m.group(1), s))
+        out += next_words_question(s)
     return out
+
+
+def next_words_question(sentence):
+    """A copy question any text gives: 'What follows "three words"?' -> the next two words. The
+    place in the sentence is fixed by its hash; the cue must occur once, so the answer is one span."""
+    words = sentence.split()
+    if not 8 <= len(words) <= 40:
+        return []
+    i = int(stable_hash("next:" + sentence) * (len(words) - 4))
+    cue, answer = " ".join(words[i:i + 3]), " ".join(words[i + 3:i + 5]).rstrip(".,;:!?")
+    if sentence.count(cue) != 1 or not re.search(r"\w", answer) or '"' in cue:
+        return []
+    return [("next", f'What follows "{cue}"?', answer, sentence)]
+
+
+def widen(core, flat, limit, key):
+    """core with the document's text (whitespace collapsed, words whole) around it up to ~limit
+    characters; the share before it is fixed by key's hash, so the answer can be anywhere."""
+    at = flat.find(" ".join(core.split()))
+    room = limit - len(core)
+    if at < 0 or room <= 0:
+        return core
+    lo = max(0, at - int(room * stable_hash("where:" + key)))
+    hi = at + len(" ".join(core.split())) + room - (at - lo)
+    before, after = flat[lo:at], flat[at + len(" ".join(core.split())):hi]
+    before = before.split(" ", 1)[1] if lo > 0 and " " in before else ("" if lo > 0 else before)
+    after = after.rsplit(" ", 1)[0] if hi < len(flat) and " " in after else ("" if hi < len(flat) else after)
+    return " ".join(x for x in (before.strip(), core, after.strip()) if x)
 
 
 def speaker_questions(doc, max_chars=300):
@@ -231,13 +270,17 @@ def speaker_questions(doc, max_chars=300):
     return out
 
 
-def generate_qa(text, separator="\n\n\n", category="", max_questions=4000, test_fraction=0.1):
+def generate_qa(text, separator="\n\n\n", category="", max_questions=20000, test_fraction=0.1,
+                context_chars=0, no_answer=0.0):
     """Deterministic extractive Q&A pairs from a corpus: a list of dicts with question, answer,
     context, split ("train"/"test", fixed by the question's hash), kind, article, section, category.
-    A question asked twice keeps its first answer, so every question has one answer."""
+    A question asked twice keeps its first answer, so every question has one answer. context_chars
+    > 0 widens each context with the text around it (widen); a no_answer share of the questions is
+    asked again of another document's context, with the answer NO_ANSWER (kind "none")."""
     pairs, seen = [], set()
     for d, doc in enumerate(text.split(separator)):
         article = doc.strip().split("\n", 1)[0].strip()[:80]
+        flat = " ".join(doc.split())
         found = [(k, q, a, c, f"d{d}.s0") for k, q, a, c in speaker_questions(doc)]
         for s, (title, para, starts) in enumerate(sections(doc)):
             asked = questions_from_paragraph(title, para, starts)
@@ -246,6 +289,7 @@ def generate_qa(text, separator="\n\n\n", category="", max_questions=4000, test_
             if q in seen or a not in c:
                 continue
             seen.add(q)
+            c = widen(c, flat, context_chars, q) if context_chars else c
             cat = category or ("help topic" if article.startswith("Python help topic") else
                                "module" if article.startswith("Module ") else "")
             pairs.append({"question": q, "answer": a, "context": c, "kind": kind, "article": article,
@@ -253,17 +297,35 @@ def generate_qa(text, separator="\n\n\n", category="", max_questions=4000, test_
     if len(pairs) > max_questions:       # a fixed subset spread over the corpus, kept in corpus order
         keep = set(sorted(range(len(pairs)), key=lambda i: stable_hash(pairs[i]["question"]))[:max_questions])
         pairs = [p for i, p in enumerate(pairs) if i in keep]
+    pairs += unanswerable(pairs, no_answer)
     for p in pairs:
         p["split"] = "test" if stable_hash("split:" + p["question"]) < test_fraction else "train"
     return pairs
 
 
-def write_qa(data_dir, cfg):
+def unanswerable(pairs, share):
+    """For a share of the questions (fixed by hash), the same question with the context of a pair
+    from another article that does not hold the answer: answer NO_ANSWER."""
+    out = []
+    for i, p in enumerate(pairs):
+        if stable_hash("none:" + p["question"]) >= share:
+            continue
+        for step in range(1, 20):        # the first other-article context without the answer
+            j = (i + int(stable_hash(f"other{step}:" + p["question"]) * len(pairs))) % len(pairs)
+            other = pairs[j]["context"]
+            if pairs[j]["article"] != p["article"] and normalize(p["answer"]) not in normalize(other):
+                out.append(dict(p, answer=NO_ANSWER, context=other, kind="none", is_impossible=True))
+                break
+    return out
+
+
+def write_qa(data_dir, cfg, model_context):
     """data/<name>/qa.jsonl from the dataset's train.txt (rewritten each time: it is cheap and fixed)."""
     data_dir = Path(data_dir)
     meta = json.loads((data_dir / "meta.json").read_text()) if (data_dir / "meta.json").exists() else {}
     text = (data_dir / "train.txt").read_text(encoding="utf-8")
-    pairs = generate_qa(text, meta.get("doc_separator", "\n\n\n"), "", cfg.max_questions, cfg.test_fraction)
+    pairs = generate_qa(text, meta.get("doc_separator", "\n\n\n"), "", cfg.max_questions, cfg.test_fraction,
+                        cfg.context_chars or 2 * model_context, cfg.no_answer)
     lines = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs)
     return write_text_atomic(data_dir / "qa.jsonl", lines), pairs
 
@@ -271,20 +333,27 @@ def write_qa(data_dir, cfg):
 # ----------------------------------------------------------------------------- prompts and the loss
 
 
-def prompt_ids(tok, question, context=""):
-    """<q> context \\n question <a>  (the model writes the answer, then <eos>)."""
-    text = f"{context}\n{question}" if context else question
+def prompt_ids(tok, question, context="", order="question_first"):
+    """<q> question \\n context <a> (question_first) or <q> context \\n question <a>; the model writes
+    the answer, then <eos>, or <eos> at once for no answer. A recurrent model reads its prompt once,
+    left to right: told the question first, it knows what to keep while it reads the context."""
+    parts = (question, context) if order == "question_first" else (context, question)
+    text = "\n".join(t for t in parts if t)
     return [tok.token_id("<q>")] + tok.encode(text) + [tok.token_id("<a>")]
 
 
-def encode_pair(tok, pair):
-    """(prompt ids, answer ids + <eos>). The answer starts with a space, as it does inside text."""
-    prompt = prompt_ids(tok, pair["question"], pair.get("context", ""))
-    return prompt, tok.encode(" " + pair["answer"]) + [tok.eos_id]
+def encode_pair(tok, pair, order="question_first"):
+    """(prompt ids, answer ids + <eos>). The answer starts with a space, as it does inside text;
+    no answer (NO_ANSWER) is <eos> alone. The 8 special ids of stage 2 are all taken, and a new one
+    would move every byte id of existing tokenizers, so no-answer is spelled with <eos>."""
+    prompt = prompt_ids(tok, pair["question"], pair.get("context", ""), order)
+    return prompt, (tok.encode(" " + pair["answer"]) if pair["answer"] else []) + [tok.eos_id]
 
 
 def make_batch(examples, pad_id):
-    """x, y (B, L) next-token pairs, right-padded, and mask (B, L): 1 where y is an answer token or <eos>."""
+    """x, y (B, L) next-token pairs, right-padded, and the loss weights mask (B, L): where y is an
+    answer token or <eos>, 1 / (that row's count), so every sequence weighs the same. A corpus window
+    for replay is (first token, the rest): every position of it is weighed."""
     L = max(len(p) + len(a) for p, a in examples) - 1
     x = np.full((len(examples), L), pad_id, np.int64)
     y = np.full((len(examples), L), pad_id, np.int64)
@@ -292,12 +361,18 @@ def make_batch(examples, pad_id):
     for b, (p, a) in enumerate(examples):
         seq = p + a
         x[b, :len(seq) - 1], y[b, :len(seq) - 1] = seq[:-1], seq[1:]
-        mask[b, len(p) - 1:len(seq) - 1] = 1.0       # y[t] = seq[t+1] is an answer token from t = len(p)-1
+        mask[b, len(p) - 1:len(seq) - 1] = 1.0 / len(a)    # y[t] = seq[t+1] is an answer token from len(p)-1
     return x, y, mask
 
 
+def replay_windows(tokens, n, length, rng):
+    """n random windows of length + 1 corpus tokens as (first token, rest) examples for make_batch."""
+    starts = rng.integers(0, len(tokens) - length - 1, size=n)
+    return [([int(tokens[i])], [int(t) for t in tokens[i + 1:i + length + 1]]) for i in starts]
+
+
 def masked_cross_entropy(logits, y, mask):
-    """loss = sum_i m_i (-log softmax(z_i)[y_i]) / sum_i m_i;
+    """loss = sum_i m_i (-log softmax(z_i)[y_i]) / sum_i m_i, m the weights of make_batch;
     dL/dz_i = m_i (softmax(z_i) - onehot(y_i)) / sum_i m_i."""
     z = logits - logits.max(-1, keepdims=True)
     e = np.exp(z)
@@ -390,8 +465,10 @@ BACKEND = {"numpy": numpy_backend, "mlx": mlx_backend, "triton": triton_backend}
 # ----------------------------------------------------------------------------- training
 
 
-def finetune(params, mcfg, cfg, train_examples, grad_fn, progress=True):
-    """AdamW on the trainable set; returns (trainable dict, losses). full/freeze update params in place."""
+def finetune(params, mcfg, cfg, train_examples, grad_fn, progress=True, corpus=None):
+    """AdamW on the trainable set; returns (trainable dict, losses). full/freeze update params in place.
+    With cfg.replay and corpus (train split token ids), each batch also holds round(replay x batch)
+    windows of the corpus, their loss the pretraining loss: the model keeps modelling language."""
     trainable = trainable_params(params, cfg, mcfg)
     lr, min_lr = resolved_lr(cfg)
     sched = S3.TrainConfig(lr=lr, min_lr=min_lr, warmup=cfg.warmup, max_steps=cfg.max_steps,
@@ -403,7 +480,11 @@ def finetune(params, mcfg, cfg, train_examples, grad_fn, progress=True):
     t0 = time.time()
     for step in bar:
         pick = S3.batch_rng(cfg.seed, step).integers(0, len(train_examples), cfg.batch_size)
-        x, y, mask = make_batch([train_examples[i] for i in pick], pad_id=0)
+        batch = [train_examples[i] for i in pick]
+        if cfg.replay and corpus is not None:
+            batch += replay_windows(corpus, round(cfg.replay * cfg.batch_size), mcfg.context,
+                                    S3.batch_rng(cfg.seed + 1, step))
+        x, y, mask = make_batch(batch, pad_id=0)
         if cfg.method == "lora":
             loss, grads = grad_fn(apply_lora(params, trainable, scale), x, y, mask)
             grads = lora_grads(grads, trainable, scale)
@@ -432,14 +513,16 @@ def pick_token(logits, source, nexts, eos_id, started):
     z_eos > logsumexp(z without eos), or when no continuation is left; else it goes on with the
     best continuation. Comparing p(<eos>) with one continuation token, as a plain argmax does,
     stops too early whenever a small model is unsure which word comes next: its "go on" mass is
-    spread over many words. Returns (token, the positions after it)."""
+    spread over many words. Before the start, <eos> (no answer) wins when it beats every start, as
+    a SQuAD 2.0 reader answers nothing when the null score beats the best span. Returns (token,
+    the positions after it)."""
     if not source:
         return int(logits.argmax()), None
     cont = sorted({source[k] for k in nexts if k < len(source)})
-    if started:
-        others = np.delete(logits, eos_id)
-        if not cont or logits[eos_id] > others.max() + np.log(np.exp(others - others.max()).sum()):
-            return eos_id, []
+    others = np.delete(logits, eos_id)
+    if not cont or (logits[eos_id] > others.max() + np.log(np.exp(others - others.max()).sum()) if started
+                    else logits[eos_id] > logits[cont].max()):
+        return eos_id, []
     token = cont[int(np.argmax(logits[cont]))]
     return token, [k + 1 for k in nexts if k < len(source) and source[k] == token]
 
@@ -503,34 +586,58 @@ def token_f1(pred, gold):
     return 2 * prec * rec / (prec + rec)
 
 
-def qa_scores(params, mcfg, tok, pairs, max_new=24, decode="free"):
-    """Exact match and mean token F1 of greedy answers, and the answers themselves. decode="span"
-    keeps the answer to a question with a context a span of that context (pick_token)."""
+def golds(pair):
+    """The gold answers of a pair: all of SQuAD's, else its one; [""] for no answer."""
+    return pair.get("answers") or [pair["answer"]]
+
+
+def exact(pred, pair):
+    """SQuAD 2.0 exact match: 1 if the normalized prediction equals any gold; "" only matches ""."""
+    return float(any(normalize(pred) == normalize(g) for g in golds(pair)))
+
+
+def standard_error(p, n):
+    """sqrt(p (1 - p) / n): one standard error of a rate p measured on n questions."""
+    return math.sqrt(p * (1 - p) / n) if n else float("nan")
+
+
+def qa_scores(params, mcfg, tok, pairs, max_new=24, decode="free", order="question_first"):
+    """SQuAD 2.0 scores of greedy answers: exact match (with its standard error) and F1 (the best
+    over the gold answers), also on the answerable (has) and unanswerable (none) questions, and
+    the answers. decode="span" keeps the answer to a question with a context a span of it (pick_token)."""
     if not pairs:
         return {"em": float("nan"), "f1": float("nan"), "n": 0, "answers": []}
-    prompts = [prompt_ids(tok, p["question"], p.get("context", "")) for p in pairs]
+    prompts = [prompt_ids(tok, p["question"], p.get("context", ""), order) for p in pairs]
     sources = [tok.encode(p["context"]) if decode == "span" and p.get("context") else None for p in pairs]
     answers = [tok.decode(a, skip_special=True).strip()
                for a in greedy_answers(params, mcfg, prompts, tok.eos_id, max_new, sources=sources)]
-    em = np.mean([normalize(a) == normalize(p["answer"]) for a, p in zip(answers, pairs)])
-    f1 = np.mean([token_f1(a, p["answer"]) for a, p in zip(answers, pairs)])
-    return {"em": float(em), "f1": float(f1), "n": len(pairs), "answers": answers}
+    em = np.array([exact(a, p) for a, p in zip(answers, pairs)])
+    f1 = np.array([max(token_f1(a, g) for g in golds(p)) for a, p in zip(answers, pairs)])
+    none = np.array([not p["answer"] for p in pairs])
+    out = {"em": float(em.mean()), "f1": float(f1.mean()), "n": len(pairs), "answers": answers,
+           "em_se": standard_error(em.mean(), len(pairs))}
+    for name, rows in (("has", ~none), ("none", none)):
+        nan = float("nan")
+        out |= {f"em_{name}": float(em[rows].mean()) if rows.any() else nan,
+                f"f1_{name}": float(f1[rows].mean()) if rows.any() else nan, f"n_{name}": int(rows.sum())}
+    return out
 
 
 def matches_by_kind(pairs, answers):
     """{kind: [exact matches, questions]}: which rules of the generator the model has learned."""
     hits = {}
     for p, a in zip(pairs, answers):
-        hits.setdefault(p.get("kind", "-"), []).append(normalize(a) == normalize(p["answer"]))
-    return {kind: [sum(h), len(h)] for kind, h in sorted(hits.items())}
+        hits.setdefault(p.get("kind", "-"), []).append(exact(a, p))
+    return {kind: [int(sum(h)), len(h)] for kind, h in sorted(hits.items())}
 
 
 def val_bpc(params, mcfg, tok, data_dir, eval_tokens):
-    """Bits per character on the corpus's validation split (stage 3's fixed slice); NaN without one."""
+    """Bits per character on the corpus's validation split: its first eval_tokens, or all of it
+    (eval_tokens 0); NaN without one."""
     if not data_dir or not (Path(data_dir) / "val.bin").exists():
         return float("nan")
     val = S3.open_split(data_dir, "val")
-    report = S3.eval_report(params, mcfg, val, mcfg.context, eval_tokens, tok.decode)
+    report = S3.eval_report(params, mcfg, val, mcfg.context, eval_tokens or len(val), tok.decode)
     return report["bpc"] if report else float("nan")
 
 # ----------------------------------------------------------------------------- files
@@ -556,7 +663,7 @@ def save_finetuned(path, params, mcfg, config, cfg):
     return save_checkpoint(path, params, doc)
 
 
-def qa_pairs(cfg, config):
+def qa_pairs(cfg, config, mcfg):
     """The user's JSONL (validated) or the generated pairs of the base model's corpus."""
     if cfg.qa:
         return read_qa(cfg.qa, cfg.test_fraction), cfg.qa
@@ -564,36 +671,44 @@ def qa_pairs(cfg, config):
     if not data_dir or not (Path(data_dir) / "train.txt").exists():
         raise FileNotFoundError(f"the base checkpoint's corpus ({data_dir!r}) has no train.txt; "
                                 "pass --qa FILE")
-    path, pairs = write_qa(data_dir, cfg)
+    path, pairs = write_qa(data_dir, cfg, mcfg.context)
     return pairs, str(path)
 
 # ----------------------------------------------------------------------------- main
 
 
-def split_pairs(cfg, tok, pairs, source):
-    """(train examples, held-out pairs scored, train pairs scored) among the pairs that fit max_len."""
-    encoded = [(p, encode_pair(tok, p)) for p in pairs]
-    fits = [(p, e) for p, e in encoded if len(e[0]) + len(e[1]) <= cfg.max_len]
+def split_pairs(cfg, tok, pairs, source, max_len):
+    """(train examples, held-out pairs scored, train pairs scored) among the pairs that fit max_len;
+    the scored ones are a fixed subset spread over the corpus and the kinds (by hash)."""
+    encoded = [(p, encode_pair(tok, p, cfg.prompt_order)) for p in pairs]
+    fits = [(p, e) for p, e in encoded if len(e[0]) + len(e[1]) <= max_len]
     train = [e for p, e in fits if p["split"] == "train"]
-    test = [p for p, e in fits if p["split"] == "test"][:cfg.eval_questions]
-    train_eval = [p for p, e in fits if p["split"] == "train"][:cfg.eval_questions]
+
+    def scored(split):
+        chosen = [p for p, e in fits if p["split"] == split]
+        chosen.sort(key=lambda p: stable_hash(p["question"] + p.get("context", "")))
+        return chosen[:cfg.eval_questions]
+    test, train_eval = scored("test"), scored("train")
     if not train or not test:
         raise ValueError(f"{source}: {len(train)} train and {len(test)} test pairs fit "
-                         f"max_len={cfg.max_len}; need both")
+                         f"max_len={max_len}; need both")
     print(f"Q&A: {len(pairs)} pairs from {source}; {len(train)} train, {len(test)} held out scored "
-          f"({len(encoded) - len(fits)} longer than {cfg.max_len} tokens skipped)")
+          f"({len(encoded) - len(fits)} longer than {max_len} tokens skipped)")
     return train, test, train_eval
 
 
 def run(cfg, progress=True):
     """Fine-tune the base with cfg.method, evaluate before and after, write the outputs; a results dict."""
     params, mcfg, config, tok = load_base(cfg.base)
-    pairs, source = qa_pairs(cfg, config)
+    pairs, source = qa_pairs(cfg, config, mcfg)
     data_dir = config.get("data", {}).get("dir", "")
-    train, test, train_eval = split_pairs(cfg, tok, pairs, source)
+    train, test, train_eval = split_pairs(cfg, tok, pairs, source, cfg.max_len or max(128, mcfg.context))
+    corpus = S3.open_split(data_dir, "train") if cfg.replay and data_dir else None
+    if cfg.replay and (corpus is None or len(corpus) < mcfg.context + 2):
+        raise ValueError(f"--replay {cfg.replay} needs the base's corpus train split ({data_dir!r})")
 
     def score(p, questions, decode=cfg.decode):
-        return qa_scores(p, mcfg, tok, questions, cfg.max_answer_tokens, decode)
+        return qa_scores(p, mcfg, tok, questions, cfg.max_answer_tokens, decode, cfg.prompt_order)
 
     n_total = sum(p.size for p in params.values())
     bpc_before = val_bpc(params, mcfg, tok, data_dir, cfg.eval_tokens)
@@ -601,7 +716,7 @@ def run(cfg, progress=True):
     print(f"before: held-out EM {100 * before['em']:.1f}%, F1 {100 * before['f1']:.1f}%, "
           f"val BPC {bpc_before:.3f}")
     t0 = time.time()
-    trainable, losses = finetune(params, mcfg, cfg, train, BACKEND[cfg.backend](mcfg), progress)
+    trainable, losses = finetune(params, mcfg, cfg, train, BACKEND[cfg.backend](mcfg), progress, corpus)
     seconds = time.time() - t0
     if cfg.method == "lora":       # the adapters alone are saved
         tuned = apply_lora(params, trainable, cfg.lora_alpha / cfg.lora_rank)
@@ -610,16 +725,20 @@ def run(cfg, progress=True):
         tuned = params
         saved = save_finetuned(Path(cfg.out_dir) / f"{cfg.method}.npz", params, mcfg, config, cfg)
     n_trained = sum(p.size for p in trainable.values())
-    after = score(tuned, test)
-    free = after if cfg.decode == "free" else score(tuned, test, "free")
-    on_train = score(tuned, train_eval)
+    decoded = {d: score(tuned, test, d) for d in DECODINGS}
+    after, free = decoded[cfg.decode], decoded["free"]
+    keep = ("em", "f1", "em_se", "em_has", "f1_has", "n_has", "em_none", "f1_none", "n_none")
     result = {"method": cfg.method, "backend": cfg.backend, "trained": int(n_trained),
               "fraction": n_trained / n_total, "seconds": seconds, "steps": cfg.max_steps,
+              "replay": cfg.replay, "prompt_order": cfg.prompt_order,
               "loss_first": losses[0], "loss_last": float(np.mean(losses[-10:])), "decode": cfg.decode,
               "em_before": before["em"], "em_test": after["em"], "f1_test": after["f1"],
-              "em_test_free": free["em"], "em_train": on_train["em"], "n_test": after["n"],
+              "em_test_free": free["em"], "f1_test_free": free["f1"],
+              "em_train": score(tuned, train_eval)["em"], "n_test": after["n"],
               "bpc_before": bpc_before, "bpc_after": val_bpc(tuned, mcfg, tok, data_dir, cfg.eval_tokens),
-              "output": str(saved), "em_by_kind": matches_by_kind(test, after["answers"])}
+              "output": str(saved), "em_by_kind": matches_by_kind(test, after["answers"]),
+              "em_by_kind_free": matches_by_kind(test, free["answers"]),
+              "scores": {d: {k: r[k] for k in keep} for d, r in decoded.items()}}
     print_result(result, test, after["answers"])
     append_result(Path(cfg.out_dir) / "results.jsonl", result)
     return result
@@ -644,7 +763,7 @@ def ask(cfg, question, context="", ckpt=None, adapters=None, out=None):
     if adapters:
         lora, scale = load_lora(adapters, params)
         params = apply_lora(params, lora, scale)
-    ids = prompt_ids(tok, question, context)
+    ids = prompt_ids(tok, question, context, cfg.prompt_order)
     source = tok.encode(context) if context and cfg.decode == "span" else None
     answer = stream_answer(params, mcfg, ids, tok.eos_id, cfg.max_answer_tokens, source)
     return print_stream(tok, "", [], answer, out).strip()
@@ -652,7 +771,8 @@ def ask(cfg, question, context="", ckpt=None, adapters=None, out=None):
 
 def generate_only(cfg):
     """Write the Q&A file of the base's corpus (or check --qa) and count its pairs by kind."""
-    pairs, path = qa_pairs(cfg, load_base(cfg.base)[2])
+    _, mcfg, config, _ = load_base(cfg.base)
+    pairs, path = qa_pairs(cfg, config, mcfg)
     kinds = {k: sum(p.get("kind") == k for p in pairs) for k in sorted({p.get("kind") for p in pairs})}
     print(f"{path}: {len(pairs)} pairs, {sum(p['split'] == 'test' for p in pairs)} held out; kinds {kinds}")
 

@@ -1,9 +1,11 @@
-"""Stage 6 results table: pretrain `small` on a corpus (if no base checkpoint), then fine-tune it
-with every method and print exact match / token F1 on held-out questions and the corpus BPC.
+"""Stage 6 results table: pretrain a preset on a corpus (if no base checkpoint), then fine-tune it
+with every method (corpus replay in the batches) and write exact match / F1 with span and free
+decoding, answerable and unanswerable questions apart, and the corpus BPC before and after.
 
     python benchmarks/bench_finetune.py                                  # numpy everywhere (slow on 2 cores)
-    python benchmarks/bench_finetune.py --backend triton --pretrain triton --pretrain_steps 6000 \
-        --pretrain_batch 64 --pretrain_minutes 4                             # a CUDA GPU
+    python benchmarks/bench_finetune.py --pretrain triton --backend triton --pretrain_steps 6000 \
+        --pretrain_batch 64 --pretrain_minutes 4 --pretrain_context 256 --max_steps 1500 \
+        --methods full,lora:8 --replay 0.5 --out qa_results.md           # the targets, one H200
     python benchmarks/bench_finetune.py --base out/numpy/ckpt.npz --max_steps 200
 """
 import argparse
@@ -13,6 +15,8 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from spikelib.files import write_text_atomic  # noqa: E402
+from spikelib.finetune_io import qa_table  # noqa: E402
 from spikelib.hardware import cpu_model, usable_cpus  # noqa: E402
 from spikelib.stages import load_stage  # noqa: E402
 
@@ -32,9 +36,11 @@ def hardware():
 
 
 def pretrain(args):
-    """Stage 3 (numpy) or stage 5 (triton) training of the `small` preset on args.data."""
-    mcfg, tcfg = S3.make_configs("small", max_steps=args.pretrain_steps, max_minutes=args.pretrain_minutes,
-                                 batch_size=args.pretrain_batch, out_dir=str(Path(args.base).parent))
+    """Stage 3 (numpy) or stage 5 (triton) training of args.preset on args.data."""
+    more = {"context": args.pretrain_context} if args.pretrain_context else {}
+    mcfg, tcfg = S3.make_configs(args.preset, max_steps=args.pretrain_steps, batch_size=args.pretrain_batch,
+                                 max_minutes=args.pretrain_minutes, out_dir=str(Path(args.base).parent),
+                                 **more)
     data = Path(args.data)
     if not (data / "tokens.json").exists():           # stages 1 and 2 for data/builtin, data/shakespeare
         S3.prepare_dataset(data.name, str(data.parent))
@@ -57,10 +63,15 @@ def main():
     ap.add_argument("--pretrain_steps", type=int, default=500)
     ap.add_argument("--pretrain_minutes", type=float, default=0.0)
     ap.add_argument("--pretrain_batch", type=int, default=16)
+    ap.add_argument("--preset", default="small", help="stage 3 preset pretrained when --base is missing")
+    ap.add_argument("--pretrain_context", type=int, default=0, help="its context in tokens; 0 = the preset's")
     ap.add_argument("--backend", default="numpy", choices=list(F.BACKENDS))
     ap.add_argument("--methods", default="full,freeze,lora:8,lora:1", help="lora:R = LoRA of rank R")
     ap.add_argument("--max_steps", type=int, default=300)
     ap.add_argument("--lr", type=float, default=0.0, help="0 = each method's default")
+    ap.add_argument("--replay", type=float, default=0.5, help="corpus windows per Q&A pair in each batch")
+    ap.add_argument("--eval_questions", type=int, default=400, help="held-out questions scored")
+    ap.add_argument("--out", default="", help="also write the markdown tables to this file")
     ap.add_argument("--out_dir", default="out/bench_finetune")
     args = ap.parse_args()
     if not Path(args.base).is_file():
@@ -68,16 +79,23 @@ def main():
     rows = []
     for spec in args.methods.split(","):
         method, _, rank = spec.partition(":")
-        cfg = F.FinetuneConfig(base=args.base, out_dir=f"{args.out_dir}/{spec.replace(':', '_r')}", method=method,
-                               backend=args.backend, max_steps=args.max_steps, lr=args.lr)
+        out_dir = f"{args.out_dir}/{spec.replace(':', '_r')}"
+        cfg = F.FinetuneConfig(base=args.base, out_dir=out_dir, method=method, backend=args.backend,
+                               max_steps=args.max_steps, lr=args.lr, replay=args.replay,
+                               eval_questions=args.eval_questions)
         if rank:
             cfg = replace(cfg, lora_rank=int(rank), lora_alpha=2.0 * int(rank))
         print(f"\n=== {spec}")
         row = F.run(cfg, progress=True)
         row["method"] = spec
         rows.append(row)
-    print(f"\nstage 6 on {args.data}, base {args.base}, {args.max_steps} steps each, backend {args.backend}; {hardware()}")
-    print(F.print_table(rows))
+    head = (f"stage 6 on {args.data}, base {args.base}, {args.max_steps} steps each, replay {args.replay}, "
+            f"backend {args.backend}; {hardware()}")
+    text = f"{head}\n\n{F.print_table(rows)}\n\n{qa_table(rows)}\n"
+    print("\n" + text)
+    if args.out:
+        write_text_atomic(args.out, text)
+        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,21 @@ def print_table(rows):
     return "\n".join(lines)
 
 
+def qa_table(rows):
+    """Markdown table, method x decoding: SQuAD 2.0 EM (one standard error) and F1 on the held-out
+    questions, EM on the answerable and unanswerable ones, the corpus BPC before and after."""
+    lines = ["| method | replay | decoding | EM | F1 | EM has-answer | EM no-answer | BPC before | "
+             "BPC after |", "|" + "---|" * 9]
+    for r in rows:
+        for d, s in r["scores"].items():
+            cells = [f"{100 * s['em']:.1f}% ± {100 * s['em_se']:.1f}", f"{100 * s['f1']:.1f}%"]
+            cells += [f"{100 * s['em_' + k]:.1f}% (n={s['n_' + k]})" if s["n_" + k] else "-"
+                      for k in ("has", "none")]
+            lines.append(f"| {r['method']} | {r['replay']:g} | {d} | " + " | ".join(cells) +
+                         f" | {r['bpc_before']:.3f} | {r['bpc_after']:.3f} |")
+    return "\n".join(lines)
+
+
 def print_result(result, test, answers):
     """What a fine-tuning run prints at its end: exact matches by kind, the first held-out
     answers beside the gold ones, the results table and the file written."""
@@ -42,6 +57,7 @@ def print_result(result, test, answers):
     for p, a in list(zip(test, answers))[:5]:
         print(f"  Q: {p['question']}\n     gold: {p['answer']!r}  model: {a!r}")
     print(print_table([result]))
+    print(qa_table([result]))
     print(f"saved {result['output']}")
 
 
@@ -51,10 +67,12 @@ def stable_hash(text):
 
 
 def read_qa(path, test_fraction=0.1):
-    """Validate a user JSONL file line by line; raises ValueError listing every bad line.
+    """A user's Q&A file: SQuAD JSON (read_squad) if it is one JSON object, else JSONL validated line
+    by line; raises ValueError listing every bad line.
 
-    Each non-empty line: a JSON object with non-empty strings "question" and "answer", optional
-    string "context", optional "split" in {train, test} (default: fixed by the question's hash).
+    Each non-empty line: a JSON object with non-empty strings "question" and "answer" (or
+    "is_impossible": true and no answer), optional string "context", optional "split" in
+    {train, test} (default: fixed by the question's hash).
     """
     pairs, errors = [], []
     if not Path(path).is_file():
@@ -64,6 +82,8 @@ def read_qa(path, test_fraction=0.1):
     except UnicodeDecodeError as err:
         raise ValueError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason}); "
                          f"save it as UTF-8") from None
+    if is_squad(text):
+        return read_squad(path, text, test_fraction)
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
@@ -75,8 +95,10 @@ def read_qa(path, test_fraction=0.1):
         if not isinstance(obj, dict):
             errors.append(f"line {n}: expected a JSON object, got {type(obj).__name__}")
             continue
+        impossible = obj.get("is_impossible") is True
         problems = [f'"{k}" must be a non-empty string' for k in ("question", "answer")
-                    if not isinstance(obj.get(k), str) or not obj.get(k).strip()]
+                    if not (k == "answer" and impossible and obj.get(k, "") == "")
+                    and (not isinstance(obj.get(k), str) or not obj.get(k).strip())]
         if "context" in obj and not isinstance(obj["context"], str):
             problems.append('"context" must be a string')
         if obj.get("split", "train") not in ("train", "test"):
@@ -84,6 +106,7 @@ def read_qa(path, test_fraction=0.1):
         if problems:
             errors.append(f"line {n}: " + "; ".join(problems))
             continue
+        obj.setdefault("answer", "")
         held_out = stable_hash("split:" + obj["question"]) < test_fraction
         obj.setdefault("split", "test" if held_out else "train")
         pairs.append(obj)
@@ -93,6 +116,70 @@ def read_qa(path, test_fraction=0.1):
     if not pairs:
         raise ValueError(f"{path}: no question-answer pairs")
     return pairs
+
+
+def is_squad(text):
+    """True for one JSON document (SQuAD): its first line is not a whole JSON object of its own
+    but starts one, or it is an object with "data"."""
+    first = text.lstrip().split("\n", 1)[0]
+    try:
+        obj = json.loads(first)
+    except json.JSONDecodeError:
+        return first.startswith("{")
+    return isinstance(obj, dict) and "data" in obj
+
+
+def expect(value, kind, where):
+    """value if it is of the JSON type kind (list, dict, str, bool), else a ValueError naming where."""
+    if not isinstance(value, kind) or (kind is str and not value.strip()):
+        want = {list: "a list", dict: "an object", str: "a non-empty string", bool: "true or false"}[kind]
+        raise ValueError(f"{where} must be {want}, got {json.dumps(value)[:60]}")
+    return value
+
+
+def read_squad(path, text, test_fraction=0.1):
+    """Pairs from the SQuAD JSON format, v1.1 or v2.0: {"data": [{"title", "paragraphs": [{"context",
+    "qas": [{"id", "question", "answers": [{"text", "answer_start"}], "is_impossible"}]}]}]}.
+    Every gold answer is kept ("answers", scored as SQuAD does: the best match), "answer" is the
+    first; an impossible question (v2.0) has answer "" (plausible_answers are not golds). The split
+    is fixed by the question's id (or text) hash. A malformed file is a ValueError naming the first
+    bad place, e.g. data[0].paragraphs[2].qas[1].answers."""
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err.msg} at line {err.lineno} column {err.colno}); "
+                         "a SQuAD file is one JSON object") from None
+    pairs = []
+    try:
+        for a, article in enumerate(expect(expect(doc, dict, "the file").get("data"), list, "data")):
+            where = f"data[{a}]"
+            title = str(expect(article, dict, where).get("title", ""))
+            for g, para in enumerate(expect(article.get("paragraphs"), list, f"{where}.paragraphs")):
+                at = f"{where}.paragraphs[{g}]"
+                context = expect(expect(para, dict, at).get("context"), str, f"{at}.context")
+                for k, qa in enumerate(expect(para.get("qas"), list, f"{at}.qas")):
+                    pairs.append(squad_pair(expect(qa, dict, f"{at}.qas[{k}]"), context, title,
+                                            f"{at}.qas[{k}]", test_fraction))
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+    if not pairs:
+        raise ValueError(f"{path}: no questions in its data")
+    return pairs
+
+
+def squad_pair(qa, context, title, where, test_fraction):
+    """One SQuAD question as a stage 6 pair (read_squad)."""
+    question = expect(qa.get("question"), str, f"{where}.question")
+    impossible = expect(qa.get("is_impossible", False), bool, f"{where}.is_impossible")
+    answers = [] if impossible else expect(qa.get("answers"), list, f"{where}.answers")
+    golds = [expect(expect(x, dict, f"{where}.answers[{i}]").get("text"), str, f"{where}.answers[{i}].text")
+             for i, x in enumerate(answers)]
+    if not impossible and not golds:
+        raise ValueError(f"{where}.answers is empty but is_impossible is not true")
+    held_out = stable_hash("split:" + str(qa.get("id", question))) < test_fraction
+    return {"question": question, "answer": golds[0] if golds else "", "answers": golds or [""],
+            "context": context, "kind": "none" if impossible else "squad", "article": title,
+            "is_impossible": impossible, "split": "test" if held_out else "train"}
 
 
 def save_lora(path, lora, cfg, base_path):

@@ -1,0 +1,183 @@
+"""Stage 6, question answering as SQuAD 2.0 poses it: unanswerable and widened generated pairs,
+the SQuAD JSON reader, SQuAD 2.0 scoring, replay batches against a per-sequence reference, and
+LoRA leaving the base bit-identical."""
+import json
+
+import numpy as np
+import pytest
+
+from spikelib.stages import load_stage
+
+F = load_stage("6_finetune")
+S3 = load_stage("3_spike_llm_numpy")
+TK = load_stage("2_tokenizer")
+
+ARTICLES = ["Module alpha\n\nThe alpha module is a small library for parsing numbers. "
+            "It reads digits from text and returns integers to the caller who asked for them. "
+            "Paris is a city in France and the capital.",
+            "Module beta\n\nThe beta module is a large toolkit for drawing shapes on screens. "
+            "Each shape keeps its colour and position in a record of plain numbers. "
+            "Ada Lovelace was born in London, England."]
+CORPUS = "\n\n\n".join(ARTICLES)
+
+# ----------------------------------------------------------------------------- generation
+
+
+def test_unanswerable_pairs_ask_a_question_of_another_articles_context():
+    """no_answer=1: every answerable question comes again with another article's context that does
+    not hold its answer, answer "" (kind none), in the same split as its answerable twin."""
+    pairs = F.generate_qa(CORPUS, no_answer=1.0, test_fraction=0.5)
+    assert pairs == F.generate_qa(CORPUS, no_answer=1.0, test_fraction=0.5)             # deterministic
+    has = {p["question"]: p for p in pairs if p["kind"] != "none"}
+    none = [p for p in pairs if p["kind"] == "none"]
+    assert len(has) >= 4 and len(none) == len(has)
+    for p in none:
+        twin = has[p["question"]]
+        assert p["answer"] == "" and p["is_impossible"] and p["split"] == twin["split"]
+        assert p["context"] in {q["context"] for q in has.values() if q["article"] != twin["article"]}
+        assert F.normalize(twin["answer"]) not in F.normalize(p["context"])
+    assert not [p for p in F.generate_qa(CORPUS, no_answer=0.0) if p["kind"] == "none"]
+
+
+def test_widened_contexts_hold_the_answer_at_varying_places():
+    """context_chars widens each context with the text around it, up to the limit, whole words,
+    the answer still inside, and the rule's sentence not always first."""
+    narrow = {p["question"]: p for p in F.generate_qa(CORPUS)}
+    wide = {p["question"]: p for p in F.generate_qa(CORPUS, context_chars=200)}
+    assert set(wide) == set(narrow)
+    starts = set()
+    for q, p in wide.items():
+        core = " ".join(narrow[q]["context"].split())
+        flat = " ".join(p["context"].split())
+        assert p["answer"] in p["context"] and core in flat, (q, p["context"])
+        assert len(p["context"]) <= max(200, len(narrow[q]["context"]))
+        assert all(w in CORPUS for w in flat.split()[:1] + flat.split()[-1:])   # whole words at both ends
+        starts.add(flat.index(core) > 0)
+    assert starts == {True, False}
+    assert any(len(p["context"]) > len(narrow[q]["context"]) + 40 for q, p in wide.items())
+
+
+def test_no_answer_is_eos_at_once():
+    tok = TK.Tokenizer([])
+    prompt, answer = F.encode_pair(tok, {"question": "Q?", "answer": "", "context": "C."})
+    assert answer == [tok.eos_id] and prompt[0] == tok.token_id("<q>") and prompt[-1] == tok.token_id("<a>")
+    assert tok.decode(prompt[1:-1]) == "Q?\nC."                                    # question first
+    assert tok.decode(F.prompt_ids(tok, "Q?", "C.", "context_first")[1:-1]) == "C.\nQ?"
+
+# ----------------------------------------------------------------------------- SQuAD files
+
+SQUAD = {"version": "v2.0", "data": [{"title": "T", "paragraphs": [
+    {"context": "Paris is in France. Rome is in Italy.",
+     "qas": [{"id": "a1", "question": "Where is Paris?",
+              "answers": [{"text": "France", "answer_start": 12}, {"text": "in France", "answer_start": 9}]},
+             {"id": "a2", "question": "Where is Oslo?", "answers": [], "is_impossible": True,
+              "plausible_answers": [{"text": "Italy", "answer_start": 32}]}]}]}]}
+
+
+def test_squad_json_v1_and_v2_read(tmp_path):
+    path = tmp_path / "squad.json"
+    path.write_text(json.dumps(SQUAD, indent=2))
+    pairs = F.read_qa(path, test_fraction=0.0)
+    assert [(p["question"], p["answer"], p["answers"], p["is_impossible"], p["split"]) for p in pairs] == [
+        ("Where is Paris?", "France", ["France", "in France"], False, "train"),
+        ("Where is Oslo?", "", [""], True, "train")]                    # plausible answers are not golds
+    assert all(p["context"] == SQUAD["data"][0]["paragraphs"][0]["context"] for p in pairs)
+    v1 = {"version": "1.1", "data": [dict(SQUAD["data"][0], paragraphs=[
+        dict(SQUAD["data"][0]["paragraphs"][0], qas=SQUAD["data"][0]["paragraphs"][0]["qas"][:1])])]}
+    path.write_text(json.dumps(v1))                                        # one line, no is_impossible
+    assert [p["answers"] for p in F.read_qa(path)] == [["France", "in France"]]
+
+
+@pytest.mark.parametrize("edit, where", [
+    (lambda d: d.pop("data"), "data must be a list"),
+    (lambda d: d["data"][0].update(paragraphs={}), "data[0].paragraphs must be a list"),
+    (lambda d: d["data"][0]["paragraphs"][0].update(context=7), "data[0].paragraphs[0].context must be"),
+    (lambda d: d["data"][0]["paragraphs"][0]["qas"][0].pop("question"), "qas[0].question must be"),
+    (lambda d: d["data"][0]["paragraphs"][0]["qas"][0]["answers"][1].update(text=3),
+     "qas[0].answers[1].text"),
+    (lambda d: d["data"][0]["paragraphs"][0]["qas"][1].update(is_impossible="yes"), "qas[1].is_impossible"),
+    (lambda d: d["data"][0]["paragraphs"][0]["qas"][0].update(answers=[]), "qas[0].answers is empty"),
+])
+def test_malformed_squad_names_the_bad_place(tmp_path, edit, where):
+    doc = json.loads(json.dumps(SQUAD))
+    edit(doc)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(doc, indent=1))
+    with pytest.raises(ValueError, match=where.replace("[", r"\[").replace("]", r"\]")):
+        F.read_qa(path)
+    path.write_text(json.dumps(SQUAD, indent=1)[:-5])                      # truncated
+    with pytest.raises(ValueError, match="not valid JSON"):
+        F.read_qa(path)
+
+# ----------------------------------------------------------------------------- SQuAD 2.0 scores
+
+
+def test_squad2_scores_split_answerable_and_unanswerable(monkeypatch):
+    """Answers fed in by hand: no answer counts only where there is none, the best gold counts, EM
+    and F1 split by has/none, and EM's standard error is sqrt(p (1 - p) / n)."""
+    tok = TK.Tokenizer([])
+    pairs = [{"question": "a", "answer": "France", "answers": ["France", "in France"], "context": "x"},
+             {"question": "b", "answer": "the red car", "context": "x"},
+             {"question": "c", "answer": "", "context": "x"},
+             {"question": "d", "answer": "", "context": "x"},
+             {"question": "e", "answer": "Paris", "context": "x"}]
+    said = ["in France!", "red bus", "", "Paris", ""]          # EM 1, 0 (F1 1/2), 1, 0, 0 (no answer: wrong)
+    monkeypatch.setattr(F, "greedy_answers", lambda *a, **k: [tok.encode(s) for s in said])
+    r = F.qa_scores(None, None, tok, pairs)
+    assert r["answers"] == said and r["n"] == 5
+    assert r["em"] == pytest.approx(2 / 5) and r["f1"] == pytest.approx((1 + 0.5 + 1) / 5)
+    assert (r["em_has"], r["n_has"], r["em_none"], r["n_none"]) == (pytest.approx(1 / 3), 3, 0.5, 2)
+    assert r["f1_has"] == pytest.approx(1.5 / 3)
+    assert r["em_se"] == pytest.approx(np.sqrt(0.4 * 0.6 / 5))
+    assert F.matches_by_kind(pairs, said) == {"-": [2, 5]}
+
+# ----------------------------------------------------------------------------- replay and LoRA
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tok = TK.Tokenizer([])
+    mcfg = S3.make_configs("tiny", vocab_size=tok.vocab_size)[0]
+    corpus = np.frombuffer(CORPUS.encode() * 4, np.uint8).astype(np.uint16) + 8      # byte ids
+    pairs = [p for p in F.generate_qa(CORPUS, no_answer=0.5)]
+    return tok, mcfg, corpus, [F.encode_pair(tok, p) for p in pairs]
+
+
+def test_replay_batch_loss_is_the_mean_of_each_sequences_mean(tiny):
+    """A batch of Q&A pairs and replayed corpus windows: its loss equals the mean over sequences of
+    each one's own mean next-token loss (answer tokens for a pair, every token for a window), each
+    sequence scored alone by stage 3's forward; the windows are pieces of the corpus."""
+    tok, mcfg, corpus, examples = tiny
+    params = S3.init_params(mcfg, 0)
+    windows = F.replay_windows(corpus, 3, mcfg.context, np.random.default_rng(0))
+    text = corpus.tobytes()
+    assert all(np.asarray(p + a, np.uint16).tobytes() in text and len(a) == mcfg.context for p, a in windows)
+    batch = examples[:4] + windows
+    x, y, mask = F.make_batch(batch, pad_id=0)
+    loss = F.masked_cross_entropy(S3.forward(params, mcfg, x)[0], y, mask)[0]
+    each = []
+    for p, a in batch:
+        seq = np.array([p + a])
+        logits = S3.forward(params, mcfg, seq[:, :-1])[0][0]                 # (L, V)
+        z = logits - logits.max(-1, keepdims=True)
+        nll = np.log(np.exp(z).sum(-1)) - z[np.arange(len(z)), seq[0, 1:]]
+        each.append(nll[len(p) - 1:].mean())
+    assert loss == pytest.approx(np.mean(each), rel=1e-5)
+
+
+def test_lora_with_replay_leaves_the_base_bit_identical(tiny):
+    """LoRA fine-tuning (with replay) trains adapters only: every base array is bit-identical
+    afterwards, so the base with the adapters removed is the original model."""
+    tok, mcfg, corpus, examples = tiny
+    params = S3.init_params(mcfg, 0)
+    before = {k: v.copy() for k, v in params.items()}
+    cfg = F.FinetuneConfig(method="lora", max_steps=3, warmup=1, batch_size=4, replay=0.5)
+    trainable, _ = F.finetune(params, mcfg, cfg, examples, F.numpy_backend(mcfg), False, corpus)
+    assert all(np.abs(v).sum() > 0 for k, v in trainable.items() if k.endswith(".A"))     # adapters moved
+    assert set(params) == set(before)
+    for k in params:
+        assert params[k].tobytes() == before[k].tobytes(), k
+    tuned = F.apply_lora(params, trainable, cfg.lora_alpha / cfg.lora_rank)
+    assert any(not np.array_equal(tuned[k], before[k]) for k in params)
+    for k in params:
+        assert params[k].tobytes() == before[k].tobytes(), k
