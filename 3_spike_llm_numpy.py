@@ -45,7 +45,7 @@ SITES = ("sn1", "attn.sn_q", "attn.sn_k", "attn.sn_v", "attn.sn_o", "sn2", "mlp.
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = 2000        # tokens in the vocabulary (raised to the tokenizer's when smaller)
+    vocab_size: int = 2000        # tokens in the vocabulary (a new run takes its tokenizer's)
     n_layer: int = 4              # transformer blocks
     n_head: int = 4               # attention heads per block (must divide d_model)
     d_model: int = 128            # width of the residual stream
@@ -726,15 +726,15 @@ def load_model(path):
 
 def start_params(mcfg, tcfg, ckpt_path, resume, tok_info):
     """(params, mcfg, step, opt_state or None) a run starts from: the checkpoint's when resuming
-    (with its own model config), else stage 3's initial parameters, the vocabulary raised to
-    the tokenizer's. Stages 4 and 5 start from the same numbers."""
+    (with its own model config), else stage 3's initial parameters for the tokenizer's vocabulary
+    (a larger model vocabulary would let the sampler draw ids the tokenizer cannot decode). Stages 4 and 5 start from the same numbers."""
     if resume:
         params, mcfg, _, step, opt, config = load_model(ckpt_path)
         check_tokenizer(config, tok_info["sha256"], ckpt_path)
         check_vocab(mcfg.vocab_size, tok_info["vocab_size"], ckpt_path)
         print(f"resuming {ckpt_path} at step {step}")
         return params, mcfg, step, opt
-    if mcfg.vocab_size < tok_info["vocab_size"]:
+    if mcfg.vocab_size != tok_info["vocab_size"]:      # one embedding row per token the tokenizer has
         mcfg = replace(mcfg, vocab_size=tok_info["vocab_size"])
     return init_params(mcfg, tcfg.seed), mcfg, 0, None
 
