@@ -63,7 +63,8 @@ def tiny(seed=3):
 def backend(name, params, mcfg):
     kind = {"torch": "triton", "triton": "triton"}.get(name, name)
     kernels = {"torch": "torch", "triton": "triton"}.get(name, "auto")
-    cfg = C8.ChatConfig(backend=kind, kernels=kernels, device="cpu" if kind == "triton" else "auto")
+    device = "cuda" if name == "triton" and torch.cuda.is_available() else "cpu"   # else: the interpreter
+    cfg = C8.ChatConfig(backend=kind, kernels=kernels, device=device if kind == "triton" else "auto")
     return C8.make_backend(params, mcfg, cfg)
 
 
