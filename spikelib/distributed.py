@@ -79,8 +79,10 @@ class Group:
         return 1
 
     def leave(self):
-        """Close the process group (torchrun waits for every process to end)."""
+        """Close the process group once every rank is here, so no rank tears its connections down
+        while another still uses them."""
         if self.world > 1 and dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()
 
 
