@@ -359,16 +359,16 @@ def sdsa_backward(gout, cache):
 
 
 def make_task(cfg, n, rng):
-    """Token ids: objects 0..O-1, fillers O..O+F-1, question mark O+F. One object sits at a
+    """Token ids: objects 0..N-1, fillers N..N+F-1, question mark N+F. One object sits at a
     random position among the first seq_len-1, the rest are random fillers, the last token asks
     "colour?". The target is that object's colour, colour(o) = o mod n_colours. The question
     position sees no object itself and neurons carry no state across positions, so attention
     is the only way the answer can get there."""
-    O, F, L = cfg.n_objects, cfg.n_fillers, cfg.seq_len
-    idx = rng.integers(O, O + F, size=(n, L))
-    obj = rng.integers(0, O, size=n)
+    N, F, L = cfg.n_objects, cfg.n_fillers, cfg.seq_len
+    idx = rng.integers(N, N + F, size=(n, L))
+    obj = rng.integers(0, N, size=n)
     idx[np.arange(n), rng.integers(0, L - 1, size=n)] = obj
-    idx[:, -1] = O + F
+    idx[:, -1] = N + F
     return idx, obj % cfg.n_colours
 
 

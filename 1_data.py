@@ -453,7 +453,8 @@ def files_fingerprint(path: Path):
     h = hashlib.sha256()
     for p in list_input_files(path):
         st = p.stat()
-        h.update(f"{p.relative_to(path) if path.is_dir() else p.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        name = p.relative_to(path) if path.is_dir() else p.name
+        h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 

@@ -515,7 +515,8 @@ def build(data_dir, vocab_size=None, lang=None, min_count=None, force=False) -> 
     given = {"vocab_size": vocab_size, "lang": lang, "min_count": min_count}
     last, default = last_build(data_dir), asdict(TokenizerConfig())
     recorded = last.get("settings") if isinstance(last.get("settings"), dict) else {}
-    settings = build_settings(**{k: v if v is not None else recorded.get(k, default[k]) for k, v in given.items()})
+    chosen = {k: v if v is not None else recorded.get(k, default[k]) for k, v in given.items()}
+    settings = build_settings(**chosen)
     vocab_size, lang, min_count = settings["vocab_size"], settings["lang"], settings["min_count"]
     inputs = {name: sha256_file(data_dir / name) for name in ("train.txt", "val.txt")}
     if not force and is_up_to_date(data_dir, last, settings, inputs):

@@ -727,7 +727,8 @@ def load_model(path):
 def start_params(mcfg, tcfg, ckpt_path, resume, tok_info):
     """(params, mcfg, step, opt_state or None) a run starts from: the checkpoint's when resuming
     (with its own model config), else stage 3's initial parameters for the tokenizer's vocabulary
-    (a larger model vocabulary would let the sampler draw ids the tokenizer cannot decode). Stages 4 and 5 start from the same numbers."""
+    (a larger model vocabulary would let the sampler draw ids the tokenizer cannot decode). Stages 4
+    and 5 start from the same numbers."""
     if resume:
         params, mcfg, _, step, opt, config = load_model(ckpt_path)
         check_tokenizer(config, tok_info["sha256"], ckpt_path)

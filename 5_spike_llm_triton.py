@@ -14,11 +14,13 @@ parameters, residual stream and AdamW stay fp32. --compile 1 adds torch.compile 
     python 5_spike_llm_triton.py --resume 1
     python 5_spike_llm_triton.py --generate "ROMEO:"      # stream from out/triton/ckpt.npz
     python 5_spike_llm_triton.py --kernels torch --device cpu --preset tiny   # no GPU needed
+    torchrun --nproc_per_node 2 5_spike_llm_triton.py --preset base --compile 1   # two GPUs, DDP
 
 Checkpoints move freely between stages 3, 4 and 5 (optimizer state included).
 """
 import math
 import sys
+from contextlib import nullcontext
 from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +31,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from spikelib.cli import (add_config_options, check_choices, check_fields, config_from_args,  # noqa: E402
-                          fail, stage_parser)
+                          stage_parser)
+from spikelib.distributed import SOLO, check_batch, join_group  # noqa: E402
 from spikelib.loop import run_steps  # noqa: E402
 from spikelib.plots import plot_checkpoint, plot_only  # noqa: E402
 from spikelib.report import energy_summary, model_line, print_evals, print_summary, stream_sample  # noqa: E402
@@ -56,11 +59,13 @@ class RunConfig:
     dtype: str = "auto"          # matmul dtype: auto (bfloat16 on CUDA, else float32) | bfloat16 | float32
     compile: bool = False        # torch.compile the model (either kernels; first steps compile)
     chunk: int = 64              # attention chunk length for the training form
+    grad_accum: int = 1          # micro-batches per step and process: the same global --batch_size
+    # in smaller pieces (less memory, the same step up to float rounding)
 
     def __post_init__(self):
         check_choices(self, {"kernels": ("auto", "triton", "torch"), "device": ("auto", "cuda", "cpu"),
                              "dtype": ("auto", "bfloat16", "float32")})
-        check_fields(self, {"chunk": ">= 1"})
+        check_fields(self, {"chunk": ">= 1", "grad_accum": ">= 1"})
 
 
 # ----------------------------------------------------------------------------- PyTorch reference
@@ -733,18 +738,29 @@ def make_optimizer(model, tcfg, opt_state=None, step=0):
     return opt
 
 
-def train_step(model, opt, mcfg, tcfg, data, step, device, fwd=None):
-    """One step on the batch fixed by (seed, step): (loss, stats); params untouched on NaN."""
-    x, y = S3.get_batch(data, tcfg.batch_size, mcfg.context, S3.batch_rng(tcfg.seed, step))
-    torch.manual_seed(tcfg.seed * 1_000_003 + step)      # dropout masks, fixed by (seed, step) too
-    x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
-    logits = (model if fwd is None else fwd)(x)
-    loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), y.view(-1))
+def train_step(model, opt, mcfg, tcfg, data, step, device, fwd=None, accum=1, group=SOLO, ddp=None):
+    """One step on the global batch of B sequences fixed by (seed, step), the same on every rank:
+    rank r of W takes rows [r B/W, (r+1) B/W), in `accum` micro-batches of B/(W accum) rows. Each
+    micro-batch's mean loss is scaled by 1/accum and DDP averages gradients over the W ranks, so
+    the gradient is that of the mean loss over all B rows: W ranks x accum micro-batches compute
+    the step of one process with batch B. (loss, stats); params untouched on NaN."""
+    x, y = S3.get_batch(data, tcfg.batch_size, mcfg.context, S3.batch_rng(tcfg.seed, step))   # (B, L)
+    rows = tcfg.batch_size // (group.world * accum)
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    loss_sum = 0.0
+    for i in range(accum):
+        part = group.rank * accum + i                     # this micro-batch's place in the batch
+        torch.manual_seed(tcfg.seed * 1_000_003 + step + (part << 40))   # dropout masks: (seed, step, part)
+        xb, yb = (torch.from_numpy(a[part * rows:(part + 1) * rows]).to(device) for a in (x, y))
+        last = i == accum - 1                             # DDP all-reduces during the last backward only
+        with ddp.no_sync() if ddp is not None and not last else nullcontext():
+            logits = (model if fwd is None else fwd)(xb)
+            loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), yb.view(-1)) / accum
+            loss.backward()
+        loss_sum = loss_sum + loss.detach()
     clip = tcfg.grad_clip if tcfg.grad_clip > 0 else float("inf")
     grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
-    loss_value = loss.item()
+    loss_value = group.mean(loss_sum)                     # the batch's loss, the same on every rank
     lr = S3.lr_at(step, tcfg)
     if math.isfinite(loss_value):
         for group in opt.param_groups:
@@ -805,33 +821,42 @@ def save(path, model, opt, mcfg, tcfg, step, tok_info, data_dir):
     S3.save_model(path, export_params(model), mcfg, tcfg, step, export_adam_moments(opt), tok_info, data_dir)
 
 
-def train(mcfg, tcfg, run, data_dir, ckpt_path, resume=False):
+def train(mcfg, tcfg, run, data_dir, ckpt_path, resume=False, group=SOLO):
     """Train from scratch or from any stage's checkpoint; spikelib.loop runs train_step with a
-    progress bar, periodic evaluation and checkpoints, the time limit, the NaN guard and Ctrl-C."""
+    progress bar, periodic evaluation and checkpoints, the time limit, the NaN guard and Ctrl-C.
+    Under torchrun (group of W > 1) every rank trains the DDP-wrapped model; rank 0 alone
+    evaluates (the others wait) and saves the plain model's parameters."""
     _, tok, tok_info = S3.load_dataset_info(data_dir)
     train_data, val = S3.open_split(data_dir, "train"), S3.open_split(data_dir, "val")
     params, mcfg, step, opt_state = S3.start_params(mcfg, tcfg, ckpt_path, resume, tok_info)
     model = build_model(mcfg, run, params)
     opt = make_optimizer(model, tcfg, opt_state, step)
-    fwd = torch.compile(model) if run.compile else model
+    ddp = group.wrap(model) if group.world > 1 else None
+    fwd = torch.compile(model if ddp is None else ddp) if run.compile else ddp
     n_params = sum(p.numel() for p in model.parameters())
     backend = f"kernels {run.kernels}, {run.dtype} matmuls on {run.device}"
     print(model_line(n_params, mcfg, len(train_data), len(val), backend))
 
     def evaluate_now(done):
-        model.eval()
-        report = partial(eval_report, model, val, max_tokens=tcfg.eval_tokens, decode=tok.decode)
-        results = print_evals(done, report, mcfg.context)
-        model.train()
+        results = []
+        if group.main:                                   # rank 0 evaluates; the others wait
+            model.eval()
+            report = partial(eval_report, model, val, max_tokens=tcfg.eval_tokens, decode=tok.decode)
+            results = print_evals(done, report, mcfg.context)
+            model.train()
+        group.barrier()
         return results
 
     def save_now(done):
-        save(ckpt_path, model, opt, mcfg, tcfg, done, tok_info, data_dir)
+        if group.main:
+            save(ckpt_path, model, opt, mcfg, tcfg, done, tok_info, data_dir)
 
     def one_step(step):
-        return train_step(model, opt, mcfg, tcfg, train_data, step, run.device, fwd)
+        return train_step(model, opt, mcfg, tcfg, train_data, step, run.device, fwd, run.grad_accum,
+                          group, ddp)
 
-    run_steps(one_step, step, tcfg, tcfg.batch_size * mcfg.context, evaluate_now, save_now, ckpt_path)
+    run_steps(one_step, step, tcfg, tcfg.batch_size * mcfg.context, evaluate_now, save_now, ckpt_path,
+              group if group.world > 1 else None)
     return model.eval(), tok
 
 # ----------------------------------------------------------------------------- main
@@ -847,8 +872,10 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     sc = config_from_args(S3.SampleConfig, args)
+    group = SOLO
     try:
         run = resolve_run(config_from_args(RunConfig, args), have_triton=triton is not None)
+        group, run = join_group(run)                      # under torchrun: one process of several
         mcfg, tcfg, ckpt = S3.run_configs(args, out_dir="out/triton")
         if plot_only(args, ckpt):
             plot_checkpoint(ckpt)
@@ -858,12 +885,18 @@ def main(argv=None):
             model = build_model(mcfg, run, params).eval()
             stream_text(S3.load_tokenizer(config, ckpt), model, args.generate, sc)
             return 0
-        data_dir = S3.prepare_dataset(tcfg.source, tcfg.data_root)
-        model, tok = train(mcfg, tcfg, run, data_dir, ckpt, args.resume)
+        check_batch(tcfg.batch_size, group.world, run.grad_accum)
+        with group.main_first():
+            data_dir = S3.prepare_dataset(tcfg.source, tcfg.data_root)
+        model, tok = train(mcfg, tcfg, run, data_dir, ckpt, args.resume, group)
     except S3.ERRORS as err:
-        return fail(err)
+        return group.fail(err)
     except KeyboardInterrupt:
         return 130
+    finally:
+        group.leave()
+    if not group.main:
+        return 0
     x, prompt = S3.summary_inputs(data_dir, model.cfg.context, tok)
     energy = energy_report(model, torch.from_numpy(x).to(run.device))[0]
     print_summary(energy, lambda: stream_text(tok, model, prompt, sc), sc, ckpt)

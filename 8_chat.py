@@ -124,7 +124,8 @@ class MlxBackend:
 
     def where(self, rows, new, old):
         mx = self.mx
-        return [mx.where(mx.array(rows.reshape((1, -1) + (1,) * (n.ndim - 2))), n, o) for n, o in zip(new, old)]
+        masks = [mx.array(rows.reshape((1, -1) + (1,) * (n.ndim - 2))) for n in new]  # each (1, B, 1, ...)
+        return [mx.where(m, n, o) for m, n, o in zip(masks, new, old)]
 
     def to_numpy(self, layers):
         return [np.array(s, np.float32) for s in layers]
@@ -175,8 +176,8 @@ class TritonBackend:
 
     def from_numpy(self, arrays):
         torch = self.torch
-        return [torch.from_numpy(np.ascontiguousarray(a, np.float32)).reshape(-1, *a.shape[2:]).to(self.run.device)
-                for a in arrays]
+        tensors = [torch.from_numpy(np.ascontiguousarray(a, np.float32)) for a in arrays]
+        return [t.reshape(-1, *t.shape[2:]).to(self.run.device) for t in tensors]
 
 
 def make_backend(params, mcfg, cfg):
@@ -305,7 +306,8 @@ class Conversation:
         arrays, header = load_state(path, self.fingerprint)
         want = self.backend.to_numpy(self.backend.init(self.B))
         layers = [arrays.get(f"layer/{i}") for i in range(len(want))]
-        if header.get("batch") != self.B or any(a is None or a.shape != w.shape for a, w in zip(layers, want)):
+        shapes_differ = any(a is None or a.shape != w.shape for a, w in zip(layers, want))
+        if header.get("batch") != self.B or shapes_differ:
             raise StateFileError(f"state file {path} holds {header.get('batch')} conversation(s) of other "
                                  f"shapes; this chat has {self.B}")
         self.layers = self.backend.from_numpy(layers)

@@ -44,7 +44,8 @@ def hardware(cfg):
         rc = S5.RunConfig(kernels=cfg.kernels, device=cfg.device, dtype=cfg.dtype)
         run = resolve_run(rc, have_triton=S5.triton is not None)
         gpu = torch.cuda.get_device_name() if run.device == "cuda" else "none"
-        line += f", torch {torch.__version__}, device {run.device} (GPU: {gpu}), kernels {run.kernels}, {run.dtype}"
+        line += (f", torch {torch.__version__}, device {run.device} (GPU: {gpu}), "
+                 f"kernels {run.kernels}, {run.dtype}")
     return line + f"; backend {cfg.backend}"
 
 
@@ -71,8 +72,9 @@ def speed(args, cfg):
     first = len(load_stage("2_tokenizer").SPECIAL_TOKENS) + 256      # learned pieces: real syllables
     transcript = []
     print(hardware(cfg))
-    print(f"model {cfg.ckpt}: {mcfg.n_layer} layers, d {mcfg.d_model}, T {mcfg.T}; each turn {args.turn_tokens} "
-          f"user tokens + 2 role tokens, a reply of {args.reply_tokens} tokens + <eos>")
+    print(f"model {cfg.ckpt}: {mcfg.n_layer} layers, d {mcfg.d_model}, T {mcfg.T}; "
+          f"each turn {args.turn_tokens} user tokens + 2 role tokens, "
+          f"a reply of {args.reply_tokens} tokens + <eos>")
     print(f"{'turn':>5} {'tokens seen':>12} {'state bytes':>12} {'transcript bytes':>17} "
           f"{'ms/token carried':>17} {'ms/token naive':>15}")
     for turn in range(1, args.turns + 1):
@@ -134,14 +136,16 @@ def qa(args, cfg):
                 else:
                     conv.reset()
                     ids = S6.prompt_ids(tok, p["question"], context)
-                got = tok.decode(answer(conv, ids, src, S6, args.max_answer_tokens), skip_special=True).strip()
+                reply_ids = answer(conv, ids, src, S6, args.max_answer_tokens)
+                got = tok.decode(reply_ids, skip_special=True).strip()
                 results[way].append((k, S6.normalize(got) == S6.normalize(p["answer"]), got))
         seconds[way] = time.perf_counter() - t0
     print("| way | EM, all held-out questions | EM, later questions | seconds |")
     print("|---|---|---|---|")
     for way, rows in results.items():
+        every = [ok for _, ok, _ in rows]
         later = [ok for k, ok, _ in rows if k > 0]
-        print(f"| {way} | {100 * np.mean([ok for _, ok, _ in rows]):.1f}% ({sum(ok for _, ok, _ in rows)}/{len(rows)}) | "
+        print(f"| {way} | {100 * np.mean(every):.1f}% ({sum(every)}/{len(every)}) | "
               f"{100 * np.mean(later):.1f}% ({sum(later)}/{len(later)}) | {seconds[way]:.1f} |")
     same = [a[2] == b[2] for a, b in zip(*results.values()) if a[0] > 0]
     print(f"later questions answered with the same text both ways: {sum(same)}/{len(same)}")

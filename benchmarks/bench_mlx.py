@@ -20,7 +20,6 @@ includes tracing and compiling its step), the two are timed in alternating round
 any other load on the machine slows both alike; the table gives the median round of each.
 """
 import argparse
-import os
 import platform
 import statistics
 import sys
@@ -84,7 +83,9 @@ def main(argv=None):
         for step in range(start, stop):
             m4.train_step(model, opt, step_fn, mcfg, tcfg, data, step)
 
-    stages = {"stage 4 MLX": mlx_steps} if args.skip_numpy else {"stage 3 NumPy": numpy_steps, "stage 4 MLX": mlx_steps}
+    stages = {"stage 3 NumPy": numpy_steps, "stage 4 MLX": mlx_steps}
+    if args.skip_numpy:
+        del stages["stage 3 NumPy"]
     seconds = {name: [] for name in stages}
     warmup = {name: timed(fn, 0, 1) for name, fn in stages.items()}
     for r in range(args.rounds):
@@ -92,8 +93,9 @@ def main(argv=None):
             seconds[name].append(timed(fn, 1 + r * args.steps, args.steps))
 
     n_params = sum(p.size for p in params.values())
-    print(f"\npreset {args.preset}: {n_params / 1e6:.2f} M params, batch {tcfg.batch_size} x context {mcfg.context}"
-          f" = {tokens} tokens/step, T={mcfg.T}, {mcfg.neuron}, {mcfg.attention} attention")
+    print(f"\npreset {args.preset}: {n_params / 1e6:.2f} M params, "
+          f"batch {tcfg.batch_size} x context {mcfg.context} = {tokens} tokens/step, "
+          f"T={mcfg.T}, {mcfg.neuron}, {mcfg.attention} attention")
     print(f"CPU: {cpu_model()} ({platform.machine()}, {usable_cpus()} usable cores), numpy {np.__version__}, "
           f"mlx {mx.__version__} on {mx.default_device()} with {mlx_blas()}; "
           f"{args.rounds} rounds x {args.steps} steps, median round\n")

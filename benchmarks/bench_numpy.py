@@ -10,7 +10,6 @@ peak of the timed steps (NumPy reports its array allocations to tracemalloc).
 """
 import argparse
 import json
-import os
 import platform
 import resource
 import subprocess

@@ -113,8 +113,10 @@ def neuron_table(bw):
             x.grad = None
             floor = floor16 if "bf16" in name else floor32
             g = f"{graph:.3f} | {graph / floor:.2f}" if graph else "n/a | n/a"
-            rows.append(f"| {T} | {name} | {ms:.3f} | {ms / floor:.2f} | {lone:.3f} | {lone / floor:.2f} | {g} | {floor:.3f} |")
-    head = ["| T | implementation | fwd+bwd ms, queued | x floor | lone call ms | x floor | CUDA graph ms | x floor | floor ms |",
+            rows.append(f"| {T} | {name} | {ms:.3f} | {ms / floor:.2f} | {lone:.3f} | {lone / floor:.2f} "
+                        f"| {g} | {floor:.3f} |")
+    head = ["| T | implementation | fwd+bwd ms, queued | x floor | lone call ms | x floor "
+            "| CUDA graph ms | x floor | floor ms |",
             "|---|---|---|---|---|---|---|---|---|"]
     missing = [p for p in ("snntorch", "spikingjelly") if importlib.util.find_spec(p) is None]
     note = f"\n(not installed on this machine, so not measured: {', '.join(missing)})" if missing else ""
@@ -183,12 +185,13 @@ def step_table(args):
         except torch.cuda.OutOfMemoryError:
             rows.append(f"| {name} | {B} | out of memory | | | |")
         except Exception as err:                           # e.g. a compile failure: report it, go on
-            rows.append(f"| {name} | {B} | failed: {type(err).__name__}: {str(err).splitlines()[0][:80]} | | | |")
+            first_line = str(err).splitlines()[0][:80]
+            rows.append(f"| {name} | {B} | failed: {type(err).__name__}: {first_line} | | | |")
         finally:
             model = opt = fwd = None
         print(rows[-1], flush=True)
-    head = [f"base preset: {mcfg.n_layer} layers, d {mcfg.d_model}, ffn {mcfg.d_ff}, T {mcfg.T}, context {L}, "
-            f"bf16 matmuls, AdamW fp32", "",
+    head = [f"base preset: {mcfg.n_layer} layers, d {mcfg.d_model}, ffn {mcfg.d_ff}, T {mcfg.T}, "
+            f"context {L}, bf16 matmuls, AdamW fp32", "",
             "| path | batch | ms/step | tokens/s | peak GiB | first 2 steps s |", "|---|---|---|---|---|---|"]
     return "\n".join(head + rows)
 
@@ -205,7 +208,8 @@ def profile_table(args):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         S5.train_step(model, opt, mcfg, tc, data, 2, "cuda")
         torch.cuda.synchronize()
-    return "```\n" + prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60) + "\n```"
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60)
+    return "```\n" + table + "\n```"
 
 
 @torch.no_grad()
@@ -213,7 +217,8 @@ def generate_table():
     mcfg, _ = S3.make_configs("base", vocab_size=2000)
     rows = []
     for kernels in ("triton", "torch"):
-        model = S5.build_model(mcfg, S5.RunConfig(kernels=kernels, device="cuda", dtype="bfloat16"), seed=0).eval()
+        run = S5.RunConfig(kernels=kernels, device="cuda", dtype="bfloat16")
+        model = S5.build_model(mcfg, run, seed=0).eval()
         for ctx in (128, 1024, 8192, 32768):
             state = model.init_state(1)
             prompt = torch.randint(0, 2000, (1, ctx), device="cuda")
@@ -246,9 +251,10 @@ def main():
     out = [f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {S5.triton.__version__}; "
            f"measured device-to-device copy {bw / 1e12:.2f} TB/s (read + write)"]
     print(out[0], flush=True)
+    tables = {"neuron": lambda: neuron_table(bw), "step": lambda: step_table(args),
+              "generate": generate_table, "profile": lambda: profile_table(args)}
     for part in args.only.split(","):
-        table = {"neuron": lambda: neuron_table(bw), "step": lambda: step_table(args), "generate": generate_table,
-                 "profile": lambda: profile_table(args)}[part]()
+        table = tables[part]()
         out += ["", f"### {part}", "", table]
         print("\n".join(out[-3:]), flush=True)
     if args.out:

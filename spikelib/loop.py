@@ -27,17 +27,19 @@ class StopRequest:
 
 
 @contextmanager
-def interrupts_between_steps():
+def interrupts_between_steps(again_quits=True):
     """Within the block the first SIGINT only sets a flag (the step under way finishes and is
-    saved); a second one raises KeyboardInterrupt at once, leaving the last checkpoint as it was.
-    Outside the main thread signals cannot be caught, and Ctrl-C behaves as usual."""
+    saved); a second one raises KeyboardInterrupt at once, leaving the last checkpoint as it was
+    (unless again_quits is False: under torchrun each process gets the terminal's SIGINT and
+    torchrun's copy of it). Outside the main thread signals cannot be caught, and Ctrl-C behaves
+    as usual."""
     stop = StopRequest()
     if threading.current_thread() is not threading.main_thread():
         yield stop
         return
 
     def on_sigint(signum, frame):
-        if stop.requested:
+        if stop.requested and again_quits:
             raise KeyboardInterrupt
         stop.requested = True
         print("\ninterrupt: finishing this step, then saving (Ctrl-C again quits without saving)",
@@ -57,19 +59,23 @@ def progress_fields(loss, stats, tokens_per_s):
             "tok_s": f"{tokens_per_s:.0f}"}
 
 
-def run_steps(train_step, start, tcfg, tokens_per_step, evaluate, save, ckpt_path):
+def run_steps(train_step, start, tcfg, tokens_per_step, evaluate, save, ckpt_path, group=None):
     """Call train_step(step) -> (loss, stats) for step = start .. tcfg.max_steps - 1.
 
     After a step completes (done = step + 1): every eval_interval steps, at the last step and when
     tcfg.max_minutes has passed, evaluate(done) then save(done); what evaluate returns (a list of
     eval_result dicts) goes to the run's metrics.jsonl beside the checkpoint (spikelib.metrics).
     A non-finite loss raises FloatingPointError before anything is saved. Ctrl-C: the step
-    finishes, save(done), then KeyboardInterrupt. Returns the number of completed steps.
+    finishes, save(done), then KeyboardInterrupt. Returns the number of completed steps. With group
+    (several processes, spikelib.distributed.Group) only rank 0 shows the bar and writes the log,
+    and the ranks stop on the same step: after each step they agree whether any is out of time or
+    has seen Ctrl-C.
     """
     t0, done = time.time(), start
-    log = MetricsLog(ckpt_path, start)
-    bar = tqdm(total=tcfg.max_steps, initial=start, desc="train", dynamic_ncols=True)
-    with interrupts_between_steps() as stop:
+    main_rank = group is None or group.main
+    log = MetricsLog(ckpt_path, start) if main_rank else None
+    bar = tqdm(total=tcfg.max_steps, initial=start, desc="train", dynamic_ncols=True, disable=not main_rank)
+    with interrupts_between_steps(again_quits=group is None) as stop:
         try:
             for step in range(start, tcfg.max_steps):
                 loss, stats = train_step(step)
@@ -81,13 +87,16 @@ def run_steps(train_step, start, tcfg, tokens_per_step, evaluate, save, ckpt_pat
                 elapsed = time.time() - t0
                 bar.update(1)
                 bar.set_postfix(progress_fields(loss, stats, (done - start) * tokens_per_step / elapsed))
-                out_of_time = 0 < tcfg.max_minutes < elapsed / 60
+                flags = (0 < tcfg.max_minutes < elapsed / 60, stop.requested)
+                out_of_time, stopping = flags if group is None else group.any(flags)
                 if done % tcfg.eval_interval == 0 or done == tcfg.max_steps or out_of_time:
-                    log.add(done, time.time() - t0, evaluate(done), stats)
+                    results = evaluate(done)
+                    if log:
+                        log.add(done, time.time() - t0, results, stats)
                     save(done)
-                elif stop.requested:
+                elif stopping:
                     save(done)
-                if stop.requested:
+                if stopping:
                     tqdm.write(f"interrupted: saved step {done} to {ckpt_path}; continue with --resume 1")
                     raise KeyboardInterrupt
                 if out_of_time:

@@ -56,15 +56,18 @@ def test_generated_questions_are_deterministic_extractive_spans():
         assert p["answer"] in p["context"], p                     # extractive: a span of its context
     assert len({p["question"] for p in pairs}) == len(pairs)      # one answer per question
     again = F.generate_qa(CORPUS + "\n\n\nThe encoder is a function of the module.")
-    assert [p["answer"] for p in again if p["question"] == "What is the encoder?"] == ["a class"]   # the first
+    encoder_answers = [p["answer"] for p in again if p["question"] == "What is the encoder?"]
+    assert encoder_answers == ["a class"]                                                    # the first
 
 
 def test_split_is_fixed_by_the_question(tmp_path):
     """A question keeps its split when its context and the documents around it change, and in a
     user file without context; raising test_fraction only moves questions into test."""
     half = {p["question"]: p for p in F.generate_qa(CORPUS, test_fraction=0.5) if p["kind"] != "next"}
-    edited = CORPUS.replace("what light through yonder window breaks", "is that a light up in the window") \
-                   .replace("Paris is a city in France and the capital", "Paris is a city in France, old and large")
+    edited = CORPUS.replace("what light through yonder window breaks",
+                            "is that a light up in the window")
+    edited = edited.replace("Paris is a city in France and the capital",
+                            "Paris is a city in France, old and large")
     reordered = "\n\n\n".join(edited.split("\n\n\n")[::-1])
     moved = {p["question"]: p for p in F.generate_qa(reordered, test_fraction=0.5)
              if p["kind"] != "next"}       # "next" questions quote the edited text
@@ -97,7 +100,9 @@ def test_malformed_jsonl_names_every_bad_line(tmp_path):
         F.read_qa(path)
     msg = str(err.value)
     assert "4 bad line(s)" in msg
-    for n, why in ((2, "not valid JSON"), (3, "expected a JSON object"), (4, '"answer" must be'), (5, '"split" must')):
+    reasons = ((2, "not valid JSON"), (3, "expected a JSON object"),
+               (4, '"answer" must be'), (5, '"split" must'))
+    for n, why in reasons:
         assert f"line {n}: {why}" in msg, msg
     assert "line 1:" not in msg and "line 7:" not in msg
 
@@ -236,7 +241,8 @@ def test_load_lora_rejects_adapters_of_another_model(tmp_path):
         F.save_lora(tmp_path / f"{name}.npz", random_adapters(S3.init_params(other), 4), cfg, base)
         with pytest.raises(CheckpointError, match="does not fit the base model"):
             F.load_lora(tmp_path / f"{name}.npz", params)
-    F.save_lora(tmp_path / "half.npz", {k: v for k, v in good.items() if k != "blocks.0.attn.wq.A"}, cfg, base)
+    without_a = {k: v for k, v in good.items() if k != "blocks.0.attn.wq.A"}
+    F.save_lora(tmp_path / "half.npz", without_a, cfg, base)
     with pytest.raises(CheckpointError, match="blocks.0.attn.wq.B"):            # a B without its A
         F.load_lora(tmp_path / "half.npz", params)
 
@@ -270,7 +276,8 @@ def test_freeze_leaves_frozen_parameters_bit_identical(qa_setup):
         assert np.array_equal(params[n], before[n]) == (n in frozen), n      # every trainable one moved
 
 
-@pytest.mark.parametrize("method, lr, steps", [("full", 1e-2, 100), ("freeze", 1e-2, 100), ("lora", 2e-2, 300)])
+@pytest.mark.parametrize("method, lr, steps",
+                         [("full", 1e-2, 100), ("freeze", 1e-2, 100), ("lora", 2e-2, 300)])
 def test_finetuning_raises_exact_match(qa_setup, method, lr, steps):
     """From the tiny preset's random init, greedy answers to the six training questions go from
     exact match 0 to >= 4/6 (5/6 or 6/6 for init seeds 0..9 with these settings; LoRA rank 8,
@@ -294,7 +301,8 @@ def test_span_answers_come_from_the_context_not_the_question(qa_setup):
     pairs = [{"question": f"{q} {a}?", "answer": "x", "context": ctx}
              for q, a in QA for ctx in ("Snow white.", "Cat says meow. Dog says woof.")]
     for seed in range(3):
-        answers = F.qa_scores(S3.init_params(mcfg, seed), mcfg, tok, pairs, max_new=4, decode="span")["answers"]
+        params = S3.init_params(mcfg, seed)
+        answers = F.qa_scores(params, mcfg, tok, pairs, max_new=4, decode="span")["answers"]
         assert all(a and a in p["context"] for a, p in zip(answers, pairs)), list(zip(answers, pairs))
 
 
@@ -322,7 +330,8 @@ def test_backend_gradients_equal_numpy(qa_setup, backend, package):
     _, _, examples, spiking = qa_setup
     mcfg = S3.make_configs("tiny", vocab_size=spiking.vocab_size, spiking=False)[0]
     rng = np.random.default_rng(0)
-    params = {k: (v + rng.normal(0, 0.1, v.shape)).astype(np.float32) for k, v in S3.init_params(mcfg).items()}
+    init = S3.init_params(mcfg)
+    params = {k: (v + rng.normal(0, 0.1, v.shape)).astype(np.float32) for k, v in init.items()}
     x, y, mask = F.make_batch(examples, 0)
     loss, grads = F.numpy_backend(mcfg)(params, x, y, mask)
     loss2, grads2 = F.BACKEND[backend](mcfg)(params, x, y, mask)
@@ -349,14 +358,16 @@ def test_cli_finetunes_merges_and_answers(tmp_path, capsys):
     that loads with the base's tokenizer, --ask answers with the adapters."""
     base = tiny_base(tmp_path)
     qa = tmp_path / "qa.jsonl"
-    qa.write_text("".join(json.dumps({"question": q, "answer": a, "split": "test" if i % 3 == 0 else "train"}) + "\n"
-                          for i, (q, a) in enumerate(QA)))
+    rows = [{"question": q, "answer": a, "split": "test" if i % 3 == 0 else "train"}
+            for i, (q, a) in enumerate(QA)]
+    qa.write_text("".join(json.dumps(row) + "\n" for row in rows))
     out = tmp_path / "out"
-    args = ["--base", str(base), "--out_dir", str(out), "--qa", str(qa), "--max_steps", "3", "--batch_size", "2",
-            "--max_answer_tokens", "3"]
+    args = ["--base", str(base), "--out_dir", str(out), "--qa", str(qa), "--max_steps", "3",
+            "--batch_size", "2", "--max_answer_tokens", "3"]
     assert F.main(args) == 0
     row = json.loads((out / "results.jsonl").read_text())
-    assert (row["method"], row["steps"], row["n_test"], row["output"]) == ("lora", 3, 2, str(out / "lora.npz"))
+    got = (row["method"], row["steps"], row["n_test"], row["output"])
+    assert got == ("lora", 3, 2, str(out / "lora.npz"))
     assert list(row["em_by_kind"]) == ["-"] and row["em_by_kind"]["-"][1] == 2      # a user file has no kinds
     assert "| lora | numpy |" in capsys.readouterr().out
     assert F.main(args + ["--merge", "1"]) == 0

@@ -44,7 +44,8 @@ def perturbed_params(cfg, seed=0):
     """float32 params with noise on every tensor, so every block (not just the embedding)
     shapes the logits and no gradient is trivially zero."""
     rng = np.random.default_rng(seed)
-    return {k: (v + rng.normal(0, 0.1, v.shape)).astype(np.float32) for k, v in ref.init_params(cfg, seed).items()}
+    params = ref.init_params(cfg, seed)
+    return {k: (v + rng.normal(0, 0.1, v.shape)).astype(np.float32) for k, v in params.items()}
 
 
 def rel(a, b):

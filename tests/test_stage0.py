@@ -95,8 +95,10 @@ def test_sdsa_backward(form):
     R = rng.standard_normal(q.shape)
     nrn = s0.Neuron("lif", "hard", False, "arctan", 2.0)
     f = lambda: float((s0.sdsa_forward(q, k, v, 2, form, nrn, beta, theta, True)[0] * R).sum())  # noqa: E731
-    gq, gk, gv, gbeta, gtheta = s0.sdsa_backward(R, s0.sdsa_forward(q, k, v, 2, form, nrn, beta, theta, True)[1])
-    for name, hand, arr in (("q", gq, q), ("k", gk, k), ("v", gv, v), ("beta", gbeta, beta), ("theta", gtheta, theta)):
+    cache = s0.sdsa_forward(q, k, v, 2, form, nrn, beta, theta, True)[1]
+    gq, gk, gv, gbeta, gtheta = s0.sdsa_backward(R, cache)
+    checks = (("q", gq, q), ("k", gk, k), ("v", gv, v), ("beta", gbeta, beta), ("theta", gtheta, theta))
+    for name, hand, arr in checks:
         assert_close(hand, finite_diff(f, arr), f"SDSA {form} d/d{name}")
 
 
@@ -105,9 +107,9 @@ def test_sdsa_is_causal_and_matches_its_recurrent_form():
     q, k, v = ((rng.random((1, 1, 6, 4)) < 0.5).astype(float) for _ in range(3))
     qh, kh, vh = (a[0, 0] for a in (q, k, v))               # (L, dh), one head
     state, rows = np.zeros((4, 4)), []
-    for l in range(6):                                       # y_l = q_l S_l, S_l = S_{l-1} + k_l^T v_l
-        state += np.outer(kh[l], vh[l])
-        rows.append(qh[l] @ state)
+    for pos in range(6):                                     # y_l = q_l S_l, S_l = S_{l-1} + k_l^T v_l
+        state += np.outer(kh[pos], vh[pos])
+        rows.append(qh[pos] @ state)
     _, cache = s0.sdsa_forward(q, k, v, 1, "linear", s0.Neuron(), 0.5, 1.0)
     y_from_norm = cache[7] / cache[8]                        # undo the per-head RMS normalisation
     np.testing.assert_allclose(y_from_norm[0, 0, 0], np.array(rows), atol=1e-9)
@@ -122,9 +124,9 @@ def test_sdsa_is_causal_and_matches_its_recurrent_form():
 # ----------------------------------------------------------------------------- whole model
 
 
-@pytest.mark.parametrize("neuron,attention,reset", [("lif", "linear", "soft"), ("plif", "hadamard", "hard"),
-                                                    ("alif", "linear", "hard"), ("ternary", "hadamard", "soft"),
-                                                    ("plif", "linear", "soft")])
+@pytest.mark.parametrize("neuron,attention,reset", [
+    ("lif", "linear", "soft"), ("plif", "hadamard", "hard"), ("alif", "linear", "hard"),
+    ("ternary", "hadamard", "soft"), ("plif", "linear", "soft")])
 def test_model_backward_end_to_end(neuron, attention, reset):
     cfg = s0.Config(n_objects=4, n_fillers=3, seq_len=4, d_model=8, d_ff=8, n_head=2, T=3, n_layer=2,
                     neuron=neuron, attention=attention, reset=reset, theta=0.5, surrogate="sigmoid")

@@ -22,7 +22,8 @@ def tiny_cfg(**overrides):
 def perturbed_params(cfg, seed=0):
     """float64 params with noise on every tensor, so no gradient is trivially tiny or zero."""
     rng = np.random.default_rng(seed)
-    return {k: v.astype(np.float64) + rng.normal(0, 0.1, v.shape) for k, v in m.init_params(cfg, seed).items()}
+    params = m.init_params(cfg, seed)
+    return {k: v.astype(np.float64) + rng.normal(0, 0.1, v.shape) for k, v in params.items()}
 
 
 class FrozenReset:
@@ -62,7 +63,11 @@ GRADCHECK = [
 ]
 
 
-@pytest.mark.parametrize("overrides", GRADCHECK, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()) or "lif")
+def overrides_id(overrides):
+    return "-".join(f"{k}={v}" for k, v in overrides.items()) or "lif"
+
+
+@pytest.mark.parametrize("overrides", GRADCHECK, ids=overrides_id)
 def test_gradients_match_finite_differences(overrides, monkeypatch):
     """Every parameter tensor, 4 entries each (its largest-gradient entry and 3 random ones):
     ||hand - fd|| / (||hand|| + ||fd||) < 1e-5 with central differences (h = 1e-6) of the smooth
@@ -135,7 +140,8 @@ def test_each_head_forgets_at_its_configured_rate(start, step):
     """One key at position 0 (hadamard: y_l = sum_j gamma^(l-j) k_j v_j): head h reads
     gamma_h^l at position l, gamma_h = 1 - 2^-(start + step h), in both the parallel and the
     recurrent form."""
-    cfg = m.make_configs("tiny", attention="hadamard", n_head=4, d_model=16, decay_start=start, decay_step=step)[0]
+    cfg = m.make_configs("tiny", attention="hadamard", n_head=4, d_model=16,
+                         decay_start=start, decay_step=step)[0]
     L = 12
     kv = np.zeros((1, 1, L, cfg.d_model))
     kv[:, :, 0] = 1.0
@@ -143,7 +149,10 @@ def test_each_head_forgets_at_its_configured_rate(start, step):
     gamma = 1.0 - 0.5 ** (start + step * np.arange(4))
     np.testing.assert_allclose(y, gamma[:, None] ** np.arange(L), rtol=1e-12)
     state = m.init_decode_state(cfg, 1, np.float64)
-    steps = [m.attention_recurrent(*(a[:, :, l:l + 1] for a in (kv, kv, kv)), cfg, state, 0) for l in range(L)]
+    steps = []
+    for pos in range(L):
+        kv_pos = kv[:, :, pos:pos + 1]
+        steps.append(m.attention_recurrent(kv_pos, kv_pos, kv_pos, cfg, state, 0))
     np.testing.assert_allclose(np.concatenate(steps, 3)[0, 0, :, :, 0], y, rtol=1e-12)
 
 
@@ -280,7 +289,8 @@ def test_adamw_matches_hand_computation():
             mom[k] = (m1, v1)
             lr = 0.1 * mult[k]
             decay = 0.5 if expect[k].ndim == 2 else 0.0
-            expect[k] = expect[k] * (1 - lr * decay) - lr * (m1 / (1 - 0.9 ** t)) / (np.sqrt(v1 / (1 - 0.95 ** t)) + 1e-8)
+            m_hat, v_hat = m1 / (1 - 0.9 ** t), v1 / (1 - 0.95 ** t)
+            expect[k] = expect[k] * (1 - lr * decay) - lr * m_hat / (np.sqrt(v_hat) + 1e-8)
     opt = m.init_opt_state(params)
     for step, g in enumerate(grads):
         m.adamw_step(params, g, opt, step, tcfg, n_layer=1)
@@ -324,7 +334,8 @@ def text_source(tmp_path_factory):
     rng = np.random.default_rng(0)
     words = ("the king and queen walked to a small garden where every flower was bright and "
              "the birds sang songs of summer rain over quiet hills").split()
-    lines = [" ".join(rng.choice(words, size=int(rng.integers(5, 12)))).capitalize() + "." for _ in range(600)]
+    sentences = [" ".join(rng.choice(words, size=int(rng.integers(5, 12)))) for _ in range(600)]
+    lines = [s.capitalize() + "." for s in sentences]
     path = tmp_path_factory.mktemp("text") / "garden.txt"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -50,8 +50,9 @@ def test_help_explains_every_config_field(name):
 def test_progress_bar_shows_the_same_fields_in_every_stage(name, dataset, tmp_path, capsys):
     """loss, lr, gradient norm and tokens/s (stages 3 and 4 once showed a spike rate instead)."""
     module = stage(name)
-    args = ["--preset", "tiny", "--data_root", str(dataset.parent), "--max_steps", "2", "--eval_interval", "2",
-            "--eval_tokens", "256", "--max_new_tokens", "4", "--out_dir", str(tmp_path)] + STAGES[name]
+    args = ["--preset", "tiny", "--data_root", str(dataset.parent), "--max_steps", "2",
+            "--eval_interval", "2", "--eval_tokens", "256", "--max_new_tokens", "4",
+            "--out_dir", str(tmp_path)] + STAGES[name]
     assert module.main(args) == 0
     err = capsys.readouterr().err
     fields_shown = set(re.findall(r"(\w+)=", err))
@@ -64,7 +65,8 @@ def test_stage5_evaluates_in_stage3_batches_with_stage3_figures(dataset):
     at 4x the context, as the (L x L) attention grows), and gets stage 3's figures."""
     torch = pytest.importorskip("torch")
     S5 = stage("5_spike_llm_triton")
-    cfg = S3.ModelConfig(**dict(S3.PRESETS["tiny"]["model"], vocab_size=S3.load_dataset_info(dataset)[2]["vocab_size"]))
+    vocab_size = S3.load_dataset_info(dataset)[2]["vocab_size"]
+    cfg = S3.ModelConfig(**dict(S3.PRESETS["tiny"]["model"], vocab_size=vocab_size))
     params = S3.init_params(cfg, 3)
     model = S5.build_model(cfg, S5.RunConfig(kernels="torch", device="cpu", dtype="float32"), params).eval()
     _, tok, _ = S3.load_dataset_info(dataset)
@@ -95,7 +97,8 @@ def test_energy_report_labels_the_ann_twin_in_every_stage():
     try:
         torch = pytest.importorskip("torch")
         S5 = stage("5_spike_llm_triton")
-        model = S5.build_model(cfg, S5.RunConfig(kernels="torch", device="cpu", dtype="float32"), params).eval()
+        run = S5.RunConfig(kernels="torch", device="cpu", dtype="float32")
+        model = S5.build_model(cfg, run, params).eval()
         texts.append(S5.energy_report(model, torch.from_numpy(x))[0])
     except pytest.skip.Exception:
         pass

@@ -315,7 +315,8 @@ def test_build_without_settings_keeps_the_datasets_tokenizer(tmp_path):
     for name in ("train.txt", "val.txt"):
         (fresh / name).write_text((d / name).read_text(encoding="utf-8"), encoding="utf-8")
     tk.build(fresh)                                    # nothing recorded: the config's default
-    assert json.loads((fresh / "tokens.json").read_text())["settings"]["vocab_size"] == tk.TokenizerConfig().vocab_size
+    recorded = json.loads((fresh / "tokens.json").read_text())["settings"]
+    assert recorded["vocab_size"] == tk.TokenizerConfig().vocab_size
 
 
 def mini_dataset(tmp_path, vocab_size=300):
