@@ -23,9 +23,12 @@ import numpy as np
 from spikelib.files import atomic_write
 
 FORMAT = "spike-transformer-checkpoint"
-VERSION = 2
+VERSION = 3
 # Version 1 predates the per-head decay fields: its heads all decayed as gamma_h = 1 - 2^-(5 + h),
 # which version 2 writes as decay_start 5, decay_step 1. Version 1 files load with those values.
+# Version 3 adds the neuron options spike_fn, quant, syn_alpha and the lits neuron (with its
+# per-site parameters scale_pos, scale_neg). Versions 1 and 2 lack them and load with their
+# defaults (heaviside, round_ste, 0), which are the model those files were trained as.
 V1_DECAYS = {"decay_start": 5.0, "decay_step": 1.0}
 
 
@@ -81,7 +84,7 @@ def load_checkpoint(path, expected_shapes: dict | None = None):
     if isinstance(version, str):
         raise CheckpointError(f"{path} has format version {version!r}, a string; this code reads "
                               f"the number {VERSION}")
-    if isinstance(version, bool) or version not in (1, VERSION):
+    if isinstance(version, bool) or version not in (1, 2, VERSION):
         raise CheckpointError(f"{path} has format version {version!r}, this code reads {VERSION}")
     if not isinstance(config.get("model", {}), dict):
         raise CheckpointError(f"checkpoint {path}: \"model\" must be a JSON object")
