@@ -38,8 +38,12 @@ from spikelib.sampling import sample_token  # noqa: E402, F401
 
 # ----------------------------------------------------------------------------- config
 
-NEURONS = ("lif", "plif", "alif", "ternary")
+NEURONS = ("lif", "plif", "alif", "ternary", "lits")
+TERNARY = ("ternary", "lits")                 # neurons that fire on both sides of zero
 SURROGATES = ("arctan", "sigmoid", "fast_sigmoid", "triangle")
+SPIKE_FNS = ("heaviside", "sigmoid4x")
+QUANTS = ("identity", "round_ste", "stochastic_round_ste", "probabilistic_ste")
+NOISY = ("stochastic_round_ste", "probabilistic_ste")
 SITES = ("sn1", "attn.sn_q", "attn.sn_k", "attn.sn_v", "attn.sn_o", "sn2", "mlp.sn_h")
 
 
@@ -52,8 +56,14 @@ class ModelConfig:
     d_ff: int = 512               # hidden width of the MLP
     T: int = 4                    # spike timesteps per token
     context: int = 128            # training context (positions); decoding is not capped by it
-    neuron: str = "lif"           # lif | plif (learned leak, threshold) | alif (adaptive) | ternary
-    surrogate: str = "arctan"     # gradient of the spike: arctan | sigmoid | fast_sigmoid | triangle
+    neuron: str = "lif"           # lif | plif (learned leak, threshold) | alif (adaptive) | ternary | lits
+                                  # (ternary times learned per-channel output scales)
+    spike_fn: str = "heaviside"   # heaviside (H forward, surrogate backward) | sigmoid4x (p = sigmoid(4u),
+                                  # then quant)
+    quant: str = "round_ste"      # sigmoid4x's output: identity (p: not a spike) | round_ste |
+                                  # stochastic_round_ste | probabilistic_ste (random in training only)
+    syn_alpha: float = 0.0        # S trace: syn = a syn + (1 - a) x drives the membrane (0: off, x directly)
+    surrogate: str = "arctan"     # gradient of heaviside's spike: arctan | sigmoid | fast_sigmoid | triangle
     alpha: float = 2.0            # surrogate sharpness
     beta: float = 0.5             # membrane leak (PLIF: initial value)
     theta: float = 1.0            # firing threshold (PLIF: initial value)
@@ -72,14 +82,17 @@ class ModelConfig:
     # (stage 7: a converted network then approaches its ANN as T grows)
 
     def __post_init__(self):
-        check_choices(self, {"neuron": NEURONS, "surrogate": SURROGATES,
-                             "reset": ("soft", "hard"), "attention": ("linear", "hadamard")})
+        check_choices(self, {"neuron": NEURONS, "surrogate": SURROGATES, "spike_fn": SPIKE_FNS,
+                             "quant": QUANTS, "reset": ("soft", "hard"), "attention": ("linear", "hadamard")})
         sizes = ("vocab_size", "n_layer", "n_head", "d_model", "d_ff", "T", "context")
         check_fields(self, dict.fromkeys(sizes, ">= 1"))
         if self.d_model % self.n_head:
             raise ValueError(f"--n_head must divide --d_model {self.d_model}, got {self.n_head}")
+        if self.spike_fn == "heaviside" and self.quant != "round_ste":
+            raise ValueError(f"--quant {self.quant} needs --spike_fn sigmoid4x (heaviside spikes are binary)")
         check_fields(self, {"decay_start": "> 0 (so that 0 < gamma < 1)", "decay_step": ">= 0",
                             "alpha": "> 0", "dropout": "in [0, 1)", "theta": "> 0", "norm_eps": "> 0",
+                            "syn_alpha": "in [0, 1)",
                             "beta": "in (0, 1)" if self.neuron == "plif" else "in [0, 1] (1: no leak)"})
 
 
@@ -163,11 +176,10 @@ def param_shapes(cfg):
         shapes[b + "norm2.weight"] = (D,)
         shapes[b + "mlp.w1"] = (D, F)
         shapes[b + "mlp.w2"] = (F, D)
-        if cfg.neuron == "plif":
-            for site in SITES:
-                C = F if site == "mlp.sn_h" else D
-                shapes[b + site + ".w"] = (C,)
-                shapes[b + site + ".theta"] = (C,)
+        for site in SITES:              # per-channel neuron parameters: PLIF's leak logit and threshold,
+            C = F if site == "mlp.sn_h" else D   # LITS's output scales
+            for name in {"plif": ("w", "theta"), "lits": ("scale_pos", "scale_neg")}.get(cfg.neuron, ()):
+                shapes[b + site + "." + name] = (C,)
     shapes["norm_f.weight"] = (D,)
     if not cfg.tie_embeddings:
         shapes["head.weight"] = (D, V)
@@ -185,7 +197,7 @@ def init_params(cfg, seed=0, dtype=np.float32):
     rng = np.random.default_rng(seed)
     params = {}
     for name, shape in param_shapes(cfg).items():
-        if "norm" in name:
+        if "norm" in name or name.endswith(("scale_pos", "scale_neg")):   # LITS: ternary at start
             p = np.ones(shape)
         elif name.endswith(".w"):       # PLIF leak logit: sigmoid(w) = beta
             p = np.full(shape, math.log(cfg.beta / (1 - cfg.beta)))
@@ -240,22 +252,59 @@ def surrogate_grad(u, cfg):
     return np.maximum(0, 1 - np.abs(u) / g) / g
 
 
-def step_fn(u, cfg, smooth):
-    """The spike: Heaviside H(u) = [u > 0], or S(u) in smooth (gradient-check) mode."""
-    return surrogate(u, cfg) if smooth else (u > 0).astype(u.dtype)
+def step_fn(u, cfg, smooth, n=None):
+    """The spike H(u) for u = v - threshold. heaviside: [u > 0] (smooth mode: S(u)). sigmoid4x: the
+    firing probability p = sigmoid(4u), then quant: identity p (a rate, not a spike), round_ste
+    [p >= 1/2] = [u >= 0], stochastic_round_ste floor(p + n) = [n >= 1 - p], probabilistic_ste
+    [n < p] (Bernoulli(p)), n uniform in [0, 1); without n (evaluation) the random two round.
+    Smooth mode: p itself (the function whose derivative the backward uses)."""
+    if cfg.spike_fn == "heaviside":
+        return surrogate(u, cfg) if smooth else (u > 0).astype(u.dtype)
+    p = 0.5 * (1 + np.tanh(2 * u))                        # sigmoid(4u) without overflow
+    if smooth or cfg.quant == "identity":
+        return p
+    if n is None or cfg.quant == "round_ste":
+        return (u >= 0).astype(u.dtype)
+    return ((n >= 1 - p) if cfg.quant == "stochastic_round_ste" else (n < p)).astype(u.dtype)
 
 
-def fire(v, thr, cfg, smooth):
-    """Spikes s and the reset amount r for membrane v and threshold thr.
+def spike_grad(u, cfg):
+    """dH/du in the backward: heaviside S'(u); sigmoid4x dp/du = 4 p (1 - p) times d out/dp = 1
+    (exact for identity; the straight-through rule for the discrete quantizers)."""
+    if cfg.spike_fn == "heaviside":
+        return surrogate_grad(u, cfg)
+    p = 0.5 * (1 + np.tanh(2 * u))
+    return 4 * p * (1 - p)
 
-    binary: s = H(v - thr), r = s.  ternary: s = H(v - thr) - H(-v - thr) in {-1, 0, 1};
-    its soft reset subtracts thr*s (r = s), its hard reset zeroes v if either side fired.
+
+def fire(v, thr, cfg, smooth, noise=(None, None), scales=(1.0, 1.0)):
+    """Output s, reset amount r and the unscaled spikes (sp, sn) for membrane v and threshold thr.
+
+    binary: s = r = sp = H(v - thr).  ternary: sp = H(v - thr), sn = H(-v - thr), s = sp - sn in
+    {-1, 0, 1}; its soft reset subtracts thr (sp - sn) (r = sp - sn), its hard reset zeroes v if
+    either side fired (r = sp + sn).  lits: s = s+ sp - s- sn in {-s-, 0, s+}, scales (s+, s-)
+    learned per channel; the reset is ternary's. noise: the quantizer's draws for sp and sn.
     """
-    if cfg.neuron != "ternary":
-        s = step_fn(v - thr, cfg, smooth)
-        return s, s
-    sp, sn = step_fn(v - thr, cfg, smooth), step_fn(-v - thr, cfg, smooth)
-    return sp - sn, (sp - sn if cfg.reset == "soft" else sp + sn)
+    if cfg.neuron not in TERNARY:
+        s = step_fn(v - thr, cfg, smooth, noise[0])
+        return s, s, s, 0.0
+    sp, sn = step_fn(v - thr, cfg, smooth, noise[0]), step_fn(-v - thr, cfg, smooth, noise[1])
+    return scales[0] * sp - scales[1] * sn, (sp - sn if cfg.reset == "soft" else sp + sn), sp, sn
+
+
+def syn_trace(x, a):
+    """The S trace over T (axis 0): syn_t = a syn_{t-1} + (1 - a) x_t, syn_0 = 0; a = 0: x itself."""
+    if a == 0:
+        return x
+    syn, prev = np.empty_like(x), 0.0
+    for t in range(x.shape[0]):
+        prev = syn[t] = a * prev + (1 - a) * x[t]
+    return syn
+
+
+def syn_trace_backward(dsyn, a):
+    """dL/dx_t = (1 - a) g_t with g_t = dL/dsyn_t + a g_{t+1}: the same filter run backwards in time."""
+    return syn_trace(dsyn[::-1], a)[::-1] if a else dsyn
 
 
 def reset_membrane(v, r, thr, reset):
@@ -263,28 +312,32 @@ def reset_membrane(v, r, thr, reset):
     return v - thr * r if reset == "soft" else v * (1 - r)
 
 
-def neuron_forward(x, cfg, smooth=False, w=None, th=None):
+def neuron_forward(x, cfg, smooth=False, w=None, th=None, scales=(1.0, 1.0), rng=None):
     """Multi-step neuron over axis 0 (T) of x (T, ..., C); C = channels (last axis).
 
     v_t = beta*v+_{t-1} + x_t,  s_t = H(v_t - thr_t),  v+_t = reset(v_t, s_t),  v+_0 = 0.
     LIF: beta, thr fixed. PLIF: beta = sigmoid(w), thr = th per channel (learned).
-    ALIF: thr_t = theta + a_t, a_{t+1} = rho*a_t + kappa*s_t, a_1 = 0.
+    ALIF: thr_t = theta + a_t, a_{t+1} = rho*a_t + kappa*s_t, a_1 = 0. LITS: scales (s+, s-).
+    S trace (syn_alpha > 0): syn_trace(x) replaces x. rng (training): a random quantizer's draws.
     ANN twin (cfg.spiking False): relu(x). The cache always holds the output as "s".
     """
     if not cfg.spiking:
         return np.maximum(x, 0), {"s": np.maximum(x, 0)}
     beta = 1 / (1 + np.exp(-w)) if cfg.neuron == "plif" else cfg.beta
     theta = th if cfg.neuron == "plif" else cfg.theta
-    v, s = np.empty_like(x), np.empty_like(x)
+    x = syn_trace(x, cfg.syn_alpha)
+    noisy = rng is not None and cfg.spike_fn == "sigmoid4x" and cfg.quant in NOISY
+    noise = rng.random((x.shape[0], 2) + x.shape[1:]) if noisy else [(None, None)] * x.shape[0]
+    v, s, r, sp, sn = (np.empty_like(x) for _ in range(5))
     vp, a = 0.0, 0.0
     for t in range(x.shape[0]):
         v[t] = beta * vp + x[t]
         thr = theta + a
-        s[t], r = fire(v[t], thr, cfg, smooth)
-        vp = reset_membrane(v[t], r, thr, cfg.reset)
+        s[t], r[t], sp[t], sn[t] = fire(v[t], thr, cfg, smooth, noise[t], scales)
+        vp = reset_membrane(v[t], r[t], thr, cfg.reset)
         if cfg.neuron == "alif":
             a = cfg.alif_rho * a + cfg.alif_kappa * s[t]
-    return s, {"v": v, "s": s, "beta": beta, "theta": theta, "smooth": smooth}
+    return s, {"v": v, "s": s, "r": r, "sp": sp, "sn": sn, "beta": beta, "theta": theta, "scales": scales}
 
 
 def thresholds(s, theta, cfg):
@@ -299,26 +352,28 @@ def thresholds(s, theta, cfg):
 
 
 def neuron_backward(ds, cache, cfg):
-    """Backprop through time of neuron_forward: returns (dx, dw, dth); dw, dth only for PLIF.
+    """Backprop through time of neuron_forward: returns dx and {name: grad} of the site's
+    per-channel parameters (PLIF: w, theta; LITS: scale_pos, scale_neg; else none).
 
     The forward at step t, with thr_t = theta + a_t and r_t the reset amount (r = s):
       (1) charge  v_t     = beta v+_{t-1} + x_t
-      (2) fire    s_t     = H(u_t), u_t = v_t - thr_t      (ternary: H(v_t - thr) - H(-v_t - thr))
+      (2) fire    s_t     = H(u_t), u_t = v_t - thr_t      (ternary: H(v_t - thr) - H(-v_t - thr),
+                                                         lits: s+ H(v_t - thr) - s- H(-v_t - thr))
       (3) reset   v+_t    = v_t - thr_t r_t   (soft)   or   v_t (1 - r_t)   (hard)
       (4) adapt   a_{t+1} = rho a_t + kappa s_t            (ALIF only)
-    H has no useful derivative: backward uses the surrogate S'(u) in its place. Walking t
-    backwards, g_v = dL/dv_{t+1} and g_a = dL/da_{t+1} carry the gradient through time.
+    H has no useful derivative: backward uses spike_grad(u) (S'(u), or sigmoid4x's) in its place.
+    Walking t backwards, g_v = dL/dv_{t+1} and g_a = dL/da_{t+1} carry the gradient through time;
+    the S trace adds its own backward filter at the end.
     """
     if not cfg.spiking:
-        return ds * (cache["s"] > 0), None, None               # relu'(x) = [x > 0]
-    v, s, beta, theta, smooth = cache["v"], cache["s"], cache["beta"], cache["theta"], cache["smooth"]
+        return ds * (cache["s"] > 0), {}                       # relu'(x) = [x > 0]
+    v, s, beta, theta, (sc_p, sc_n) = cache["v"], cache["s"], cache["beta"], cache["theta"], cache["scales"]
     C = v.shape[-1]
     thrs = thresholds(s, theta, cfg)
     dx = np.empty_like(v)
-    g_v, g_a, dbeta, dtheta = 0.0, 0.0, 0.0, 0.0
+    g_v, g_a, dbeta, dtheta, dsc_p, dsc_n = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
     for t in reversed(range(v.shape[0])):
-        thr = thrs[t]
-        _, r = fire(v[t], thr, cfg, smooth)
+        thr, r = thrs[t], cache["r"][t]
         g_vp = beta * g_v                                      # dL/dv+_t, through (1) at t+1
         if cfg.neuron == "plif":                               # dL/dbeta += g_v v+_t, through (1) at t+1
             dbeta = dbeta + (g_v * reset_membrane(v[t], r, thr, cfg.reset)).reshape(-1, C).sum(0)
@@ -335,24 +390,30 @@ def neuron_backward(ds, cache, cfg):
             dr = -g_vp * v[t]                                  #   dv+/dr = -v
         if cfg.detach_reset:
             dr = 0.0                                           # the reset's spike counts as a constant
-        if cfg.neuron == "ternary":                            # s = sp - sn; r = sp -/+ sn (soft/hard)
-            dsp = dst + dr                                     # dL/dsp
-            dsn = -dst - dr if cfg.reset == "soft" else dr - dst   # dL/dsn
-            dv = dv + dsp * surrogate_grad(v[t] - thr, cfg)    # dsp/dv = S'(v - thr)
-            dv = dv - dsn * surrogate_grad(-v[t] - thr, cfg)   # dsn/dv = -S'(-v - thr)
+        if cfg.neuron in TERNARY:                              # s = s+ sp - s- sn; r = sp -/+ sn (soft/hard)
+            dsp = sc_p * dst + dr                              # dL/dsp
+            dsn = -sc_n * dst - dr if cfg.reset == "soft" else dr - sc_n * dst   # dL/dsn
+            dv = dv + dsp * spike_grad(v[t] - thr, cfg)        # dsp/dv = S'(v - thr)
+            dv = dv - dsn * spike_grad(-v[t] - thr, cfg)       # dsn/dv = -S'(-v - thr)
+            if cfg.neuron == "lits":                           # ds/ds+ = sp, ds/ds- = -sn
+                dsc_p = dsc_p + (dst * cache["sp"][t]).reshape(-1, C).sum(0)
+                dsc_n = dsc_n - (dst * cache["sn"][t]).reshape(-1, C).sum(0)
         else:
-            du = (dst + dr) * surrogate_grad(v[t] - thr, cfg)  # (2) with r = s: dL/du = (dL/ds + dL/dr) S'(u)
+            du = (dst + dr) * spike_grad(v[t] - thr, cfg)      # (2) with r = s: dL/du = (dL/ds + dL/dr) S'(u)
             dv = dv + du                                       #   du/dv = 1
             dthr = dthr - du                                   #   du/dthr = -1
         if cfg.neuron == "alif":
             g_a = cfg.alif_rho * g_a + dthr                    # dL/da_t: (4) at t, and thr_t = theta + a_t
         if cfg.neuron == "plif":
             dtheta = dtheta + np.broadcast_to(dthr, v[t].shape).reshape(-1, C).sum(0)   # thr = theta
-        dx[t] = dv                                             # (1): dv_t/dx_t = 1
+        dx[t] = dv                                             # (1): dv_t/dx_t = 1 (x_t: syn_t with S)
         g_v = dv
+    dx = syn_trace_backward(dx, cfg.syn_alpha)
+    if cfg.neuron == "lits":
+        return dx, {"scale_pos": dsc_p, "scale_neg": dsc_n}
     if cfg.neuron != "plif":
-        return dx, None, None
-    return dx, dbeta * beta * (1 - beta), dtheta               # beta = sigmoid(w): dbeta/dw = beta (1 - beta)
+        return dx, {}
+    return dx, {"w": dbeta * beta * (1 - beta), "theta": dtheta}   # dsigmoid(w)/dw = beta (1 - beta)
 
 # ----------------------------------------------------------------------------- layers
 
@@ -496,10 +557,12 @@ def dropout_mask(shape, p, rng):
     return (rng.random(shape, dtype=np.float32) >= p) / np.float32(1 - p)
 
 
-def neuron_site(params, b, site, x, cfg, smooth, c):
-    """Run the neuron at a named site of block prefix b (with its PLIF parameters when the neuron is
-    PLIF), keep its cache as c[site] and return its spikes."""
-    s, c[site] = neuron_forward(x, cfg, smooth, params.get(f"{b}{site}.w"), params.get(f"{b}{site}.theta"))
+def neuron_site(params, b, site, x, cfg, smooth, c, rng=None):
+    """Run the neuron at a named site of block prefix b (with its PLIF or LITS parameters), keep its
+    cache as c[site] and return its spikes; rng: a random quantizer's draws (training)."""
+    names = ("w", "theta", "scale_pos", "scale_neg")
+    w, th, s_pos, s_neg = (params.get(f"{b}{site}.{n}", 1.0) for n in names)
+    s, c[site] = neuron_forward(x, cfg, smooth, w, th, (s_pos, s_neg), rng)
     return s
 
 
@@ -512,32 +575,30 @@ def block_forward(params, i, h, cfg, smooth=False, state=None, rng=None):
     c = {}
     rate = running_mean if cfg.rate_coding else (lambda x: x)    # rate coding: products of rates
     n1, c["norm1"] = rmsnorm(rate(h), p[b + "norm1.weight"], eps)
-    s1 = neuron_site(p, b, "sn1", n1, cfg, smooth, c)                             # (T, B, L, D) spikes
-    q = neuron_site(p, b, "attn.sn_q", linear(s1, p[b + "attn.wq"]), cfg, smooth, c)
-    k = neuron_site(p, b, "attn.sn_k", linear(s1, p[b + "attn.wk"]), cfg, smooth, c)
-    v = neuron_site(p, b, "attn.sn_v", linear(s1, p[b + "attn.wv"]), cfg, smooth, c)
+    s1 = neuron_site(p, b, "sn1", n1, cfg, smooth, c, rng)                        # (T, B, L, D) spikes
+    q = neuron_site(p, b, "attn.sn_q", linear(s1, p[b + "attn.wq"]), cfg, smooth, c, rng)
+    k = neuron_site(p, b, "attn.sn_k", linear(s1, p[b + "attn.wk"]), cfg, smooth, c, rng)
+    v = neuron_site(p, b, "attn.sn_v", linear(s1, p[b + "attn.wv"]), cfg, smooth, c, rng)
     if state is None:
         y, c["attn"] = attention(rate(q), rate(k), rate(v), cfg)                   # (T, B, H, L, dh)
     else:
         y = attention_recurrent(rate(q), rate(k), rate(v), cfg, state, i)
     nrm, c["attn.norm"] = headnorm(y, p[b + "attn.norm.weight"], eps)
-    z = neuron_site(p, b, "attn.sn_o", nrm, cfg, smooth, c)
+    z = neuron_site(p, b, "attn.sn_o", nrm, cfg, smooth, c, rng)
     c["wo_input"] = z if cfg.attention == "linear" else q * z                     # hadamard: gated by q
     c["drop_attn"] = dropout_mask(h.shape, cfg.dropout, rng)
     h = h + linear(c["wo_input"], p[b + "attn.wo"]) * c["drop_attn"]
     n2, c["norm2"] = rmsnorm(rate(h), p[b + "norm2.weight"], eps)
-    s2 = neuron_site(p, b, "sn2", n2, cfg, smooth, c)
-    u = neuron_site(p, b, "mlp.sn_h", linear(s2, p[b + "mlp.w1"]), cfg, smooth, c)  # (T, B, L, F)
+    s2 = neuron_site(p, b, "sn2", n2, cfg, smooth, c, rng)
+    u = neuron_site(p, b, "mlp.sn_h", linear(s2, p[b + "mlp.w1"]), cfg, smooth, c, rng)  # (T, B, L, F)
     c["drop_mlp"] = dropout_mask(h.shape, cfg.dropout, rng)
     return h + linear(u, p[b + "mlp.w2"]) * c["drop_mlp"], c
 
 
 def neuron_site_backward(ds, c, b, site, cfg, grads):
-    """Backward of neuron_site: dL/dx, writing the site's PLIF gradients."""
-    dx, dw, dth = neuron_backward(ds, c[site], cfg)
-    if dw is not None:
-        grads[f"{b}{site}.w"] = dw
-        grads[f"{b}{site}.theta"] = dth
+    """Backward of neuron_site: dL/dx, writing the site's PLIF or LITS gradients."""
+    dx, site_grads = neuron_backward(ds, c[site], cfg)
+    grads.update({f"{b}{site}.{name}": g for name, g in site_grads.items()})
     return dx
 
 
@@ -766,7 +827,12 @@ def synaptic_ops(cfg, rates):
     Attention per timestep and head: linear form S += k^T v, y = q S -> (rate_k + rate_q) dh^2
     ACs (twin: 2 dh^2 MACs); hadamard c += k * v -> rate_k dh ACs (twin: 2 dh MACs, k*v and q*z).
     The readout (real-valued, D*V) is a MAC in both; norms and neuron updates are not counted.
-    rate_coding: attention reads running means (reals), T times the twin's MACs."""
+    rate_coding: attention reads running means (reals), T times the twin's MACs.
+    Outputs that are not exactly binary or ternary (sigmoid4x with quant identity: rates p) make
+    every one of these operations a MAC. LITS outputs {-s-, 0, s+} count as ACs: diag(s+) W and
+    diag(s-) W are fixed weights folded once after training, so a layer adds their rows for its
+    ternary spikes (two weight copies, no multiply); in attention the scales fold the same way into
+    the constants each spike adds to one of four sign-indexed states."""
     D, F, V, T, H = cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.T, cfg.n_head
     dh = D // H
     ac, ann, mac = 0.0, 0.0, D * V
@@ -781,6 +847,8 @@ def synaptic_ops(cfg, rates):
             ac += T * H * (r["attn.sn_k"] + r["attn.sn_q"]) * dh * dh
         else:
             ac += T * H * r["attn.sn_k"] * dh
+    if cfg.spike_fn == "sigmoid4x" and cfg.quant == "identity":     # no spikes at all: all MACs
+        return {"ac": 0.0, "mac": ac + mac, "ann_mac": ann + D * V}
     return {"ac": ac, "mac": mac, "ann_mac": ann + D * V}
 
 

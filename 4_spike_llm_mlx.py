@@ -76,6 +76,20 @@ def spike_function(surrogate, alpha):
 
     return spike
 
+
+def sigmoid4x_spike(u, cfg, noisy):
+    """Stage 3's sigmoid4x: p = sigmoid(4u) quantized by cfg.quant (noisy: uniform draws, training;
+    else rounding [u >= 0]) as q + (p - stop_gradient(p)): exactly q forward, d out/dp = 1 backward."""
+    p = mx.sigmoid(4 * u)
+    if cfg.quant == "identity":
+        return p
+    if noisy:
+        n = mx.random.uniform(shape=p.shape)
+        q = (n >= 1 - p) if cfg.quant == "stochastic_round_ste" else (n < p)
+    else:
+        q = u >= 0
+    return q.astype(p.dtype) + (p - mx.stop_gradient(p))
+
 # ----------------------------------------------------------------------------- model
 
 
@@ -85,7 +99,9 @@ class Neuron(nn.Module):
     v_t = beta*v+_{t-1} + x_t,  s_t = H(v_t - thr_t),  v+_t = v_t - thr_t*r_t (soft) or
     v_t*(1 - r_t) (hard), v+_0 = 0, r_t = s_t (ternary hard: |s_t|).  LIF: fixed beta, theta.
     PLIF: beta = sigmoid(w), thr = theta per channel, both learned.  ALIF: thr_t = theta + a_t,
-    a_t = rho*a_{t-1} + kappa*s_{t-1}.  Ternary: s = H(v - theta) - H(-v - theta).
+    a_t = rho*a_{t-1} + kappa*s_{t-1}.  Ternary: s = H(v - theta) - H(-v - theta); lits: the two
+    spikes times learned per-channel scales s+, s-.  S trace: syn_t = a syn_{t-1} + (1 - a) x_t
+    replaces x_t.  H: heaviside or sigmoid4x (spike_fn, quant).
     ANN twin: relu(x).  Autodiff through this loop is backprop through time.
     """
 
@@ -95,22 +111,29 @@ class Neuron(nn.Module):
         if cfg.neuron == "plif":
             self.w = mx.full((channels,), math.log(cfg.beta / (1 - cfg.beta)))
             self.theta = mx.full((channels,), cfg.theta)
+        if cfg.neuron == "lits":
+            self.scale_pos, self.scale_neg = mx.ones((channels,)), mx.ones((channels,))
 
     def __call__(self, x):
         cfg = self.cfg
         if not cfg.spiking:
             return nn.relu(x)
         spike = spike_function(cfg.surrogate, cfg.alpha)
+        if cfg.spike_fn == "sigmoid4x":
+            noisy = self.training and cfg.quant in ref.NOISY
+            spike = partial(sigmoid4x_spike, cfg=cfg, noisy=noisy)
         beta = mx.sigmoid(self.w) if cfg.neuron == "plif" else cfg.beta
         theta = self.theta if cfg.neuron == "plif" else cfg.theta
-        v_plus, a, out = 0.0, 0.0, []
+        scales = (self.scale_pos, self.scale_neg) if cfg.neuron == "lits" else (1.0, 1.0)
+        v_plus, a, syn, out, a_syn = 0.0, 0.0, 0.0, [], cfg.syn_alpha
         for x_t in mx.split(x, x.shape[0]):                # (1, ..., C); x[t] would make the
-            v = beta * v_plus + x_t                        # backward scatter T full-size arrays
+            syn = a_syn * syn + (1 - a_syn) * x_t if a_syn else x_t   # backward scatter T arrays
+            v = beta * v_plus + syn
             thr = theta + a
-            if cfg.neuron == "ternary":
+            if cfg.neuron in ref.TERNARY:
                 s_pos, s_neg = spike(v - thr), spike(-v - thr)
-                s = s_pos - s_neg
-                r = s if cfg.reset == "soft" else s_pos + s_neg
+                s = scales[0] * s_pos - scales[1] * s_neg
+                r = s_pos - s_neg if cfg.reset == "soft" else s_pos + s_neg
             else:
                 s = r = spike(v - thr)
             if cfg.detach_reset:

@@ -99,19 +99,35 @@ class Heaviside(torch.autograd.Function):
         return g * surrogate_grad(u, ctx.cfg), None
 
 
-def neuron_torch(x, beta, theta, cfg):
-    """The eager loop over T: v_t = beta v+_{t-1} + x_t, spike, reset; autograd does BPTT."""
-    x = x.float()
-    vp, a, out = 0.0, 0.0, []
+def spike_torch(u, cfg, noisy):
+    """Stage 3's step_fn. heaviside: H(u), surrogate backward. sigmoid4x: p = sigmoid(4u) quantized
+    (noisy: with uniform draws, training) as out = q + (p - p.detach()): exactly q forward (p - p is
+    0), and d out/dp = 1 backward (the straight-through rule); identity: p itself."""
+    if cfg.spike_fn == "heaviside":
+        return Heaviside.apply(u, cfg)
+    p = torch.sigmoid(4 * u)
+    if cfg.quant == "identity":
+        return p
+    n = torch.rand_like(p) if noisy else None
+    q = u >= 0 if n is None else (n >= 1 - p) if cfg.quant == "stochastic_round_ste" else (n < p)
+    return q.to(p.dtype) + (p - p.detach())
+
+
+def neuron_torch(x, beta, theta, cfg, scales=(1.0, 1.0), noisy=False):
+    """The eager loop over T: v_t = beta v+_{t-1} + syn_t, spike, reset; autograd does BPTT.
+    syn_t = a syn_{t-1} + (1 - a) x_t (the S trace; x_t when a = 0); lits scales its output."""
+    x, a_syn = x.float(), cfg.syn_alpha
+    vp, a, syn, out = 0.0, 0.0, 0.0, []
     for t in range(x.shape[0]):
-        v = beta * vp + x[t]
+        syn = a_syn * syn + (1 - a_syn) * x[t] if a_syn else x[t]
+        v = beta * vp + syn
         thr = theta + a
-        if cfg.neuron == "ternary":
-            sp, sn = Heaviside.apply(v - thr, cfg), Heaviside.apply(-v - thr, cfg)
-            s = sp - sn
-            r = s if cfg.reset == "soft" else sp + sn
+        if cfg.neuron in S3.TERNARY:
+            sp, sn = spike_torch(v - thr, cfg, noisy), spike_torch(-v - thr, cfg, noisy)
+            s = scales[0] * sp - scales[1] * sn
+            r = sp - sn if cfg.reset == "soft" else sp + sn
         else:
-            s = r = Heaviside.apply(v - thr, cfg)
+            s = r = spike_torch(v - thr, cfg, noisy)
         if cfg.detach_reset:
             r = r.detach()
         vp = v - thr * r if cfg.reset == "soft" else v * (1 - r)
@@ -204,8 +220,9 @@ class Weight(nn.Module):
 
 
 class Neuron(nn.Module):
-    """A spiking neuron site: fixed beta, theta, or PLIF's learnable w (beta = sigmoid(w)) and theta.
-    Its spikes come out in the matmul dtype, ready for the linear layer that reads them."""
+    """A spiking neuron site: fixed beta, theta, or PLIF's learnable w (beta = sigmoid(w)) and theta,
+    or LITS's learnable output scales. Its spikes come out in the matmul dtype, ready for the linear
+    layer that reads them. A random quantizer draws only in training mode (evaluation rounds)."""
 
     def __init__(self, cfg, C, run):
         super().__init__()
@@ -213,6 +230,8 @@ class Neuron(nn.Module):
         if cfg.neuron == "plif":
             self.w = nn.Parameter(torch.full((C,), math.log(cfg.beta / (1 - cfg.beta))))
             self.theta = nn.Parameter(torch.full((C,), cfg.theta))
+        if cfg.neuron == "lits":
+            self.scale_pos, self.scale_neg = nn.Parameter(torch.ones(C)), nn.Parameter(torch.ones(C))
 
     def forward(self, x):                              # x (T, ..., C) -> spikes (T, ..., C)
         cfg = self.cfg
@@ -222,9 +241,11 @@ class Neuron(nn.Module):
             beta, theta = torch.sigmoid(self.w), self.theta
         else:
             beta, theta = cfg.beta, cfg.theta
+        scales = (self.scale_pos, self.scale_neg) if cfg.neuron == "lits" else (1.0, 1.0)
+        noisy = self.training and cfg.spike_fn == "sigmoid4x" and cfg.quant in S3.NOISY
         if self.kernels == "triton":
-            return neuron_triton(x, beta, theta, cfg, self.dt)
-        return neuron_torch(x, beta, theta, cfg).to(self.dt)
+            return neuron_triton(x, beta, theta, scales, cfg, self.dt, noisy)
+        return neuron_torch(x, beta, theta, cfg, scales, noisy).to(self.dt)
 
 
 class Attention(nn.Module):
@@ -344,14 +365,18 @@ def build_model(mcfg, run, params=None, seed=0):
 # Neuron kinds and surrogates are compile-time constants, so each combination compiles to a
 # kernel with no branches. Input x is (T, R, C): T timesteps of R rows of C channels.
 
-NEURON_ID = {name: i for i, name in enumerate(S3.NEURONS)}        # lif plif alif ternary
+NEURON_ID = {name: i for i, name in enumerate(S3.NEURONS)}        # lif plif alif ternary lits
 SURROGATE_ID = {name: i for i, name in enumerate(S3.SURROGATES)}  # arctan sigmoid fast_sigmoid triangle
+SPIKE_ID = {"heaviside": 0, "identity": 1, "round_ste": 2, "stochastic_round_ste": 3, "probabilistic_ste": 4}
 
 if triton is not None:
     @triton.jit
-    def surrogate_grad_tl(u, alpha, SURROGATE: tl.constexpr):
-        """S'(u) for u = v - threshold (the formulas of stage 3's surrogate_grad)."""
-        if SURROGATE == 0:                                 # arctan
+    def surrogate_grad_tl(u, alpha, SURROGATE: tl.constexpr, SPIKE: tl.constexpr):
+        """dH/du for u = v - threshold: heaviside S'(u) (stage 3's surrogate_grad), sigmoid4x 4 p (1 - p)."""
+        if SPIKE > 0:                                      # sigmoid4x, d out/dp = 1 (straight through)
+            p = tl.sigmoid(4.0 * u)
+            g = 4.0 * p * (1.0 - p)
+        elif SURROGATE == 0:                               # arctan
             z = 1.5707963267948966 * alpha * u
             g = 0.5 * alpha / (1.0 + z * z)
         elif SURROGATE == 1:                               # sigmoid
@@ -365,15 +390,37 @@ if triton is not None:
         return g
 
     @triton.jit
-    def fire_tl(v, thr, NEURON: tl.constexpr, HARD: tl.constexpr):
-        """(s, r): the spike H(v - thr) (ternary: H(v-thr) - H(-v-thr)) and the reset amount r."""
-        s = (v - thr > 0).to(tl.float32)
-        r = s
-        if NEURON == 3:
-            sn = (-v - thr > 0).to(tl.float32)
-            r = s + sn if HARD else s - sn
-            s = s - sn
-        return s, r
+    def spike_tl(u, n, SPIKE: tl.constexpr):
+        """Stage 3's step_fn: H(u) = [u > 0]; sigmoid4x p = sigmoid(4u) as identity p, round [u >= 0],
+        stochastic round [n >= 1 - p] or probabilistic [n < p] with the uniform draw n."""
+        if SPIKE == 0:
+            out = (u > 0).to(tl.float32)
+        elif SPIKE == 1:
+            out = tl.sigmoid(4.0 * u)
+        elif SPIKE == 2:
+            out = (u >= 0).to(tl.float32)
+        elif SPIKE == 3:
+            out = (n >= 1.0 - tl.sigmoid(4.0 * u)).to(tl.float32)
+        else:
+            out = (n < tl.sigmoid(4.0 * u)).to(tl.float32)
+        return out
+
+    @triton.jit
+    def fire_tl(v, thr, seed, offs, t, RC, T: tl.constexpr, NEURON: tl.constexpr, HARD: tl.constexpr,
+                SPIKE: tl.constexpr):
+        """(sp, sn, r): the spikes H(v - thr), H(-v - thr) (sn = 0 unless ternary or lits) and the
+        reset amount r. A random quantizer draws tl.rand(seed, element index): the backward's
+        recomputation draws the same numbers."""
+        n_pos, n_neg = v, v
+        if SPIKE >= 3:
+            n_pos, n_neg = tl.rand(seed, t * RC + offs), tl.rand(seed, (T + t) * RC + offs)
+        sp = spike_tl(v - thr, n_pos, SPIKE)
+        sn = tl.zeros_like(sp)
+        r = sp
+        if NEURON >= 3:
+            sn = spike_tl(-v - thr, n_neg, SPIKE)
+            r = sp + sn if HARD else sp - sn
+        return sp, sn, r
 
     @triton.jit
     def reset_tl(v, r, thr, HARD: tl.constexpr):
@@ -389,70 +436,82 @@ if triton is not None:
         return rows[:, None] * C + cols[None, :], mask, cols
 
     @triton.jit
-    def neuron_fwd_kernel(x_ptr, s_ptr, beta_ptr, theta_ptr, R, C, alif_rho, alif_kappa,
-                          T: tl.constexpr, NEURON: tl.constexpr, HARD: tl.constexpr,
-                          BR: tl.constexpr, BC: tl.constexpr):
-        """All T steps of v_t = beta v+_{t-1} + x_t, s_t = H(v_t - thr_t), v+_t = reset: x read once."""
+    def neuron_fwd_kernel(x_ptr, s_ptr, beta_ptr, theta_ptr, scale_ptr, R, C, alif_rho, alif_kappa, syn_alpha,
+                          seed, T: tl.constexpr, NEURON: tl.constexpr, HARD: tl.constexpr,
+                          SPIKE: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+        """All T steps of syn_t = a syn_{t-1} + (1 - a) x_t, v_t = beta v+_{t-1} + syn_t,
+        s_t = H(v_t - thr_t) (lits: s+ H(v_t - thr) - s- H(-v_t - thr)), v+_t = reset: x read once."""
         offs, mask, cols = tile_tl(R, C, BR, BC)
         beta = tl.load(beta_ptr + cols, mask=cols < C, other=0.0)[None, :]
         theta = tl.load(theta_ptr + cols, mask=cols < C, other=0.0)[None, :]
+        scale_p = tl.load(scale_ptr + cols, mask=cols < C, other=0.0)[None, :]       # (2, C): s+, s-
+        scale_n = tl.load(scale_ptr + C + cols, mask=cols < C, other=0.0)[None, :]
         xs = ()
         for t in tl.static_range(T):                       # every load in flight before any store
             xs = xs + (tl.load(x_ptr + t * R * C + offs, mask=mask, other=0.0),)
         vp = tl.zeros([BR, BC], tl.float32)
         a = tl.zeros([BR, BC], tl.float32)                 # ALIF adaptation
+        syn = tl.zeros([BR, BC], tl.float32)               # S trace (x itself when syn_alpha = 0)
         for t in tl.static_range(T):
-            v = beta * vp + xs[t].to(tl.float32)
+            syn = syn_alpha * syn + (1.0 - syn_alpha) * xs[t].to(tl.float32)
+            v = beta * vp + syn
             thr = theta + a
-            s, r = fire_tl(v, thr, NEURON, HARD)
+            sp, sn, r = fire_tl(v, thr, seed, offs, t, R * C, T, NEURON, HARD, SPIKE)
             vp = reset_tl(v, r, thr, HARD)
             if NEURON == 2:
-                a = alif_rho * a + alif_kappa * s
+                a = alif_rho * a + alif_kappa * sp
+            s = scale_p * sp - scale_n * sn if NEURON >= 3 else sp
             tl.store(s_ptr + t * R * C + offs, s.to(s_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def neuron_bwd_kernel(x_ptr, gs_ptr, gx_ptr, beta_ptr, theta_ptr, gbeta_ptr, gtheta_ptr,
-                          R, C, alif_rho, alif_kappa, alpha,
-                          T: tl.constexpr, NEURON: tl.constexpr, SURROGATE: tl.constexpr,
+    def neuron_bwd_kernel(x_ptr, gs_ptr, gx_ptr, beta_ptr, theta_ptr, scale_ptr, g1_ptr, g2_ptr,
+                          R, C, alif_rho, alif_kappa, alpha, syn_alpha, seed,
+                          T: tl.constexpr, NEURON: tl.constexpr, SURROGATE: tl.constexpr, SPIKE: tl.constexpr,
                           HARD: tl.constexpr, DETACH: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
         """Backprop through time (stage 3's neuron_backward), the forward recomputed from x.
 
         The membrane trajectory v_1..v_T (and ALIF thresholds) live in registers, not memory.
-        PLIF: each program writes its tile's column sums of dL/dbeta and dL/dtheta to row
-        program_id(0) of (n_row_tiles, C) buffers, summed by the caller (one small pass).
+        PLIF (LITS): each program writes its tile's column sums of dL/dbeta and dL/dtheta
+        (dL/ds+ and dL/ds-) to row program_id(0) of (n_row_tiles, C) buffers g1, g2, summed by
+        the caller (one small pass).
         """
         offs, mask, cols = tile_tl(R, C, BR, BC)
         beta = tl.load(beta_ptr + cols, mask=cols < C, other=0.0)[None, :]
         theta = tl.load(theta_ptr + cols, mask=cols < C, other=0.0)[None, :]
+        scale_p = tl.load(scale_ptr + cols, mask=cols < C, other=0.0)[None, :]
+        scale_n = tl.load(scale_ptr + C + cols, mask=cols < C, other=0.0)[None, :]
         vp = tl.zeros([BR, BC], tl.float32)
         a = tl.zeros([BR, BC], tl.float32)
+        syn = tl.zeros([BR, BC], tl.float32)
         vs, thrs, gss = (), (), ()                         # x_t then v_t, ALIF thresholds, dL/ds_t
         for t in tl.static_range(T):                       # every load in flight before any store
             vs = vs + (tl.load(x_ptr + t * R * C + offs, mask=mask, other=0.0),)
             gss = gss + (tl.load(gs_ptr + t * R * C + offs, mask=mask, other=0.0),)
         for t in tl.static_range(T):                       # recompute the forward: v_t replaces x_t
-            v = beta * vp + vs[t].to(tl.float32)
+            syn = syn_alpha * syn + (1.0 - syn_alpha) * vs[t].to(tl.float32)
+            v = beta * vp + syn
             thr = theta + a
-            s, r = fire_tl(v, thr, NEURON, HARD)
+            sp, sn, r = fire_tl(v, thr, seed, offs, t, R * C, T, NEURON, HARD, SPIKE)
             vp = reset_tl(v, r, thr, HARD)
             vs = vs[:t] + (v,) + vs[t + 1:]
             if NEURON == 2:
                 thrs = thrs + (thr,)
-                a = alif_rho * a + alif_kappa * s
+                a = alif_rho * a + alif_kappa * sp
         g_v = tl.zeros([BR, BC], tl.float32)               # dL/dv_{t+1}
         g_a = tl.zeros([BR, BC], tl.float32)               # dL/da_{t+1} (ALIF)
-        dbeta = tl.zeros([BR, BC], tl.float32)
-        dtheta = tl.zeros([BR, BC], tl.float32)
+        g_syn = tl.zeros([BR, BC], tl.float32)             # dL/dsyn_{t+1} (S trace)
+        g1 = tl.zeros([BR, BC], tl.float32)                # dL/dbeta (PLIF), dL/ds+ (LITS)
+        g2 = tl.zeros([BR, BC], tl.float32)                # dL/dtheta (PLIF), dL/ds- (LITS)
         for t in tl.static_range(T - 1, -1, -1):
             v = vs[t]
             if NEURON == 2:
                 thr = thrs[t]
             else:
                 thr = theta + tl.zeros([BR, BC], tl.float32)
-            s, r = fire_tl(v, thr, NEURON, HARD)
+            sp, sn, r = fire_tl(v, thr, seed, offs, t, R * C, T, NEURON, HARD, SPIKE)
             g_vp = beta * g_v                              # dL/dv+_t
             if NEURON == 1:
-                dbeta += g_v * reset_tl(v, r, thr, HARD)
+                g1 += g_v * reset_tl(v, r, thr, HARD)
             ds = gss[t].to(tl.float32)
             if NEURON == 2:
                 ds = ds + alif_kappa * g_a
@@ -466,25 +525,30 @@ if triton is not None:
                 dr = -g_vp * thr
             if DETACH:
                 dr = tl.zeros([BR, BC], tl.float32)
-            if NEURON == 3:
-                dsp = ds + dr
-                dsn = dr - ds if HARD else -dsp
-                dv = dv + dsp * surrogate_grad_tl(v - thr, alpha, SURROGATE) \
-                    - dsn * surrogate_grad_tl(-v - thr, alpha, SURROGATE)
+            if NEURON >= 3:                                # s = s+ sp - s- sn (ternary: s+ = s- = 1)
+                dsp = scale_p * ds + dr
+                dsn = dr - scale_n * ds if HARD else -scale_n * ds - dr
+                dv = dv + dsp * surrogate_grad_tl(v - thr, alpha, SURROGATE, SPIKE) \
+                    - dsn * surrogate_grad_tl(-v - thr, alpha, SURROGATE, SPIKE)
+                if NEURON == 4:
+                    g1 += ds * sp
+                    g2 -= ds * sn
             else:
-                du = (ds + dr) * surrogate_grad_tl(v - thr, alpha, SURROGATE)
+                du = (ds + dr) * surrogate_grad_tl(v - thr, alpha, SURROGATE, SPIKE)
                 dv = dv + du
                 dthr = dthr - du
             if NEURON == 2:
                 g_a = alif_rho * g_a + dthr
             if NEURON == 1:
-                dtheta += dthr
-            tl.store(gx_ptr + t * R * C + offs, dv.to(gx_ptr.dtype.element_ty), mask=mask)
+                g2 += dthr
+            g_syn = syn_alpha * g_syn + dv                 # syn_t feeds v_t and syn_{t+1}
+            gx = (1.0 - syn_alpha) * g_syn                 # syn_t = ... + (1 - a) x_t
+            tl.store(gx_ptr + t * R * C + offs, gx.to(gx_ptr.dtype.element_ty), mask=mask)
             g_v = dv
-        if NEURON == 1:
+        if NEURON == 1 or NEURON == 4:
             out = tl.program_id(0) * C + cols
-            tl.store(gbeta_ptr + out, tl.sum(tl.where(mask, dbeta, 0.0), 0), mask=cols < C)
-            tl.store(gtheta_ptr + out, tl.sum(tl.where(mask, dtheta, 0.0), 0), mask=cols < C)
+            tl.store(g1_ptr + out, tl.sum(tl.where(mask, g1, 0.0), 0), mask=cols < C)
+            tl.store(g2_ptr + out, tl.sum(tl.where(mask, g2, 0.0), 0), mask=cols < C)
 
 
 def neuron_blocks(T, C):
@@ -494,46 +558,55 @@ def neuron_blocks(T, C):
 
 
 class TritonNeuron(torch.autograd.Function):
-    """Fused multi-step neuron: x (T, ..., C) -> spikes in out_dtype. beta, theta: (C,) fp32."""
+    """Fused multi-step neuron: x (T, ..., C) -> spikes in out_dtype. beta, theta: (C,) fp32;
+    scales (2, C) fp32: lits's s+, s- (ones otherwise); noisy: a random quantizer draws (training)."""
 
     @staticmethod
-    def forward(ctx, x, beta, theta, cfg, out_dtype):
+    def forward(ctx, x, beta, theta, scales, cfg, out_dtype, noisy=False):
         x = x.contiguous()
         T, C = x.shape[0], x.shape[-1]
         R = x[0].numel() // C
         s = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+        quant = cfg.quant if noisy or cfg.quant not in S3.NOISY else "round_ste"     # evaluation rounds
+        ctx.spike = SPIKE_ID["heaviside" if cfg.spike_fn == "heaviside" else quant]
+        ctx.seed = int(torch.randint(0, 2**31 - 1, ())) if ctx.spike >= 3 else 0
         br, bc = neuron_blocks(T, C)
         neuron_fwd_kernel[(triton.cdiv(R, br), triton.cdiv(C, bc))](
-            x, s, beta, theta, R, C, cfg.alif_rho, cfg.alif_kappa,
-            T=T, NEURON=NEURON_ID[cfg.neuron], HARD=cfg.reset == "hard", BR=br, BC=bc, num_warps=4)
-        ctx.save_for_backward(x, beta, theta)
+            x, s, beta, theta, scales, R, C, cfg.alif_rho, cfg.alif_kappa, cfg.syn_alpha, ctx.seed,
+            T=T, NEURON=NEURON_ID[cfg.neuron], HARD=cfg.reset == "hard", SPIKE=ctx.spike, BR=br, BC=bc,
+            num_warps=4)
+        ctx.save_for_backward(x, beta, theta, scales)
         ctx.cfg, ctx.shape = cfg, (T, R, C)
         return s
 
     @staticmethod
     def backward(ctx, gs):
-        x, beta, theta = ctx.saved_tensors
+        x, beta, theta, scales = ctx.saved_tensors
         cfg, (T, R, C) = ctx.cfg, ctx.shape
         br, bc = neuron_blocks(2 * T, C)
         grid = (triton.cdiv(R, br), triton.cdiv(C, bc))
         gx = torch.empty_like(x)
-        gbeta = torch.empty((grid[0], C), dtype=torch.float32, device=x.device)
-        gtheta = torch.empty_like(gbeta)
+        g1 = torch.empty((grid[0], C), dtype=torch.float32, device=x.device)
+        g2 = torch.empty_like(g1)
         neuron_bwd_kernel[grid](
-            x, gs.contiguous(), gx, beta, theta, gbeta, gtheta, R, C, cfg.alif_rho, cfg.alif_kappa, cfg.alpha,
-            T=T, NEURON=NEURON_ID[cfg.neuron], SURROGATE=SURROGATE_ID[cfg.surrogate],
-            HARD=cfg.reset == "hard", DETACH=cfg.detach_reset, BR=br, BC=bc, num_warps=4)
-        if cfg.neuron != "plif":
-            return gx, None, None, None, None
-        return gx, gbeta.sum(0), gtheta.sum(0), None, None
+            x, gs.contiguous(), gx, beta, theta, scales, g1, g2, R, C, cfg.alif_rho, cfg.alif_kappa,
+            cfg.alpha, cfg.syn_alpha, ctx.seed, T=T, NEURON=NEURON_ID[cfg.neuron],
+            SURROGATE=SURROGATE_ID[cfg.surrogate], SPIKE=ctx.spike, HARD=cfg.reset == "hard",
+            DETACH=cfg.detach_reset, BR=br, BC=bc, num_warps=4)
+        if cfg.neuron == "plif":
+            return gx, g1.sum(0), g2.sum(0), None, None, None, None
+        if cfg.neuron == "lits":
+            return gx, None, None, torch.stack([g1.sum(0), g2.sum(0)]), None, None, None
+        return gx, None, None, None, None, None, None
 
 
-def neuron_triton(x, beta, theta, cfg, out_dtype):
-    """A neuron site through TritonNeuron; fixed (float) beta and theta become (C,) vectors."""
+def neuron_triton(x, beta, theta, scales, cfg, out_dtype, noisy=False):
+    """A neuron site through TritonNeuron; fixed (float) beta, theta and scales become vectors."""
+    C = x.shape[-1:]
     if cfg.neuron != "plif":
-        beta = torch.full(x.shape[-1:], beta, device=x.device)
-        theta = torch.full(x.shape[-1:], theta, device=x.device)
-    return TritonNeuron.apply(x, beta, theta, cfg, out_dtype)
+        beta, theta = torch.full(C, beta, device=x.device), torch.full(C, theta, device=x.device)
+    scales = torch.stack([torch.as_tensor(sc, device=x.device).float().expand(C) for sc in scales])   # (2, C)
+    return TritonNeuron.apply(x, beta, theta, scales, cfg, out_dtype, noisy)
 
 
 if triton is not None:

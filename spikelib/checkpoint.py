@@ -26,10 +26,13 @@ FORMAT = "spike-transformer-checkpoint"
 VERSION = 3
 # Version 1 predates the per-head decay fields: its heads all decayed as gamma_h = 1 - 2^-(5 + h),
 # which version 2 writes as decay_start 5, decay_step 1. Version 1 files load with those values.
+# Version 3 adds the neuron options spike_fn, quant, syn_alpha and the lits neuron (with its
+# per-site parameters scale_pos, scale_neg). Versions 1 and 2 lack them and load with their
+# defaults (heaviside, round_ste, 0), which are the model those files were trained as.
 V1_DECAYS = {"decay_start": 5.0, "decay_step": 1.0}
-# Version 3 adds the model field rate_coding (stage 7's converted networks); versions 1 and 2 lack it
-# and load with rate_coding false, their model. Code that reads only version 2 refuses version 3 files
-# rather than running a rate-coded network as a plain one.
+# Version 3 also adds the model field rate_coding (stage 7's converted networks; false for versions 1
+# and 2). Code that reads only version 2 refuses version 3 files rather than running a rate-coded or
+# lits network as a plain one.
 READABLE = (1, 2, VERSION)
 
 

@@ -60,6 +60,9 @@ GRADCHECK = [
     {"tie_embeddings": False}, {"surrogate": "sigmoid"}, {"surrogate": "fast_sigmoid"},
     {"surrogate": "triangle"}, {"surrogate": "triangle", "neuron": "alif", "attention": "hadamard"},
     {"dropout": 0.3}, {"dropout": 0.3, "tie_embeddings": False, "attention": "hadamard"},
+    {"neuron": "lits"}, {"neuron": "lits", "reset": "hard", "attention": "hadamard"},
+    {"spike_fn": "sigmoid4x", "quant": "identity"}, {"syn_alpha": 0.5}, {"syn_alpha": 0.5, "neuron": "plif"},
+    {"spike_fn": "sigmoid4x", "quant": "identity", "neuron": "lits", "syn_alpha": 0.3},
 ]
 
 
@@ -391,3 +394,92 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(text_source, tmp_path, monkeyp
     assert run_main(text_source, tmp_path) == 1
     assert "loss is nan at step 5" in capsys.readouterr().err
     assert m.load_model(tmp_path / "out/ckpt.npz")[3] == 4            # the step-4 checkpoint is kept
+
+
+# ----------------------------------------------------------------------------- neuron options
+
+
+@pytest.mark.parametrize("neuron, quant", [("lif", "round_ste"), ("lits", "round_ste"),
+                                           ("lif", "probabilistic_ste"), ("lits", "stochastic_round_ste"),
+                                           ("alif", "round_ste")])
+def test_straight_through_backward_is_the_gradient_of_the_forward_with_frozen_jumps(monkeypatch, neuron,
+                                                                                      quant):
+    """A straight-through quantizer's output is p + (q(p) - p) whose jump q(p) - p the backward holds
+    constant. So over T steps (resets included) the hand backward must equal central differences
+    (h = 1e-6, float64) of the forward in which every jump is frozen at its value at the point."""
+    cfg = tiny_cfg(neuron=neuron, spike_fn="sigmoid4x", quant=quant, T=4)
+    rng = np.random.default_rng(0)
+    x, R = rng.normal(0.6, 0.8, (4, 3, 5)), rng.normal(size=(4, 3, 5))
+    scales = (rng.uniform(0.5, 1.5, 5), rng.uniform(0.5, 1.5, 5))
+    real, jumps, replay = m.step_fn, [], []
+
+    def frozen_step(u, cfg, smooth, n=None):
+        if replay:
+            return real(u, cfg, True) + jumps[replay.pop(0)]
+        jumps.append(real(u, cfg, False, n) - real(u, cfg, True))
+        return real(u, cfg, False, n)
+
+    monkeypatch.setattr(m, "step_fn", frozen_step)
+    s, cache = m.neuron_forward(x, cfg, scales=scales, rng=np.random.default_rng(1))
+    unit = s / np.where(s > 0, scales[0], scales[1]) if neuron == "lits" else s
+    assert set(np.unique(unit)) <= {-1.0, 0.0, 1.0}                    # spikes: {0, 1} or {-s-, 0, s+}
+    assert any(np.any(j != 0) for j in jumps)                          # the jumps are really there
+    dx, grads = m.neuron_backward(R, cache, cfg)
+
+    def loss(x):
+        replay.extend(range(len(jumps)))
+        return float((m.neuron_forward(x, cfg, scales=scales)[0] * R).sum())
+    fd = np.zeros_like(x)
+    for ix in np.ndindex(x.shape):
+        up, down = x.copy(), x.copy()
+        up[ix] += 1e-6
+        down[ix] -= 1e-6
+        fd[ix] = (loss(up) - loss(down)) / 2e-6
+    assert np.linalg.norm(dx - fd) / (np.linalg.norm(dx) + np.linalg.norm(fd)) < 1e-6
+
+
+@pytest.mark.parametrize("quant", m.NOISY)
+def test_random_quantizers_fire_with_probability_p_in_training_and_round_in_evaluation(quant):
+    """One timestep (v = x): 40,000 draws per channel fire at rate p = sigmoid(4u) within 5 standard
+    errors (1/80 at most); without an rng (evaluation) the neuron fires exactly when u >= 0."""
+    cfg = tiny_cfg(spike_fn="sigmoid4x", quant=quant)
+    u = np.array([-0.4, -0.1, 0.0, 0.2, 0.5])
+    x = np.broadcast_to(cfg.theta + u, (1, 40000, 5))
+    s, _ = m.neuron_forward(x, cfg, rng=np.random.default_rng(0))
+    assert set(np.unique(s)) == {0.0, 1.0}
+    assert np.abs(s.mean((0, 1)) - 1 / (1 + np.exp(-4 * u))).max() < 5 * 0.5 / math.sqrt(40000)
+    np.testing.assert_array_equal(m.neuron_forward(x, cfg)[0][0, 0], (u >= 0).astype(float))
+
+
+def test_outputs_that_are_not_spikes_are_counted_as_multiply_accumulates():
+    """sigmoid4x with quant identity emits rates p: every synaptic operation becomes a MAC; the
+    binary quantizers and lits (scales folded into the weights) keep their accumulates."""
+    rates = [dict({site: 0.3 for site in m.SITES}, wo_input=0.3)] * 2
+    spikes = m.synaptic_ops(tiny_cfg(spike_fn="sigmoid4x", quant="round_ste"), rates)
+    smooth = m.synaptic_ops(tiny_cfg(spike_fn="sigmoid4x", quant="identity"), rates)
+    assert spikes["ac"] > 0 and smooth["ac"] == 0 and smooth["mac"] == spikes["mac"] + spikes["ac"]
+    assert m.synaptic_ops(tiny_cfg(neuron="lits"), rates) == spikes == m.synaptic_ops(tiny_cfg(), rates)
+    cfg = tiny_cfg(spike_fn="sigmoid4x", quant="identity")
+    x = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 8))
+    ops = m.energy_report(m.init_params(cfg), cfg, x)[1]["ops"]
+    assert ops["ac"] == 0 and ops["mac"] > cfg.d_model * cfg.vocab_size
+
+
+def test_version_2_checkpoints_load_as_the_model_they_were_and_lits_scales_round_trip(tmp_path, monkeypatch):
+    """A version-2 file (no spike_fn, quant, syn_alpha) loads with the defaults that reproduce it;
+    a lits model saves and loads its scale_pos and scale_neg."""
+    import spikelib.checkpoint as ck
+    path, params, mcfg, tcfg = saved_tiny(tmp_path)
+    _, config, _ = load_checkpoint(path)
+    old = {k: v for k, v in config["model"].items() if k not in ("spike_fn", "quant", "syn_alpha")}
+    monkeypatch.setattr(ck, "VERSION", 2)
+    save_checkpoint(tmp_path / "v2.npz", params, dict(config, model=old))
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / "v2.npz")[1]["version"] == 2
+    loaded, cfg2, *_ = m.load_model(tmp_path / "v2.npz")
+    assert cfg2 == mcfg and (cfg2.spike_fn, cfg2.quant, cfg2.syn_alpha) == ("heaviside", "round_ste", 0.0)
+    path, params, mcfg, _ = saved_tiny(tmp_path / "lits", neuron="lits")
+    params["blocks.0.sn1.scale_neg"] += 0.25
+    m.save_model(path, params, mcfg, tcfg, 0)
+    loaded, cfg3, *_ = m.load_model(path)
+    assert cfg3.neuron == "lits" and np.all(loaded["blocks.0.sn1.scale_neg"] == 1.25)

@@ -73,28 +73,86 @@ def site_tensors(cfg, w, th, C):
 # ----------------------------------------------------------------------------- neuron kernel
 
 
-@needs_triton
-@pytest.mark.parametrize("neuron,surrogate,reset,detach", VARIANTS)
-def test_neuron_kernel_matches_stage3(neuron, surrogate, reset, detach):
-    """Fused forward/backward vs stage 3's neuron_forward/neuron_backward in float64."""
-    cfg = model_cfg(neuron=neuron, surrogate=surrogate, reset=reset, detach_reset=detach)
-    rng = np.random.default_rng(hash((neuron, surrogate, reset, detach)) % 2**32)
-    T, C = 4, 24
+def check_neuron_kernel(cfg, seed, T=4, C=24, rng3=None, noisy=False):
+    """Fused forward/backward vs stage 3's neuron_forward/neuron_backward in float64 (lits: its
+    scales learn too). rng3: stage 3's quantizer draws; noisy: the kernel's own draws."""
+    rng = np.random.default_rng(seed)
     x = rng.normal(0.6, 1.0, (T, 3, 7, C)).astype(np.float32)
     gs = rng.normal(0, 1, x.shape).astype(np.float32)
     w, th = plif_params(cfg, C, rng)
-    s3, cache = S3.neuron_forward(x.astype(np.float64), cfg, w=w.astype(np.float64), th=th.astype(np.float64))
-    dx3, dw3, dth3 = S3.neuron_backward(gs.astype(np.float64), cache, cfg)
-    beta, theta = (t.to(DEVICE).requires_grad_(neuron == "plif") for t in site_tensors(cfg, w, th, C))
+    lits = cfg.neuron == "lits"
+    sc = (rng.uniform(0.5, 1.5, (2, C)) if lits else np.ones((2, C))).astype(np.float32)
+    beta, theta = (t.to(DEVICE).requires_grad_(cfg.neuron == "plif") for t in site_tensors(cfg, w, th, C))
     xt = torch.tensor(x, device=DEVICE, requires_grad=True)
-    s = S5.TritonNeuron.apply(xt, beta, theta, cfg, torch.float32)
+    scales = torch.tensor(sc, device=DEVICE, requires_grad=lits)
+    s = S5.TritonNeuron.apply(xt, beta, theta, scales, cfg, torch.float32, noisy)
     s.backward(torch.tensor(gs, device=DEVICE))
-    assert np.mean(s.detach().cpu().numpy() == s3) >= 0.999
+    rng3 = rng3(s.detach().cpu().numpy()) if rng3 else None
+    w, th, sc = (a.astype(np.float64) for a in (w, th, sc))
+    s3, cache = S3.neuron_forward(x.astype(np.float64), cfg, w=w, th=th, scales=tuple(sc), rng=rng3)
+    dx3, g3 = S3.neuron_backward(gs.astype(np.float64), cache, cfg)
+    assert np.mean(np.isclose(s.detach().cpu().numpy(), s3, rtol=1e-5, atol=1e-6)) >= 0.999   # identity: p
     assert rel(xt.grad.cpu(), dx3) < 1e-4
-    if neuron == "plif":            # chain rule of beta = sigmoid(w) done here as the model does
+    if cfg.neuron == "plif":        # chain rule of beta = sigmoid(w) done here as the model does
         b = beta.detach().cpu().numpy()
-        assert rel(beta.grad.cpu().numpy() * b * (1 - b), dw3) < 1e-4
-        assert rel(theta.grad.cpu(), dth3) < 1e-4
+        assert rel(beta.grad.cpu().numpy() * b * (1 - b), g3["w"]) < 1e-4
+        assert rel(theta.grad.cpu(), g3["theta"]) < 1e-4
+    if cfg.neuron == "lits":
+        assert rel(scales.grad.cpu(), np.stack([g3["scale_pos"], g3["scale_neg"]])) < 1e-4
+    return s
+
+
+@needs_triton
+@pytest.mark.parametrize("neuron,surrogate,reset,detach", VARIANTS)
+def test_neuron_kernel_matches_stage3(neuron, surrogate, reset, detach):
+    cfg = model_cfg(neuron=neuron, surrogate=surrogate, reset=reset, detach_reset=detach)
+    check_neuron_kernel(cfg, hash((neuron, surrogate, reset, detach)) % 2**32)
+
+
+NEW_OPTIONS = [{"spike_fn": "sigmoid4x", "quant": "identity"},
+               {"spike_fn": "sigmoid4x", "quant": "round_ste"},
+               {"syn_alpha": 0.5}, {"syn_alpha": 0.5, "neuron": "plif", "reset": "hard"},
+               {"neuron": "lits", "spike_fn": "sigmoid4x", "quant": "identity", "syn_alpha": 0.3},
+               {"neuron": "lits", "spike_fn": "sigmoid4x", "quant": "round_ste", "reset": "hard"},
+               {"neuron": "alif", "spike_fn": "sigmoid4x", "quant": "round_ste"}]
+
+
+@needs_triton
+@pytest.mark.parametrize("options", NEW_OPTIONS, ids=lambda o: "-".join(map(str, o.values())))
+def test_neuron_kernel_new_options_match_stage3(options):
+    check_neuron_kernel(model_cfg(**options), 3)
+
+
+MODEL_OPTIONS = NEW_OPTIONS[:3] + NEW_OPTIONS[4:6]
+
+
+class ReplayDraws:
+    """Stands in for stage 3's rng: draws that make stage 3 fire exactly where the kernel fired
+    (probabilistic_ste fires when n < p: n = 0 where it fired, just below 1 where it did not)."""
+
+    def __init__(self, spikes):
+        self.spikes = spikes
+
+    def random(self, shape):                                       # (T, 2, ...): binary neurons use [:, 0]
+        return np.broadcast_to(np.where(self.spikes > 0, 0.0, 1 - 1e-12)[:, None], shape)
+
+
+@needs_triton
+def test_kernel_random_quantizer_statistics_and_backward_with_its_own_draws():
+    """Training draws: spikes at rate p = sigmoid(4u) (T = 1, 5 standard errors); evaluation
+    rounds; over T = 4 the backward recomputes the very draws of the forward: it equals stage 3's
+    backward given the kernel's spikes."""
+    cfg = model_cfg(spike_fn="sigmoid4x", quant="probabilistic_ste")
+    u = torch.tensor([-0.4, -0.1, 0.0, 0.2, 0.5], device=DEVICE)
+    x = (cfg.theta + u).expand(1, 20000, 5).contiguous()
+    ones = torch.ones(2, 5, device=DEVICE)
+    beta, theta = torch.full((5,), cfg.beta, device=DEVICE), torch.full((5,), cfg.theta, device=DEVICE)
+    s = S5.TritonNeuron.apply(x, beta, theta, ones, cfg, torch.float32, True)
+    assert set(s.unique().tolist()) == {0.0, 1.0}
+    assert (s.mean((0, 1)) - torch.sigmoid(4 * u)).abs().max() < 5 * 0.5 / 20000 ** 0.5
+    evaluated = S5.TritonNeuron.apply(x, beta, theta, ones, cfg, torch.float32, False)
+    assert torch.equal(evaluated[0, 0], (u >= 0).float())
+    check_neuron_kernel(cfg, 5, rng3=ReplayDraws, noisy=True)
 
 
 @needs_triton
@@ -107,7 +165,7 @@ def test_neuron_kernel_compact_output_and_ragged_tiles(neuron):
     beta, theta = (t.to(DEVICE) for t in site_tensors(cfg, *plif_params(cfg, 37, rng), 37))
     ref = S5.neuron_torch(x, beta, theta, cfg)
     for dtype in (torch.float32, torch.bfloat16, torch.int8):
-        s = S5.TritonNeuron.apply(x, beta, theta, cfg, dtype)
+        s = S5.TritonNeuron.apply(x, beta, theta, torch.ones(2, 37, device=DEVICE), cfg, dtype)
         assert s.dtype == dtype and torch.equal(s.float(), ref)
 
 # ----------------------------------------------------------------------------- attention kernel
@@ -183,9 +241,9 @@ def torch_model_run(cfg, params, x, y, kernels, dtype="float32"):
 def check_parity(cfg, kernels, B=2, L=20, seed=0, dtype="float32", tol=(1e-4, 1e-3, 0.999)):
     rng = np.random.default_rng(seed)
     params = S3.init_params(cfg, seed)
-    if cfg.neuron == "plif":
+    if cfg.neuron in ("plif", "lits"):
         for k in params:
-            if k.endswith((".w", ".theta")):
+            if k.endswith((".w", ".theta", ".scale_pos", ".scale_neg")):
                 params[k] = params[k] + rng.normal(0, 0.2, params[k].shape).astype(np.float32)
     x, y = rng.integers(0, cfg.vocab_size, (2, B, L))
     logits3, loss3, grads3, spikes3 = stage3_reference(cfg, params, x, y)
@@ -201,6 +259,12 @@ def check_parity(cfg, kernels, B=2, L=20, seed=0, dtype="float32", tol=(1e-4, 1e
 @pytest.mark.parametrize("kernels", ["torch", pytest.param("triton", marks=needs_triton)])
 def test_model_matches_stage3_every_neuron(neuron, kernels):
     check_parity(model_cfg(neuron=neuron, n_layer=1), kernels)
+
+
+@pytest.mark.parametrize("options", MODEL_OPTIONS, ids=lambda o: "-".join(map(str, o.values())))
+@pytest.mark.parametrize("kernels", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_model_matches_stage3_new_neuron_options(options, kernels):
+    check_parity(model_cfg(n_layer=1, **options), kernels, seed=2)
 
 
 @pytest.mark.parametrize("surrogate", S3.SURROGATES[1:])

@@ -1,0 +1,114 @@
+"""TinyShakespeare bits per character of each neuron option of the LLM beside LIF and the ANN twin.
+
+Every option trains the same preset for the same steps on the same batches (one seed), then is
+evaluated on the WHOLE validation split (--eval_tokens is far above its size; stage 1's
+eval_windows takes what there is) at the training context. Rows: LIF (the baseline), lits
+(ternary with learned output scales), sigmoid4x + round_ste, sigmoid4x + probabilistic_ste,
+the S trace (syn_alpha 0.5), and the ANN twin. The energy column is the stage's own report
+(45 nm, per token; outputs that are not exactly binary or ternary counted as MACs).
+
+    python benchmarks/bench_neuron_options.py --text tinyshakespeare.txt                 # small, CPU
+    python benchmarks/bench_neuron_options.py --text tinyshakespeare.txt --backend triton --preset base \\
+        --steps 1300 --extra "--kernels triton --compile 1 --lr 3e-4 --min_lr 3e-5 --dropout 0.2 --warmup 200"
+
+The table goes to --out (Markdown) and to stdout; each run's log to --out_dir/NAME.log.
+"""
+import argparse
+import platform
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from spikelib.hardware import cpu_model, usable_cpus  # noqa: E402
+
+OPTIONS = [("LIF (baseline)", []),
+           ("lits", ["--neuron", "lits"]),
+           ("sigmoid4x + round_ste", ["--spike_fn", "sigmoid4x", "--quant", "round_ste"]),
+           ("sigmoid4x + probabilistic_ste", ["--spike_fn", "sigmoid4x", "--quant", "probabilistic_ste"]),
+           ("S trace 0.5", ["--syn_alpha", "0.5"]),
+           ("ANN twin", ["--spiking", "0"])]
+STAGES = {"numpy": "3_spike_llm_numpy.py", "triton": "5_spike_llm_triton.py"}
+EVAL = re.compile(r"step (\d+): val @ context (\d+): .* ([\d.]+) bits/char")
+ENERGY = re.compile(r"per token: spiking .* = ([\d.]+) nJ;\s+ANN twin .* = ([\d.]+) nJ")
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--text", required=True, help="the TinyShakespeare text file")
+    ap.add_argument("--backend", default="numpy", choices=list(STAGES),
+                    help="numpy: stage 3 on this CPU; triton: stage 5 (give --extra its kernels/device)")
+    ap.add_argument("--preset", default="small", help="model and schedule preset of the stage")
+    ap.add_argument("--steps", type=int, default=300, help="optimizer steps of every run (its schedule)")
+    ap.add_argument("--eval_tokens", type=int, default=10**9, help="validation tokens (default: all)")
+    ap.add_argument("--only", default="", help="comma-separated row numbers to run (0-based), default all")
+    ap.add_argument("--extra", default="", help="more options passed to every run, as one string")
+    ap.add_argument("--out_dir", default="out/neuron_options", help="checkpoints and logs of the runs")
+    ap.add_argument("--out", default="out/neuron_options/table.md", help="the Markdown table")
+    args = ap.parse_args(argv)
+    if not Path(args.text).is_file():
+        ap.exit(2, f"error: --text {args.text}: no such file\n")
+    if args.steps < 1 or args.eval_tokens < 1:
+        ap.exit(2, "error: --steps and --eval_tokens must be >= 1\n")
+    try:
+        args.only = [int(i) for i in args.only.split(",")] if args.only else list(range(len(OPTIONS)))
+    except ValueError:
+        ap.exit(2, f"error: --only {args.only!r}: give row numbers such as 0,2,5\n")
+    if any(not 0 <= i < len(OPTIONS) for i in args.only):
+        ap.exit(2, f"error: --only: rows are 0..{len(OPTIONS) - 1}\n")
+    return args
+
+
+def run_option(args, name, options):
+    """Train and evaluate one row: (bits/char at the training context, its step, energy nJ, log)."""
+    slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+    out = Path(args.out_dir) / slug
+    cmd = [sys.executable, str(ROOT / STAGES[args.backend]), "--preset", args.preset,
+           "--source", f"files:{args.text}", "--max_steps", str(args.steps),
+           "--eval_interval", str(args.steps),
+           "--eval_tokens", str(args.eval_tokens), "--max_minutes", "0", "--max_new_tokens", "0",
+           "--out_dir", str(out), "--overwrite", "1", *shlex.split(args.extra), *options]
+    log = Path(args.out_dir) / f"{slug}.log"
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    log.write_text(" ".join(cmd) + "\n" + proc.stdout + proc.stderr)
+    evals = [(int(s), int(c), float(b)) for s, c, b in EVAL.findall(proc.stdout)]
+    if proc.returncode or not evals:
+        return None, None, None, log
+    context = min(c for _, c, _ in evals)
+    step, _, bpc = [e for e in evals if e[1] == context][-1]
+    energy = ENERGY.search(proc.stdout)
+    nj = float(energy.group(2 if "--spiking" in options else 1)) if energy else None
+    return bpc, step, nj, log
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in tqdm(args.only, desc="options"):
+        name, options = OPTIONS[i]
+        bpc, step, nj, log = run_option(args, name, options)
+        if bpc is None:
+            print(f"error: {name} failed; see {log}", file=sys.stderr)
+        rows.append((name, " ".join(options) or "-", bpc, step, nj))
+    lines = [f"{args.preset}, {args.backend}, {args.steps} steps, whole validation split; "
+             f"CPU {cpu_model()} ({usable_cpus()} usable cores), Python {platform.python_version()}"
+             + (f"; options {args.extra}" if args.extra else ""), "",
+             "| option | flags | val bits/char | step | energy nJ/token |", "|---|---|---|---|---|"]
+    for name, flags, bpc, step, nj in rows:
+        lines.append(f"| {name} | `{flags}` | {'failed' if bpc is None else f'{bpc:.4f}'} | {step or '-'} | "
+                     f"{'-' if nj is None else f'{nj:.2f}'} |")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0 if all(r[2] is not None for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
