@@ -79,14 +79,15 @@ def neuron_table(bw):
         gs32 = torch.randn(x.shape, device="cuda")
         gs16 = gs32.to(torch.bfloat16)
         beta, theta = torch.full((C,), cfg.beta, device="cuda"), torch.full((C,), cfg.theta, device="cuda")
+        ones = torch.ones(2, C, device="cuda")             # the output scales (lits only)
 
         def triton_fp32():
             x.grad = None                                  # no gradient accumulation pass
-            S5.TritonNeuron.apply(x, beta, theta, cfg, torch.float32).backward(gs32)
+            S5.TritonNeuron.apply(x, beta, theta, ones, cfg, torch.float32).backward(gs32)
 
         def triton_bf16():
             x.grad = None                                  # no gradient accumulation pass
-            S5.TritonNeuron.apply(x, beta, theta, cfg, torch.bfloat16).backward(gs16)
+            S5.TritonNeuron.apply(x, beta, theta, ones, cfg, torch.bfloat16).backward(gs16)
 
         def eager():
             x.grad = None                                  # no gradient accumulation pass

@@ -436,7 +436,7 @@ def test_gpu_neuron_kernel_real_shape_bf16(neuron):
     beta, theta = (t.cuda().requires_grad_(learn) for t in site_tensors(cfg, *plif, 512))
     for dtype in (torch.float32, torch.bfloat16):
         xi = x.to(dtype).detach().clone().requires_grad_(True)
-        s = S5.TritonNeuron.apply(xi, beta, theta, cfg, torch.bfloat16)
+        s = S5.TritonNeuron.apply(xi, beta, theta, torch.ones(2, 512, device="cuda"), cfg, torch.bfloat16)
         s.backward(gs.to(torch.bfloat16))
         xr = x.to(dtype).float().detach().clone().requires_grad_(True)
         b2, t2 = (t.detach().clone().requires_grad_(learn) for t in (beta, theta))
