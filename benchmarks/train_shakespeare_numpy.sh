@@ -12,7 +12,7 @@ MINUTES=${2:-30}
 PY=${PYTHON:-python}
 mkdir -p out
 COMMON=(--preset small --source "files:$TEXT" --max_minutes "$MINUTES" --eval_interval 250
-        --eval_tokens 40000 --max_new_tokens 200)
+        --eval_tokens 0 --max_new_tokens 200)
 # steps sized so the cosine schedule ends near the budget (the twin runs one timestep, ~4x faster)
 $PY 3_spike_llm_numpy.py "${COMMON[@]}" --max_steps 3000 --out_dir out/shakespeare_snn | tee out/shakespeare_snn.log
 $PY 3_spike_llm_numpy.py "${COMMON[@]}" --max_steps 10000 --spiking 0 --out_dir out/shakespeare_ann | tee out/shakespeare_ann.log

@@ -126,7 +126,7 @@ def fail(err, code=1):
 
 def add_run_options(parser, presets):
     """The options every training stage shares before its config fields."""
-    parser.add_argument("--preset", default="small", choices=list(presets),
+    parser.add_argument("--preset", default="quick", choices=list(presets),
                         help="a named model size and schedule; the options below change single fields of it")
     parser.add_argument("--resume", type=parse_bool, default=False, metavar="0|1",
                         help="continue the run saved in the checkpoint, with its settings unless given here")

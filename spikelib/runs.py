@@ -101,8 +101,18 @@ def load_model(path, config_cls, shapes_of):
 
 
 def summary_inputs(data_dir, context, tok):
-    """What a finished run reports on: 8 validation windows for the spike statistics and the
-    first 8 validation tokens as the sample's prompt."""
+    """What a finished run reports on: 8 validation windows for the spike statistics, and as the
+    sample's prompt the opening words of the first line of prose in the validation text."""
     val = open_split(data_dir, "val")
     x, _ = eval_windows(val, context, 8 * context)
-    return x, tok.decode(np.asarray(val[:8]).tolist())
+    return x, prose_prompt(tok.decode(np.asarray(val[:4096]).tolist()))
+
+
+def prose_prompt(text, words=5):
+    """The first `words` words of the first line that reads as prose (a capital, six or more words,
+    no table or markup characters), else of the text: a small model asked to go on from a sentence
+    writes sentences, where a heading or a table row would have it write markup."""
+    for line in text.splitlines():
+        if len(line.split()) >= 6 and line[:1].isupper() and not set("|*=:<>{}[]#") & set(line):
+            return " ".join(line.split()[:words])
+    return " ".join(text.split()[:words])
