@@ -21,13 +21,15 @@ Every config field is a command-line flag (`--help`).
 import argparse
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 if __name__ == "__main__":  # the matrices are tiny: one BLAS thread beats several waiting on each other
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, "1")
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
+
+from spikelib.cli import add_config_options, given_options  # noqa: E402
 
 # ----------------------------------------------------------------------------- config
 
@@ -38,15 +40,16 @@ SITES = ("sn1", "attn.sn_q", "attn.sn_k", "attn.sn_v", "attn.sn_o", "sn2", "mlp.
 @dataclass
 class Config:
     # the task: one of n_objects is named at a random place; the answer is its colour
-    n_objects: int = 16
-    n_colours: int = 4
+    n_objects: int = 16           # distinct objects that can be named
+    n_colours: int = 4            # colours to choose from (the answer classes)
     n_fillers: int = 16           # distractor words
     seq_len: int = 12             # positions; the last one holds the question token
+
     # the model
-    n_layer: int = 1
-    n_head: int = 2
-    d_model: int = 32
-    d_ff: int = 64
+    n_layer: int = 1              # transformer blocks
+    n_head: int = 2               # attention heads (must divide d_model)
+    d_model: int = 32             # width of the residual stream
+    d_ff: int = 64                # hidden width of the MLP
     T: int = 4                    # spike timesteps
     neuron: str = "lif"           # lif | plif | alif | ternary
     surrogate: str = "arctan"     # arctan | sigmoid | fast_sigmoid | triangle
@@ -59,16 +62,18 @@ class Config:
     alif_kappa: float = 0.5       # ALIF: threshold increase per spike
     attention: str = "linear"     # linear | hadamard
     readout_beta: float = 0.8     # leak of the LI readout neurons
+
     # training
-    steps: int = 300
-    batch_size: int = 64
-    lr: float = 1e-2
-    n_test: int = 1000
-    seed: int = 0
+    steps: int = 300              # optimizer steps (Adam)
+    batch_size: int = 64          # sequences per step
+    lr: float = 1e-2              # Adam's first learning rate; it decays along a cosine to 0
+    n_test: int = 1000            # fresh sequences for the test accuracy
+    seed: int = 0                 # seeds the weights, the training batches and the test set
+
     # what to do
     gradcheck: bool = False       # print hand gradients vs finite differences and exit
     plot: bool = False            # write spike_raster.png and loss_curve.png (needs matplotlib)
-    raster_neurons: int = 8
+    raster_neurons: int = 8       # query neurons shown in the spike raster
 
     def __post_init__(self):
         choices = {"neuron": NEURONS, "surrogate": tuple(SURROGATES), "reset": ("soft", "hard"),
@@ -701,19 +706,15 @@ def write_plots(spikes, losses):
 
 
 def parse_config(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--preset", default="default", choices=sorted(PRESETS))
-    for f in fields(Config):
-        if f.type in (bool, "bool"):
-            ap.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None)
-        else:
-            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            ap.add_argument(f"--{f.name}", type=typ, default=None, help=f"default {f.default}")
-    args = vars(ap.parse_args(argv))
-    overrides = {k: val for k, val in args.items() if val is not None and k != "preset"}
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="default", choices=sorted(PRESETS),
+                    help="named settings (tiny: a smaller task for tests); the options below change "
+                         "single fields of it")
+    add_config_options(ap, Config, "settings (Config)", {k: {"config": v} for k, v in PRESETS.items()},
+                       "config")
+    args = ap.parse_args(argv)
     try:
-        return Config(**{**PRESETS[args["preset"]], **overrides})
+        return Config(**{**PRESETS[args.preset], **given_options(args, Config)})
     except ValueError as e:
         ap.error(str(e))
 

@@ -55,6 +55,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from spikelib.cli import add_config_options, given_options  # noqa: E402
 from spikelib.files import write_bytes_atomic, write_text_atomic  # noqa: E402
 
 # ----------------------------------------------------------------------------
@@ -74,29 +75,33 @@ class DataConfig:
     source: str = ""                # wikipedia | shakespeare | files:PATH | builtin; "" = auto
     root: str = "data"              # datasets go to <root>/<name>/
     force: bool = False             # rebuild even when meta.json says it is up to date
+
     # cleaning
     unicode_form: str = "NFC"       # NFC (lossless) or NFKC (also folds ligatures, full-width, ...)
     min_chars: int = 200            # documents shorter than this after cleaning are dropped
     filter_words: str = "default"   # "default", "none", or a file with one word per line
+
     # split
-    val_fraction: float = 0.1
+    val_fraction: float = 0.1       # share of the documents that go to val.txt
     split_seed: int = 0             # changes which documents land in val
+
     # wikipedia
-    api_url: str = WIKI_API
+    api_url: str = WIKI_API         # the MediaWiki API endpoint to ask
     categories: str = WIKI_CATEGORIES   # comma separated Wikipedia category titles
     per_category: int = 100         # articles collected per category
     max_depth: int = 2              # how deep to walk into subcategories to find articles
     max_bytes: int = 40_000_000     # cap on the raw article text kept (UTF-8 bytes)
     max_articles: int = 0           # stop after this many *new* articles this run (0 = no limit)
-    user_agent: str = USER_AGENT
+    user_agent: str = USER_AGENT    # who is asking, sent with every request (add your contact)
     min_interval: float = 0.5       # seconds between API requests (rate limit)
     timeout: float = 20.0           # seconds per HTTP request
     retries: int = 5                # attempts after the first one, on 429 / 5xx / timeouts / bad JSON
                                     # (a failed name lookup or a refused connection fails at once)
     backoff: float = 2.0            # first retry delay in seconds; doubles each retry
-    max_backoff: float = 60.0
+    max_backoff: float = 60.0       # the retry delay stops doubling here (seconds)
+
     # shakespeare
-    shakespeare_url: str = SHAKESPEARE_URL
+    shakespeare_url: str = SHAKESPEARE_URL  # where the TinyShakespeare text is downloaded from
 
     def __post_init__(self):
         """Check every option before any work starts; a bad one is a ValueError naming it."""
@@ -867,16 +872,10 @@ def parse_args(argv=None) -> DataConfig:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="default",
                    help="named settings, mostly how much Wikipedia to fetch: " + str(PRESETS))
-    for f in fields(DataConfig):
-        names = dict.fromkeys([f"--{f.name}", f"--{f.name.replace('_', '-')}"])  # --api_url = --api-url
-        if f.type is bool:
-            p.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
-        else:
-            p.add_argument(*names, dest=f.name, type=f.type, default=None, help=f"default: {f.default!r}")
+    add_config_options(p, DataConfig, "settings (DataConfig)", {k: {"data": v} for k, v in PRESETS.items()},
+                       "data", dashed=True)
     args = p.parse_args(argv)
-    values = {**asdict(DataConfig()), **PRESETS[args.preset]}
-    values.update({k: v for k, v in vars(args).items() if k != "preset" and v is not None})
-    return DataConfig(**values)
+    return DataConfig(**{**asdict(DataConfig()), **PRESETS[args.preset], **given_options(args, DataConfig)})
 
 
 def main(argv=None):

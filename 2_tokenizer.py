@@ -49,7 +49,7 @@ import re
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +57,7 @@ import pyphen
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from spikelib.cli import add_config_options, given_options  # noqa: E402
 from spikelib.files import atomic_write, write_bytes_atomic  # noqa: E402
 
 # ----------------------------------------------------------------------------
@@ -599,16 +600,11 @@ def parse_args(argv=None) -> TokenizerConfig:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="default",
                    help="named settings: " + str(PRESETS))
-    for f in fields(TokenizerConfig):
-        names = dict.fromkeys([f"--{f.name}", f"--{f.name.replace('_', '-')}"])  # --vocab_size = --vocab-size
-        if f.type is bool:
-            p.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
-        else:
-            p.add_argument(*names, dest=f.name, type=f.type, default=None, help=f"default: {f.default!r}")
+    add_config_options(p, TokenizerConfig, "settings (TokenizerConfig)",
+                       {k: {"tokenizer": v} for k, v in PRESETS.items()}, "tokenizer", dashed=True)
     args = p.parse_args(argv)
-    values = {**asdict(TokenizerConfig()), **PRESETS[args.preset]}
-    values.update({k: v for k, v in vars(args).items() if k != "preset" and v is not None})
-    return TokenizerConfig(**values)
+    given = given_options(args, TokenizerConfig)
+    return TokenizerConfig(**{**asdict(TokenizerConfig()), **PRESETS[args.preset], **given})
 
 
 def main(argv=None):

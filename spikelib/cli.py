@@ -47,10 +47,21 @@ def field_type(f):
     return parse_bool if kind is bool else kind
 
 
-def add_config_options(parser, cls, title, presets=None, section=None):
+def bool_option(parser, name, **kwargs):
+    """--name alone means 1, --name 0|1 sets it, and a hidden --no-name means 0."""
+    parser.add_argument(f"--{name}", type=parse_bool, nargs="?", const=True, metavar="0|1", **kwargs)
+    parser.add_argument(f"--no-{name}", dest=name, action="store_const", const=False,
+                        default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def add_config_options(parser, cls, title, presets=None, section=None, dashed=False):
     """One option per field of cls. With presets ({name: {section: {field: value}}}), an option not
-    given keeps the preset's value: its default is None and its help lists each preset's value."""
-    group = parser.add_argument_group(title)
+    given keeps the preset's value: its default is None and its help lists each preset's value.
+    dashed: each option may also be written with dashes (--vocab-size for --vocab_size)."""
+    names = [f.name for f in fields(cls) if "_" in f.name]
+    note = (f"each option may also be written with dashes: --{names[0].replace('_', '-')} for "
+            f"--{names[0]}") if dashed and names else None
+    group = parser.add_argument_group(title, note)
     comments = field_comments(cls)
     for f in fields(cls):
         default = f.default if f.default is not MISSING else f.default_factory()
@@ -61,9 +72,15 @@ def add_config_options(parser, cls, title, presets=None, section=None):
                 note = "by preset: " + ", ".join(f"{name} {value!r}" for name, value in values.items())
         help_text = f"{comments.get(f.name, '')} ({note})".strip().replace("%", "%%")
         kind = field_type(f)
-        metavar = {parse_bool: "0|1", int: "N", float: "X"}.get(kind, "TEXT")
-        group.add_argument(f"--{f.name}", type=kind, default=None if presets else default,
-                           metavar=metavar, help=help_text)
+        if kind is parse_bool:
+            bool_option(group, f.name, default=None if presets else default, help=help_text)
+        else:
+            metavar = {int: "N", float: "X"}.get(kind, "TEXT")
+            group.add_argument(f"--{f.name}", type=kind, default=None if presets else default,
+                               metavar=metavar, help=help_text)
+        if dashed and "_" in f.name:
+            group.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, metavar=f.name,
+                               default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return group
 
 
@@ -128,17 +145,17 @@ def add_run_options(parser, presets):
     """The options every training stage shares before its config fields."""
     parser.add_argument("--preset", default="quick", choices=list(presets),
                         help="a named model size and schedule; the options below change single fields of it")
-    parser.add_argument("--resume", type=parse_bool, default=False, metavar="0|1",
-                        help="continue the run saved in the checkpoint, with its settings unless given here")
+    bool_option(parser, "resume", default=False,
+                help="continue the run saved in the checkpoint, with its settings unless given here")
     parser.add_argument("--ckpt", default=None, help="checkpoint file (default: OUT_DIR/ckpt.npz)")
-    parser.add_argument("--overwrite", type=parse_bool, default=False, metavar="0|1",
-                        help="start a new run even where the checkpoint file already holds one, replacing it")
+    bool_option(parser, "overwrite", default=False,
+                help="start a new run even where the checkpoint file already holds one, replacing it")
     parser.add_argument("--generate", default=None, metavar="PROMPT",
                         help="only stream text after PROMPT from the checkpoint (no training)")
-    parser.add_argument("--plot", type=parse_bool, default=False, metavar="0|1",
-                        help="draw PNGs of the run beside its checkpoint (curves, spike rates, a raster, "
-                             "head decays; needs matplotlib): after training, or, on an existing "
-                             "checkpoint without --resume/--overwrite, instead of training")
+    bool_option(parser, "plot", default=False,
+                help="draw PNGs of the run beside its checkpoint (curves, spike rates, a raster, "
+                     "head decays; needs matplotlib): after training, or, on an existing "
+                     "checkpoint without --resume/--overwrite, instead of training")
 
 
 def preset_configs(presets, preset, overrides, **classes):

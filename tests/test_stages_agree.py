@@ -131,3 +131,37 @@ def test_evaluation_scores_every_token_of_the_split_and_labels_a_slice(dataset):
     part = S3.eval_report(params, cfg, val, L, 2 * L, tok.decode)
     assert not part["whole"] and part["tokens"] == 2 * L
     assert f"slice: first {2 * L:,} of {len(val) - 1:,} val tokens" in eval_line(1, part)
+
+
+EARLY = {"0_spike_transformer": ("parse_config", "Config"), "1_data": ("parse_args", "DataConfig"),
+         "2_tokenizer": ("parse_args", "TokenizerConfig")}
+
+
+@pytest.mark.parametrize("name", list(EARLY))
+def test_help_of_stages_0_1_2_explains_every_config_field(name, capsys, monkeypatch):
+    """Stages 0, 1 and 2 too: each field's comment is its option's help, with its default."""
+    monkeypatch.setenv("COLUMNS", "1000")                  # no wrapping, which could split a word at "-"
+    module = load_stage(name)
+    parse, cls = (getattr(module, attr) for attr in EARLY[name])
+    with pytest.raises(SystemExit) as e:
+        parse(["--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    comments = field_comments(cls)
+    for f in fields(cls):
+        assert comments.get(f.name), f"{cls.__name__}.{f.name} has no comment to explain it"
+        assert f"--{f.name}" in text
+        assert " ".join(comments[f.name].split()) in text, f.name
+        assert f"default {f.default!r}" in text, f.name
+
+
+def test_command_lines_of_stages_0_1_2_keep_working():
+    """Bare bools (--plot), --no-X, 0|1 values and dashed spellings (--vocab-size) all still parse."""
+    s0, s1, s2 = (load_stage(n) for n in EARLY)
+    cfg = s0.parse_config(["--gradcheck", "--plot", "0", "--no-detach_reset", "--preset", "tiny"])
+    assert (cfg.gradcheck, cfg.plot, cfg.detach_reset, cfg.steps) == (True, False, False, 60)
+    cfg = s1.parse_args(["--val-fraction", "0.2", "--force", "--max_bytes", "7", "--preset", "small"])
+    assert (cfg.val_fraction, cfg.force, cfg.max_bytes, cfg.per_category) == (0.2, True, 7, 20)
+    cfg = s2.parse_args(["--vocab-size", "300", "--force", "1", "--no-force", "--preset", "large"])
+    assert (cfg.vocab_size, cfg.force) == (300, False)
+    assert s2.parse_args(["--preset", "large"]).vocab_size == 8192
