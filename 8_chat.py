@@ -25,13 +25,14 @@ parameters, so a state is never continued by another model.
 """
 import argparse
 import sys
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from spikelib.checkpoint import CheckpointError  # noqa: E402
+from spikelib.cli import add_config_options, check_choices, check_fields, config_from_args, fail  # noqa: E402
 from spikelib.report import print_stream  # noqa: E402
 from spikelib.stages import load_stage  # noqa: E402
 from spikelib.state_io import StateFileError, load_state, model_fingerprint, save_state  # noqa: E402
@@ -44,31 +45,27 @@ BACKENDS = ("numpy", "mlx", "triton")
 COMMANDS = "/reset, /state, /save FILE, /load FILE, /help, /quit"
 
 
-def opt(default, text):
-    """A config field with its help text (shown by --help)."""
-    return field(default=default, metadata={"help": text})
-
-
 @dataclass
 class ChatConfig:
-    ckpt: str = opt("out/numpy/ckpt.npz", "model checkpoint of stage 3, 4, 5 or 6 (one format)")
-    adapters: str = opt("", "LoRA adapters of stage 6 applied to the checkpoint ('' = none)")
-    backend: str = opt("numpy", "numpy (stage 3) | mlx (stage 4) | triton (stage 5, PyTorch + Triton)")
-    device: str = opt("auto", "triton backend: auto | cuda | cpu")
-    kernels: str = opt("auto", "triton backend: auto (Triton on CUDA, else torch) | triton | torch")
-    dtype: str = opt("float32", "triton backend: matmul dtype, float32 | bfloat16 | auto")
-    max_new_tokens: int = opt(120, "longest reply; the turn is closed with <eos> after it")
-    temperature: float = opt(0.8, "sampling temperature; 0 = greedy")
-    top_k: int = opt(40, "sample among the k most likely tokens (0 = all)")
-    top_p: float = opt(0.95, "and among the smallest set whose probability reaches top_p")
-    seed: int = opt(0, "sampling seed")
-    script: str = opt("", "run the turns of this file (one per line, /commands allowed), then exit")
+    ckpt: str = "out/numpy/ckpt.npz"   # model checkpoint of stage 3, 4, 5 or 6 (one format)
+    adapters: str = ""                 # LoRA adapters of stage 6 applied to the checkpoint ('' = none)
+    backend: str = "numpy"             # numpy (stage 3) | mlx (stage 4) | triton (stage 5, PyTorch + Triton)
+    device: str = "auto"               # triton backend: auto | cuda | cpu
+    kernels: str = "auto"              # triton backend: auto (Triton on CUDA, else torch) | triton | torch
+    dtype: str = "float32"             # triton backend: matmul dtype, float32 | bfloat16 | auto
+    max_new_tokens: int = 120          # longest reply; the turn is closed with <eos> after it
+    temperature: float = 0.8           # sampling temperature; 0 = greedy
+    top_k: int = 40                    # sample among the k most likely tokens (0 = all)
+    top_p: float = 0.95                # and among the smallest set whose probability reaches top_p
+    seed: int = 0                      # sampling seed
+    script: str = ""                   # run this file's turns (one a line, /commands too), then exit
 
     def __post_init__(self):
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend={self.backend!r}; choose one of {BACKENDS}")
-        if self.max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be at least 1")
+        check_choices(self, {"backend": BACKENDS, "device": ("auto", "cuda", "cpu"),
+                             "kernels": ("auto", "triton", "torch"),
+                             "dtype": ("float32", "bfloat16", "auto")})
+        check_fields(self, {"max_new_tokens": ">= 1", "temperature": ">= 0", "top_k": ">= 0",
+                            "top_p": "in (0, 1]"})
 
 # ----------------------------------------------------------------------------- backends
 # A backend holds the model and does five things with the per-layer attention states `layers`:
@@ -418,23 +415,21 @@ def repl(conv, cfg, lines=None, out=None):
 
 
 def build_parser():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in fields(ChatConfig):
-        ap.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=f.metadata["help"])
+    """Every ChatConfig field is an option, explained by its comment above (spikelib.cli)."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_config_options(ap, ChatConfig, "chat (ChatConfig)")
     return ap
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        cfg = ChatConfig(**vars(args))
+        cfg = config_from_args(ChatConfig, args)
         lines = Path(cfg.script).read_text(encoding="utf-8").splitlines() if cfg.script else None
         backend, tok, fingerprint, _ = load_chat_model(cfg)
         repl(Conversation(backend, tok, fingerprint), cfg, lines)
     except (CheckpointError, ValueError, FileNotFoundError, ImportError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        return fail(err)
     return 0
 
 

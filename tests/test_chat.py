@@ -225,3 +225,17 @@ def test_cli_missing_checkpoint_and_bad_backend(tmp_path, capsys):
     assert C8.main(["--backend", "cuda", "--ckpt", str(tmp_path / "none.npz")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(e.startswith("error: ") for e in err)
+
+
+def test_help_explains_every_option_and_a_bad_value_is_one_line(capsys):
+    """--help carries each ChatConfig field's own comment; a bad option value is one error line."""
+    from dataclasses import fields
+
+    from spikelib.cli import field_comments
+    comments = field_comments(C8.ChatConfig)
+    text = " ".join(C8.build_parser().format_help().split())
+    for f in fields(C8.ChatConfig):
+        assert comments.get(f.name) and " ".join(comments[f.name].split()) in text, f.name
+    capsys.readouterr()
+    assert C8.main(["--temperature", "-1"]) == 1
+    assert capsys.readouterr().err == "error: --temperature must be >= 0, got -1.0\n"
