@@ -331,12 +331,16 @@ def neuron_forward(x, cfg, smooth=False, w=None, th=None, scales=(1.0, 1.0), rng
     x = syn_trace(x, cfg.syn_alpha)
     noisy = rng is not None and cfg.spike_fn == "sigmoid4x" and cfg.quant in NOISY
     noise = rng.random((x.shape[0], 2) + x.shape[1:]) if noisy else [(None, None)] * x.shape[0]
-    v, s, r, sp, sn = (np.empty_like(x) for _ in range(5))
+    v, s = np.empty_like(x), np.empty_like(x)
+    ternary = cfg.neuron in TERNARY        # a binary neuron's reset amount and spikes are s itself
+    r, sp, sn = (np.empty_like(x) for _ in range(3)) if ternary else (s, s, None)
     vp, a = 0.0, 0.0
     for t in range(x.shape[0]):
         v[t] = beta * vp + x[t]
         thr = theta + a
-        s[t], r[t], sp[t], sn[t] = fire(v[t], thr, cfg, smooth, noise[t], scales)
+        s[t], r[t], sp[t], sn_t = fire(v[t], thr, cfg, smooth, noise[t], scales)
+        if ternary:
+            sn[t] = sn_t
         vp = reset_membrane(v[t], r[t], thr, cfg.reset)
         if cfg.neuron == "alif":
             a = cfg.alif_rho * a + cfg.alif_kappa * s[t]
