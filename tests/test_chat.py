@@ -7,8 +7,6 @@ interpreter, set while stage 5 is imported as tests/test_triton.py does). Tolera
 1e-4 of the largest reference logit (float32 backends against float64; a spike flipped by
 round-off would move a logit by far more).
 """
-import os
-import sys
 
 import numpy as np
 import pytest
@@ -18,16 +16,8 @@ from spikelib.stages import load_stage
 S3 = load_stage("3_spike_llm_numpy")
 TK = load_stage("2_tokenizer")
 torch = pytest.importorskip("torch")
-if not torch.cuda.is_available() and "triton" not in sys.modules:
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"          # read when the @triton.jit kernels are defined
-    S5 = load_stage("5_spike_llm_triton")
-    if old is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = old
-else:
-    S5 = load_stage("5_spike_llm_triton")
+from stage5 import load_stage5  # noqa: E402
+S5 = load_stage5()
 C8 = load_stage("8_chat")
 HAS_TRITON = S5.triton is not None and (torch.cuda.is_available() or
                                         S5.neuron_fwd_kernel.__class__.__name__ == "InterpretedFunction")

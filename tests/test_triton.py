@@ -4,26 +4,15 @@ Without a GPU the Triton kernels run in Triton's interpreter (TRITON_INTERPRET=1
 stage 5 is imported and during each test here, so other test files see Triton unchanged). Tests
 marked `gpu` run on an NVIDIA GPU at real shapes, bf16 included, and are skipped elsewhere.
 """
-import os
-import sys
 
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-from spikelib.stages import load_stage  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
-if not ON_GPU and "triton" not in sys.modules:
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"          # read when the @triton.jit kernels are defined
-    S5 = load_stage("5_spike_llm_triton")
-    if old is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = old
-else:
-    S5 = load_stage("5_spike_llm_triton")
+from stage5 import load_stage5  # noqa: E402
+S5 = load_stage5()
 S3 = S5.S3
 HAS_TRITON = S5.triton is not None and (
     ON_GPU or S5.neuron_fwd_kernel.__class__.__name__ == "InterpretedFunction")
