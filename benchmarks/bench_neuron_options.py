@@ -3,8 +3,10 @@
 Every option trains the same preset for the same steps on the same batches (one seed), then is
 evaluated on the WHOLE validation split (--eval_tokens is far above its size; stage 1's
 eval_windows takes what there is) at the training context. Rows: LIF (the baseline), lits
-(ternary with learned output scales), sigmoid4x + round_ste, sigmoid4x + probabilistic_ste,
-the S trace (syn_alpha 0.5), and the ANN twin. The energy column is the stage's own report
+(ternary with learned output scales), sigmoid4x with each quantizer (identity: the outputs are
+probabilities, not spikes, and count as MACs), the S trace (syn_alpha 0.5), and the ANN twin.
+--parallel N runs N rows at once (on a GPU with room for several models; figures are unchanged,
+only the wall-clock is shared). The energy column is the stage's own report
 (45 nm, per token; outputs that are not exactly binary or ternary counted as MACs).
 
     python benchmarks/bench_neuron_options.py --text tinyshakespeare.txt                 # small, CPU
@@ -19,18 +21,22 @@ import re
 import shlex
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from spikelib.hardware import cpu_model, usable_cpus  # noqa: E402
+from spikelib.hardware import cpu_model, gpu_model, usable_cpus  # noqa: E402
 
 OPTIONS = [("LIF (baseline)", []),
            ("lits", ["--neuron", "lits"]),
            ("sigmoid4x + round_ste", ["--spike_fn", "sigmoid4x", "--quant", "round_ste"]),
+           ("sigmoid4x + stochastic_round_ste",
+            ["--spike_fn", "sigmoid4x", "--quant", "stochastic_round_ste"]),
            ("sigmoid4x + probabilistic_ste", ["--spike_fn", "sigmoid4x", "--quant", "probabilistic_ste"]),
+           ("sigmoid4x + identity (not spikes)", ["--spike_fn", "sigmoid4x", "--quant", "identity"]),
            ("S trace 0.5", ["--syn_alpha", "0.5"]),
            ("ANN twin", ["--spiking", "0"])]
 STAGES = {"numpy": "3_spike_llm_numpy.py", "triton": "5_spike_llm_triton.py"}
@@ -48,14 +54,15 @@ def parse_args(argv=None):
     ap.add_argument("--steps", type=int, default=300, help="optimizer steps of every run (its schedule)")
     ap.add_argument("--eval_tokens", type=int, default=10**9, help="validation tokens (default: all)")
     ap.add_argument("--only", default="", help="comma-separated row numbers to run (0-based), default all")
+    ap.add_argument("--parallel", type=int, default=1, help="rows trained at the same time")
     ap.add_argument("--extra", default="", help="more options passed to every run, as one string")
     ap.add_argument("--out_dir", default="out/neuron_options", help="checkpoints and logs of the runs")
     ap.add_argument("--out", default="out/neuron_options/table.md", help="the Markdown table")
     args = ap.parse_args(argv)
     if not Path(args.text).is_file():
         ap.exit(2, f"error: --text {args.text}: no such file\n")
-    if args.steps < 1 or args.eval_tokens < 1:
-        ap.exit(2, "error: --steps and --eval_tokens must be >= 1\n")
+    if args.steps < 1 or args.eval_tokens < 1 or args.parallel < 1:
+        ap.exit(2, "error: --steps, --eval_tokens and --parallel must be >= 1\n")
     try:
         args.only = [int(i) for i in args.only.split(",")] if args.only else list(range(len(OPTIONS)))
     except ValueError:
@@ -91,14 +98,20 @@ def main(argv=None):
     args = parse_args(argv)
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     rows = []
-    for i in tqdm(args.only, desc="options"):
-        name, options = OPTIONS[i]
-        bpc, step, nj, log = run_option(args, name, options)
-        if bpc is None:
-            print(f"error: {name} failed; see {log}", file=sys.stderr)
-        rows.append((name, " ".join(options) or "-", bpc, step, nj))
+    with ThreadPoolExecutor(args.parallel) as pool:                 # each row is its own process
+        results = pool.map(lambda i: run_option(args, *OPTIONS[i]), args.only)
+        for i, (bpc, step, nj, log) in zip(args.only, tqdm(results, total=len(args.only), desc="options")):
+            name, options = OPTIONS[i]
+            if bpc is None:
+                print(f"error: {name} failed; see {log}", file=sys.stderr)
+            rows.append((name, " ".join(options) or "-", bpc, step, nj))
+    machine = f"CPU {cpu_model()} ({usable_cpus()} usable cores)"
+    if args.backend != "numpy" and gpu_model():
+        machine = f"GPU {gpu_model()}, " + machine
+    if args.parallel > 1:
+        machine += f", {args.parallel} runs at a time"
     lines = [f"{args.preset}, {args.backend}, {args.steps} steps, whole validation split; "
-             f"CPU {cpu_model()} ({usable_cpus()} usable cores), Python {platform.python_version()}"
+             f"{machine}, Python {platform.python_version()}"
              + (f"; options {args.extra}" if args.extra else ""), "",
              "| option | flags | val bits/char | step | energy nJ/token |", "|---|---|---|---|---|"]
     for name, flags, bpc, step, nj in rows:

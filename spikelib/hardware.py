@@ -21,6 +21,15 @@ def usable_cpus():
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
+def gpu_model():
+    """The first CUDA GPU's name, or "" where torch or a GPU is missing (for GPU benchmarks' headers)."""
+    try:
+        import torch
+    except ImportError:
+        return ""
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else ""
+
+
 def blas_hint():
     """For MLX on a CPU (stage 4). On Linux the mlx[cpu] wheel links the reference BLAS, about 10x
     slower at matmul than OpenBLAS; preloading OpenBLAS swaps in a fast cblas_sgemm (same numbers).

@@ -116,10 +116,9 @@ TEXT = ("Spikes carry the signal. A neuron fires when its membrane crosses the t
 
 
 def tiny_ann(seed=0):
-    """A tiny ANN twin with noisy weights (every path matters) and a small norm epsilon: the head
-    norm removes the scalar lam_q lam_k lam_v only up to its epsilon, negligible in a trained model
-    (rms(y) >> sqrt(eps)) but not in an untrained tiny one whose y is small."""
-    cfg = S3.make_configs("tiny", spiking=False, norm_eps=1e-8)[0]
+    """A tiny ANN twin with noisy weights (every path matters) and the preset's norm epsilon (1e-2,
+    which the conversion must rescale: the converted head norm sees y / (lam_q lam_k lam_v))."""
+    cfg = S3.make_configs("tiny", spiking=False)[0]
     rng = np.random.default_rng(seed)
     return {k: (v + rng.normal(0, 0.05, v.shape)).astype(np.float32)
             for k, v in S3.init_params(cfg, seed).items()}, cfg
@@ -139,7 +138,7 @@ def test_converted_logits_and_attention_approach_the_ann_as_T_grows():
     scale = lams[0]["attn.sn_q"][0] * lams[0]["attn.sn_k"][0] * lams[0]["attn.sn_v"][0]
     logit_err, attn_err = [], []
     for T in (4, 16, 64, 256):
-        scfg = C.spiking_config(cfg, T, C.ConvertConfig())
+        scfg = C.spiking_config(cfg, T, C.ConvertConfig(), lams)
         out, _ = S3.forward(snn, scfg, x)
         y = C.attention_outputs(snn, scfg, x)[0][-1] * scale            # the last timestep's rates
         logit_err.append(np.sqrt(((out - ann) ** 2).mean() / (ann ** 2).mean()))
