@@ -9,8 +9,10 @@ is one and on the CPU otherwise.
 
 Everything that is not the model comes from stage 3 by import: ModelConfig, TrainConfig,
 PRESETS, initial parameters, batches, the learning-rate schedule, checkpoint I/O, BPC, sampling
-and the operation counts of the energy report. A checkpoint written here continues training in
-stage 3 and the other way round, optimizer moments included (tests/test_mlx.py proves it).
+and the operation counts of the energy report; spikelib/mlx_io.py holds the MLX glue (arrays to
+and from the checkpoint, validation nats, spike rates, --device). A checkpoint written here
+continues training in stage 3 and the other way round, optimizer moments included
+(tests/test_mlx.py proves it).
 
     python 4_spike_llm_mlx.py                         # stage 3's quick start, in MLX
     python 4_spike_llm_mlx.py --preset seed --source files:path/to/text.txt
@@ -35,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from spikelib.cli import config_from_args, fail, stage_parser  # noqa: E402
 from spikelib.hardware import blas_hint  # noqa: E402
 from spikelib.loop import run_steps  # noqa: E402
+from spikelib.mlx_io import eval_report, save, spike_rates, use_device  # noqa: E402
 from spikelib.plots import plot_checkpoint, plot_only  # noqa: E402
 from spikelib.report import energy_summary, model_line, print_evals, print_summary, stream_sample  # noqa: E402
 from spikelib.stages import load_stage  # noqa: E402
@@ -317,16 +320,6 @@ def build_model(cfg, params):
     return model.eval()
 
 
-def numpy_params(model):
-    """{name: float32 array} in the checkpoint's names, e.g. blocks.0.attn.wq."""
-    return {k: np.array(v) for k, v in tree_flatten(model.parameters())}
-
-
-def spike_rates(spikes):
-    """Per layer: the fraction of nonzero outputs of every site (stage 3's layout)."""
-    return [{site: (s != 0).mean().item() for site, s in layer.items()} for layer in spikes]
-
-
 def loss_fn(model, x, y):
     """Mean cross-entropy over B*L."""
     logits, _, _ = model(x)
@@ -406,25 +399,9 @@ def train_step(model, opt, step_fn, mcfg, tcfg, data, step):
     mx.eval(loss, norm, model.state, opt.state)       # one evaluation per step
     return loss.item(), {"lr": lr, "grad_norm": norm.item()}
 
-# ----------------------------------------------------------------------------- evaluation, checkpoints
-
-
-def batch_nats(model, x, y):
-    """Total nats of the targets y (B, L) under the parallel form, forward only."""
-    logits, _, _ = model(mx.array(x, mx.int32))
-    return nn.losses.cross_entropy(logits, mx.array(y, mx.int32), reduction="sum").item()
-
-
-def eval_report(model, cfg, val, context, max_tokens, decode):
-    """Stage 3's validation figures on the same windows, in the same batches."""
-    return ref.validation_report(partial(batch_nats, model), val, context, cfg.context, max_tokens, decode)
-
-
-def save(path, model, opt, cfg, tcfg, step, tok_info, data_dir):
-    """Stage 3's checkpoint: float32 params, AdamW moments, config JSON with the step."""
-    params = {k: np.array(p) for k, p in tree_flatten(model.parameters())}
-    opt_state = {m: {k: np.array(a) for k, a in arrays.items()} for m, arrays in opt.state.items()}
-    return ref.save_model(path, params, cfg, tcfg, step, opt_state, tok_info, data_dir)
+# ----------------------------------------------------------------------------- checkpoints
+# save (parameters and AdamW moments to stage 3's format) and the validation figures are MLX glue
+# in spikelib/mlx_io.py; loading builds this stage's model.
 
 
 def load(path):
@@ -476,7 +453,7 @@ def train(mcfg, tcfg, data_dir, ckpt_path, resume=False):
         print(blas_hint())
 
     def evaluate_now(done):
-        report = partial(eval_report, model, mcfg, val, max_tokens=tcfg.eval_tokens, decode=tok.decode)
+        report = partial(eval_report, model, val, max_tokens=tcfg.eval_tokens, decode=tok.decode)
         return print_evals(done, report, mcfg.context)
 
     def save_now(done):
@@ -504,11 +481,8 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     sc = config_from_args(ref.SampleConfig, args)
-    if args.device == "gpu" and not mx.is_available(mx.gpu):
-        return fail("--device gpu, but this MLX has no GPU backend (Linux mlx[cpu]); use --device cpu")
-    if args.device:
-        mx.set_default_device(mx.gpu if args.device == "gpu" else mx.cpu)
     try:
+        use_device(args.device)                       # --device gpu without a GPU: a ValueError
         mcfg, tcfg, ckpt = ref.run_configs(args, out_dir="out/mlx")
         if plot_only(args, ckpt):
             plot_checkpoint(ckpt)

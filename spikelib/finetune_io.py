@@ -1,8 +1,9 @@
-"""The files of stage 6 besides its checkpoints: a user's Q&A JSONL (validated), LoRA adapter files,
-the results rows and their table."""
+"""The files of stage 6 besides its checkpoints: a user's Q&A JSONL or SQuAD file (validated) and
+SQuAD's answer normalization, LoRA adapter files, the results rows and their table."""
 import hashlib
 import json
 import math
+import re
 import zipfile
 from pathlib import Path
 
@@ -116,6 +117,13 @@ def read_qa(path, test_fraction=0.1):
     if not pairs:
         raise ValueError(f"{path}: no question-answer pairs")
     return pairs
+
+
+def normalize(text):
+    """SQuAD's answer normalization: lower case, punctuation and the articles a/an/the removed,
+    whitespace collapsed (stage 6 scores with it, qa_data checks answers with it)."""
+    text = re.sub(r"[^\w\s]", " ", text.lower())
+    return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
 
 
 def is_squad(text):

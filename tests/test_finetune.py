@@ -10,6 +10,7 @@ import pytest
 from numerics import finite_diff, rel_error
 from spikelib.checkpoint import CheckpointError
 from spikelib.cli import field_comments
+from spikelib.qa_data import generate_qa
 from spikelib.stages import load_stage
 
 F = load_stage("6_finetune")
@@ -49,13 +50,13 @@ EXPECTED = {  # (kind, question, answer): one per rule the corpus above triggers
 
 
 def test_generated_questions_are_deterministic_extractive_spans():
-    pairs = F.generate_qa(CORPUS)
-    assert pairs == F.generate_qa(CORPUS)                         # same text, same list
+    pairs = generate_qa(CORPUS)
+    assert pairs == generate_qa(CORPUS)                         # same text, same list
     assert EXPECTED <= {(p["kind"], p["question"], p["answer"]) for p in pairs}
     for p in pairs:
         assert p["answer"] in p["context"], p                     # extractive: a span of its context
     assert len({p["question"] for p in pairs}) == len(pairs)      # one answer per question
-    again = F.generate_qa(CORPUS + "\n\n\nThe encoder is a function of the module.")
+    again = generate_qa(CORPUS + "\n\n\nThe encoder is a function of the module.")
     encoder_answers = [p["answer"] for p in again if p["question"] == "What is the encoder?"]
     assert encoder_answers == ["a class"]                                                    # the first
 
@@ -63,13 +64,13 @@ def test_generated_questions_are_deterministic_extractive_spans():
 def test_split_is_fixed_by_the_question(tmp_path):
     """A question keeps its split when its context and the documents around it change, and in a
     user file without context; raising test_fraction only moves questions into test."""
-    half = {p["question"]: p for p in F.generate_qa(CORPUS, test_fraction=0.5) if p["kind"] != "next"}
+    half = {p["question"]: p for p in generate_qa(CORPUS, test_fraction=0.5) if p["kind"] != "next"}
     edited = CORPUS.replace("what light through yonder window breaks",
                             "is that a light up in the window")
     edited = edited.replace("Paris is a city in France and the capital",
                             "Paris is a city in France, old and large")
     reordered = "\n\n\n".join(edited.split("\n\n\n")[::-1])
-    moved = {p["question"]: p for p in F.generate_qa(reordered, test_fraction=0.5)
+    moved = {p["question"]: p for p in generate_qa(reordered, test_fraction=0.5)
              if p["kind"] != "next"}       # "next" questions quote the edited text
     assert set(moved) == set(half)
     assert sum(moved[q]["context"] != half[q]["context"] for q in half) >= 3     # speaker, place, definition
@@ -79,7 +80,7 @@ def test_split_is_fixed_by_the_question(tmp_path):
     path.write_text("".join(json.dumps({"question": q, "answer": "x"}) + "\n" for q in splits))
     assert {p["question"]: p["split"] for p in F.read_qa(path, test_fraction=0.5)} == splits
     assert set(splits.values()) == {"train", "test"}                            # this corpus has both at 0.5
-    fewer = {p["question"] for p in F.generate_qa(CORPUS, test_fraction=0.25)
+    fewer = {p["question"] for p in generate_qa(CORPUS, test_fraction=0.25)
              if p["split"] == "test" and p["kind"] != "next"}
     assert fewer <= {q for q, p in half.items() if p["split"] == "test"}
 

@@ -6,6 +6,8 @@ import json
 import numpy as np
 import pytest
 
+from spikelib.finetune_io import normalize
+from spikelib.qa_data import generate_qa
 from spikelib.stages import load_stage
 
 F = load_stage("6_finetune")
@@ -26,8 +28,8 @@ CORPUS = "\n\n\n".join(ARTICLES)
 def test_unanswerable_pairs_ask_a_question_of_another_articles_context():
     """no_answer=1: every answerable question comes again with another article's context that does
     not hold its answer, answer "" (kind none), in the same split as its answerable twin."""
-    pairs = F.generate_qa(CORPUS, no_answer=1.0, test_fraction=0.5)
-    assert pairs == F.generate_qa(CORPUS, no_answer=1.0, test_fraction=0.5)             # deterministic
+    pairs = generate_qa(CORPUS, no_answer=1.0, test_fraction=0.5)
+    assert pairs == generate_qa(CORPUS, no_answer=1.0, test_fraction=0.5)             # deterministic
     has = {p["question"]: p for p in pairs if p["kind"] != "none"}
     none = [p for p in pairs if p["kind"] == "none"]
     assert len(has) >= 4 and len(none) == len(has)
@@ -35,15 +37,15 @@ def test_unanswerable_pairs_ask_a_question_of_another_articles_context():
         twin = has[p["question"]]
         assert p["answer"] == "" and p["is_impossible"] and p["split"] == twin["split"]
         assert p["context"] in {q["context"] for q in has.values() if q["article"] != twin["article"]}
-        assert F.normalize(twin["answer"]) not in F.normalize(p["context"])
-    assert not [p for p in F.generate_qa(CORPUS, no_answer=0.0) if p["kind"] == "none"]
+        assert normalize(twin["answer"]) not in normalize(p["context"])
+    assert not [p for p in generate_qa(CORPUS, no_answer=0.0) if p["kind"] == "none"]
 
 
 def test_widened_contexts_hold_the_answer_at_varying_places():
     """context_chars widens each context with the text around it, up to the limit, whole words,
     the answer still inside, and the rule's sentence not always first."""
-    narrow = {p["question"]: p for p in F.generate_qa(CORPUS)}
-    wide = {p["question"]: p for p in F.generate_qa(CORPUS, context_chars=200)}
+    narrow = {p["question"]: p for p in generate_qa(CORPUS)}
+    wide = {p["question"]: p for p in generate_qa(CORPUS, context_chars=200)}
     assert set(wide) == set(narrow)
     starts = set()
     for q, p in wide.items():
@@ -139,7 +141,7 @@ def tiny():
     tok = TK.Tokenizer([])
     mcfg = S3.make_configs("tiny", vocab_size=tok.vocab_size)[0]
     corpus = np.frombuffer(CORPUS.encode() * 4, np.uint8).astype(np.uint16) + 8      # byte ids
-    pairs = [p for p in F.generate_qa(CORPUS, no_answer=0.5)]
+    pairs = [p for p in generate_qa(CORPUS, no_answer=0.5)]
     return tok, mcfg, corpus, [F.encode_pair(tok, p) for p in pairs]
 
 

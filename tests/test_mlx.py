@@ -16,6 +16,7 @@ nn = pytest.importorskip("mlx.nn")
 
 from mlx.utils import tree_flatten  # noqa: E402
 
+from spikelib import mlx_io  # noqa: E402
 from spikelib.stages import load_stage  # noqa: E402
 
 ref = load_stage("3_spike_llm_numpy")
@@ -93,7 +94,7 @@ def test_same_logits_loss_gradients_and_spikes_as_numpy(overrides):
         print(f"{name(overrides)}: logits {rel(logits, logits_np):.1e}, worst gradient {worst} "
               f"{rel(grads[worst], grads_np[worst]):.1e}; {differ} of {total} spikes differ")
         assert differ <= 1e-3 * total
-        sn1_rate = np.mean([r["sn1"] for r in m4.spike_rates(spikes)])
+        sn1_rate = np.mean([r["sn1"] for r in mlx_io.spike_rates(spikes)])
         assert 0.01 < sn1_rate < (0.99 if exact else 1.01)                # the neurons do fire
 
 
@@ -172,10 +173,10 @@ def test_checkpoints_move_between_stages_with_optimizer_state(tmp_path, override
     model = m4.build_model(mcfg, start)
     opt = m4.AdamW(model, tcfg)
     mlx_steps(model, opt, mcfg, tcfg, data, 0, K)
-    m4.save(tmp_path / "mlx.npz", model, opt, mcfg, tcfg, K, TOK, "data/x")
+    mlx_io.save(tmp_path / "mlx.npz", model, opt, mcfg, tcfg, K, TOK, "data/x")
     params, mcfg2, _, step, opt_np, config = ref.load_model(tmp_path / "mlx.npz")
     assert (mcfg2, step, config["tokenizer"]) == (mcfg, K, TOK)
-    for k, p in m4.numpy_params(model).items():
+    for k, p in mlx_io.numpy_params(model).items():
         np.testing.assert_array_equal(params[k], p)
         np.testing.assert_array_equal(opt_np["m"][k], np.array(opt.state["m"][k]))
         np.testing.assert_array_equal(opt_np["v"][k], np.array(opt.state["v"][k]))
@@ -191,7 +192,7 @@ def test_checkpoints_move_between_stages_with_optimizer_state(tmp_path, override
     assert step == K and model.cfg == mcfg
     opt = m4.AdamW(model, tcfg, opt_state)
     mlx_steps(model, opt, mcfg, tcfg, data, K, 2 * K)
-    assert_close_run(m4.numpy_params(model), straight, start)
+    assert_close_run(mlx_io.numpy_params(model), straight, start)
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
@@ -207,13 +208,13 @@ def test_mlx_resume_equals_uninterrupted_mlx_run(tmp_path, dropout):
     first = m4.build_model(mcfg, ref.init_params(mcfg, tcfg.seed))
     opt1 = m4.AdamW(first, tcfg)
     mlx_steps(first, opt1, mcfg, tcfg, data, 0, K)
-    m4.save(tmp_path / "ckpt.npz", first, opt1, mcfg, tcfg, K, TOK, "data/x")
+    mlx_io.save(tmp_path / "ckpt.npz", first, opt1, mcfg, tcfg, K, TOK, "data/x")
     second, _, step, opt_state, _ = m4.load(tmp_path / "ckpt.npz")
     assert second.cfg == mcfg                          # the checkpoint carries the dropout rate
     opt2 = m4.AdamW(second, tcfg, opt_state)
     mlx_steps(second, opt2, mcfg, tcfg, data, step, 2 * K)
-    for k, p in m4.numpy_params(model).items():
-        np.testing.assert_array_equal(m4.numpy_params(second)[k], p)
+    for k, p in mlx_io.numpy_params(model).items():
+        np.testing.assert_array_equal(mlx_io.numpy_params(second)[k], p)
 
 
 def test_compiled_training_learns():
@@ -239,13 +240,13 @@ def test_dropout_is_off_at_evaluation_so_stage_3_parity_holds(overrides):
 
     def assert_parity():
         assert not model.training
-        assert rel(model(mx.array(x))[0], ref.forward(m4.numpy_params(model), mcfg, x)[0]) < 1e-4
+        assert rel(model(mx.array(x))[0], ref.forward(mlx_io.numpy_params(model), mcfg, x)[0]) < 1e-4
 
     assert_parity()
-    before = m4.numpy_params(model)
+    before = mlx_io.numpy_params(model)
     step = m4.make_train_step(model, m4.AdamW(model, tcfg), tcfg)
     mx.eval(step(mx.array(x), mx.array(y), mx.array(1e-2), mx.array(1.0)))
-    assert not np.array_equal(m4.numpy_params(model)["blocks.0.attn.wq"], before["blocks.0.attn.wq"])
+    assert not np.array_equal(mlx_io.numpy_params(model)["blocks.0.attn.wq"], before["blocks.0.attn.wq"])
     assert_parity()
 
 

@@ -1,0 +1,207 @@
+"""Stage 6's questions: a deterministic, rule-based generator of extractive Q&A pairs from the
+text of a corpus, written to data/<name>/qa.jsonl. Each rule fits one kind of sentence ("X is Y"
+definitions, what a function returns, versions, dates, places, births, who speaks a line, and a
+copy question any sentence gives); the answer is always a span of its context. A share of the
+questions is asked again of another article's context, with no answer (SQuAD 2.0's unanswerable
+questions). Same text, same pairs: every choice is fixed by a hash of the question."""
+import json
+import re
+from pathlib import Path
+
+from spikelib.files import write_text_atomic
+from spikelib.finetune_io import normalize, stable_hash
+
+WORD = re.compile(r"\S+")
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'(])")
+DOTTED_NAME = re.compile(r"^(?:class )?([A-Za-z_][\w]*(?:\.[A-Za-z_]\w*)+)$")
+UNDERLINE = re.compile(r"^[*=\-~^]{3,}$")
+SPEAKER = re.compile(r"^([A-Z][A-Za-z' ]{1,30}):$")
+NOT_SUBJECTS = set("this it there that which he she they these those what here its one each such all both "
+                   "some any none if when while since because although unless otherwise so but and or as "
+                   "where whether once then".split())
+DEFINITION = re.compile(r"^((?:The |An? )?[\"\w.()]+(?: [\"\w.()-]+){0,3}) (is|are|was|were) "
+                        r"((?:an?|the) [^,;:()]+?)(?:[,;:(]| and | which | that |\.$|$)")
+RETURNS = re.compile(r"^Returns? (.+?)\.?$")
+VERSION = re.compile(r"\b(?:New|Added) in version (\d+\.\d+)")
+BORN = re.compile(r"^([A-Z][\w.'-]+(?: [A-Z][\w.'-]+){0,3})\b[^.]*? was born (?:on |in )?([^,.;()]+)")
+PLACE = re.compile(r"^([A-Z]\w+(?: [A-Z]\w+){0,2}) is an? (?:city|town|village|country|region|river|island) "
+                   r"in ([A-Z][\w]+(?: [A-Z]\w+){0,2})")
+YEAR = re.compile(r"^In (\d{3,4}), ([^.]{10,120})\.$")
+NO_ANSWER = ""                     # the gold answer of an unanswerable question: <a> <eos> at once
+
+
+def sentences(paragraph):
+    """A paragraph's sentences, lines joined: a sentence ends at . ! ? before a capital."""
+    return [s.strip() for s in SENTENCE_END.split(" ".join(paragraph.split())) if s.strip()]
+
+
+def short_span(text, max_words=8):
+    """text if it has 1..max_words words (answers are short so exact match is meaningful)."""
+    text = text.strip().rstrip(".")
+    if re.search(r"\b(?:e\.g|i\.e|etc)\b", text):      # a sentence split at an abbreviation
+        return None
+    return text if 1 <= len(WORD.findall(text)) <= max_words else None
+
+
+def sections(doc):
+    """Paragraphs of a document with the title they sit under: (title, paragraph, starts_with_title).
+
+    A title is the document's first line, a heading (a line over *** / === / ---), or the dotted
+    name that opens a docstring in the builtin corpus ("json.dumps" then its docstring).
+    """
+    title = doc.strip().split("\n", 1)[0].strip()
+    out = []
+    for para in doc.split("\n\n"):
+        lines = [ln.rstrip() for ln in para.strip().split("\n") if ln.strip()]
+        if len(lines) >= 2 and UNDERLINE.match(lines[1].strip()):
+            title, lines = lines[0].strip(), lines[2:]
+        starts = bool(lines) and bool(DOTTED_NAME.match(lines[0].strip()))
+        if starts:
+            title = DOTTED_NAME.match(lines[0].strip()).group(1)
+        if lines:
+            out.append((title, "\n".join(lines), starts))
+    return out
+
+
+def questions_from_paragraph(title, para, starts_with_title):
+    """(kind, question, answer, context) for every sentence a rule fits; the answer is a span of
+    the context, and the context is a short piece of corpus text."""
+    out = []
+    body = para.partition("\n")[2] if starts_with_title else para     # the title is not a sentence
+    sents = sentences(body)
+    if starts_with_title and sents:
+        m = RETURNS.match(sents[0])
+        returns = short_span(m.group(1)) if m else None
+        if returns:
+            out.append(("returns", f"What does {title} return?", returns, f"{title}\n{sents[0]}"))
+    for s in sents:
+        if len(s) > 300:
+            continue
+        m = DEFINITION.match(s)
+        if m and not NOT_SUBJECTS & {m.group(1).split()[0].lower(), m.group(1).lower().removeprefix("the ")}:
+            ans = short_span(m.group(3))
+            subject = m.group(1)
+            if subject.startswith(("The ", "A ")):
+                subject = subject[0].lower() + subject[1:]
+            if ans:
+                out.append(("definition", f"What {m.group(2)} {subject}?", ans, s))
+        m = VERSION.search(s)
+        if m and title and len(title) <= 60:
+            out.append(("version", f"In which version was {title} added?", m.group(1), f"{title}\n{s}"))
+        m = BORN.match(s)
+        if m and short_span(m.group(2), 6):
+            word = "When" if re.search(r"\d", m.group(2)) else "Where"
+            out.append(("person", f"{word} was {m.group(1)} born?", short_span(m.group(2), 6), s))
+        m = PLACE.match(s)
+        if m:
+            out.append(("place", f"Where is {m.group(1)}?", m.group(2), s))
+        m = YEAR.match(s)
+        if m:
+            out.append(("date", f"In which year: {m.group(2)}?", m.group(1), s))
+        out += next_words_question(s)
+    return out
+
+
+def next_words_question(sentence):
+    """A copy question any text gives: 'What follows "three words"?' -> the next two words. The
+    place in the sentence is fixed by its hash; the cue must occur once, so the answer is one span."""
+    words = sentence.split()
+    if not 8 <= len(words) <= 40:
+        return []
+    i = int(stable_hash("next:" + sentence) * (len(words) - 4))
+    cue, answer = " ".join(words[i:i + 3]), " ".join(words[i + 3:i + 5]).rstrip(".,;:!?")
+    if sentence.count(cue) != 1 or not re.search(r"\w", answer) or '"' in cue:
+        return []
+    return [("next", f'What follows "{cue}"?', answer, sentence)]
+
+
+def widen(core, flat, limit, key):
+    """core with the document's text (whitespace collapsed, words whole) around it up to ~limit
+    characters; the share before it is fixed by key's hash, so the answer can be anywhere."""
+    at = flat.find(" ".join(core.split()))
+    room = limit - len(core)
+    if at < 0 or room <= 0:
+        return core
+    lo = max(0, at - int(room * stable_hash("where:" + key)))
+    hi = at + len(" ".join(core.split())) + room - (at - lo)
+    before, after = flat[lo:at], flat[at + len(" ".join(core.split())):hi]
+    before = before.split(" ", 1)[1] if lo > 0 and " " in before else ("" if lo > 0 else before)
+    after = after.rsplit(" ", 1)[0] if hi < len(flat) and " " in after else ("" if hi < len(flat) else after)
+    return " ".join(x for x in (before.strip(), core, after.strip()) if x)
+
+
+def speaker_questions(doc, max_chars=300):
+    """Plays (TinyShakespeare): "Who says: <first line of a speech>?" -> the speaker's name, with
+    the previous speech and this one as context, so two names compete and the answer is a span."""
+    speeches = []
+    for para in doc.split("\n\n"):
+        lines = para.strip().split("\n")
+        m = SPEAKER.match(lines[0].strip())
+        if m and len(lines) >= 2:
+            speeches.append((m.group(1), lines[1].strip(), para.strip()))
+    out = []
+    for (prev_name, _, prev), (name, first, speech) in zip(speeches, speeches[1:]):
+        if prev_name == name or len(first) < 12 or len(prev) + len(speech) > max_chars:
+            continue
+        out.append(("speaker", f"Who says: {first.rstrip('.,;:!?-')}?", name, prev + "\n\n" + speech))
+    return out
+
+
+def generate_qa(text, separator="\n\n\n", category="", max_questions=20000, test_fraction=0.1,
+                context_chars=0, no_answer=0.0):
+    """Deterministic extractive Q&A pairs from a corpus: a list of dicts with question, answer,
+    context, split ("train"/"test", fixed by the question's hash), kind, article, section, category.
+    A question asked twice keeps its first answer, so every question has one answer. context_chars
+    > 0 widens each context with the text around it (widen); a no_answer share of the questions is
+    asked again of another document's context, with the answer NO_ANSWER (kind "none")."""
+    pairs, seen = [], set()
+    for d, doc in enumerate(text.split(separator)):
+        article = doc.strip().split("\n", 1)[0].strip()[:80]
+        flat = " ".join(doc.split())
+        found = [(k, q, a, c, f"d{d}.s0") for k, q, a, c in speaker_questions(doc)]
+        for s, (title, para, starts) in enumerate(sections(doc)):
+            asked = questions_from_paragraph(title, para, starts)
+            found += [(k, q, a, c, f"d{d}.s{s}") for k, q, a, c in asked]
+        for kind, q, a, c, sec in found:
+            if q in seen or a not in c:
+                continue
+            seen.add(q)
+            c = widen(c, flat, context_chars, q) if context_chars else c
+            cat = category or ("help topic" if article.startswith("Python help topic") else
+                               "module" if article.startswith("Module ") else "")
+            pairs.append({"question": q, "answer": a, "context": c, "kind": kind, "article": article,
+                          "section": sec, "category": cat})
+    if len(pairs) > max_questions:       # a fixed subset spread over the corpus, kept in corpus order
+        keep = set(sorted(range(len(pairs)), key=lambda i: stable_hash(pairs[i]["question"]))[:max_questions])
+        pairs = [p for i, p in enumerate(pairs) if i in keep]
+    pairs += unanswerable(pairs, no_answer)
+    for p in pairs:
+        p["split"] = "test" if stable_hash("split:" + p["question"]) < test_fraction else "train"
+    return pairs
+
+
+def unanswerable(pairs, share):
+    """For a share of the questions (fixed by hash), the same question with the context of a pair
+    from another article that does not hold the answer: answer NO_ANSWER."""
+    out = []
+    for i, p in enumerate(pairs):
+        if stable_hash("none:" + p["question"]) >= share:
+            continue
+        for step in range(1, 20):        # the first other-article context without the answer
+            j = (i + int(stable_hash(f"other{step}:" + p["question"]) * len(pairs))) % len(pairs)
+            other = pairs[j]["context"]
+            if pairs[j]["article"] != p["article"] and normalize(p["answer"]) not in normalize(other):
+                out.append(dict(p, answer=NO_ANSWER, context=other, kind="none", is_impossible=True))
+                break
+    return out
+
+
+def write_qa(data_dir, cfg, model_context):
+    """data/<name>/qa.jsonl from the dataset's train.txt (rewritten each time: it is cheap and fixed)."""
+    data_dir = Path(data_dir)
+    meta = json.loads((data_dir / "meta.json").read_text()) if (data_dir / "meta.json").exists() else {}
+    text = (data_dir / "train.txt").read_text(encoding="utf-8")
+    pairs = generate_qa(text, meta.get("doc_separator", "\n\n\n"), "", cfg.max_questions, cfg.test_fraction,
+                        cfg.context_chars or 2 * model_context, cfg.no_answer)
+    lines = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs)
+    return write_text_atomic(data_dir / "qa.jsonl", lines), pairs
