@@ -30,15 +30,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from spikelib.cli import (add_config_options, check_choices, check_fields, config_from_args,  # noqa: E402
-                          stage_parser)
+from spikelib.cli import add_config_options, config_from_args, stage_parser  # noqa: E402
 from spikelib.distributed import SOLO, check_batch, join_group  # noqa: E402
 from spikelib.loop import run_steps  # noqa: E402
 from spikelib.plots import plot_checkpoint, plot_only  # noqa: E402
-from spikelib.report import energy_summary, model_line, print_evals, print_summary, stream_sample  # noqa: E402
+from spikelib.report import model_line  # noqa: E402
 from spikelib.stages import load_stage  # noqa: E402
-from spikelib.torch_io import (export_adam_moments, export_params, load_adam_moments,  # noqa: E402
-                               load_params, record_spike_rates, resolve_run)
+from spikelib.torch_io import (check_run, export_params, load_adam_moments, load_params,  # noqa: E402, F401
+                               resolve_run)
+from spikelib.torch_run import (energy_report, eval_report, evaluate_on_main,  # noqa: E402, F401
+                                layerwise_groups, print_run_summary, save_torch_model, set_layerwise_lr,
+                                stream_text)
 
 try:
     import triton
@@ -63,10 +65,7 @@ class RunConfig:
     # in smaller pieces (less memory, the same step up to float rounding)
 
     def __post_init__(self):
-        check_choices(self, {"kernels": ("auto", "triton", "torch"), "device": ("auto", "cuda", "cpu"),
-                             "dtype": ("auto", "bfloat16", "float32")})
-        check_fields(self, {"chunk": ">= 1", "grad_accum": ">= 1"})
-
+        check_run(self)              # the choices listed above; chunk and grad_accum >= 1
 
 # ----------------------------------------------------------------------------- PyTorch reference
 
@@ -593,11 +592,9 @@ class TritonNeuron(torch.autograd.Function):
             cfg.alpha, cfg.syn_alpha, ctx.seed, T=T, NEURON=NEURON_ID[cfg.neuron],
             SURROGATE=SURROGATE_ID[cfg.surrogate], SPIKE=ctx.spike, HARD=cfg.reset == "hard",
             DETACH=cfg.detach_reset, BR=br, BC=bc, num_warps=4)
-        if cfg.neuron == "plif":
-            return gx, g1.sum(0), g2.sum(0), None, None, None, None
-        if cfg.neuron == "lits":
-            return gx, None, None, torch.stack([g1.sum(0), g2.sum(0)]), None, None, None
-        return gx, None, None, None, None, None, None
+        plif, lits = cfg.neuron == "plif", cfg.neuron == "lits"
+        dscales = torch.stack([g1.sum(0), g2.sum(0)]) if lits else None      # (2, C): dL/ds+, dL/ds-
+        return gx, g1.sum(0) if plif else None, g2.sum(0) if plif else None, dscales, None, None, None
 
 
 def neuron_triton(x, beta, theta, scales, cfg, out_dtype, noisy=False):
@@ -798,12 +795,7 @@ class LeanRMSNorm(torch.autograd.Function):
 def make_optimizer(model, tcfg, opt_state=None, step=0):
     """AdamW (b1 0.9, b2 0.95, eps 1e-8), decoupled decay on matrices only, one group per
     parameter carrying its layer-wise lr multiplier; m and v loaded from a stage 3/4/5 checkpoint."""
-    n_layer = model.cfg.n_layer
-    groups = []
-    for name, p in model.named_parameters():
-        mult = tcfg.layer_lr_decay ** (n_layer + 1 - S3.layer_depth(name, n_layer))
-        groups.append({"params": [p], "name": name, "mult": mult,
-                       "weight_decay": tcfg.weight_decay if p.ndim >= 2 else 0.0})
+    groups = layerwise_groups(model, tcfg, S3.layer_depth)
     fused = next(model.parameters()).is_cuda
     opt = torch.optim.AdamW(groups, lr=tcfg.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
     if opt_state is not None:
@@ -836,62 +828,11 @@ def train_step(model, opt, mcfg, tcfg, data, step, device, fwd=None, accum=1, gr
     loss_value = group.mean(loss_sum)                     # the batch's loss, the same on every rank
     lr = S3.lr_at(step, tcfg)
     if math.isfinite(loss_value):
-        for group in opt.param_groups:
-            group["lr"] = lr * group["mult"]
+        set_layerwise_lr(opt, lr)
         opt.step()
     return loss_value, {"lr": lr, "grad_norm": grad_norm}
 
-# ----------------------------------------------------------------------------- eval, energy, generation
-
-
-@torch.no_grad()
-def batch_nats(model, x, y):
-    """Total nats of the targets y (B, L) under the parallel form, forward only."""
-    device = model.embed.weight.device
-    logits = model(torch.from_numpy(x).to(device))
-    y = torch.from_numpy(y).to(device)
-    return float(F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum"))
-
-
-def eval_report(model, val, context, max_tokens, decode):
-    """Stage 3's validation figures on the same windows, in the same batches."""
-    nats = partial(batch_nats, model)
-    return S3.validation_report(nats, val, context, model.cfg.context, max_tokens, decode)
-
-
-@torch.no_grad()
-def energy_report(model, x):
-    """Spike rates per layer and site, recorded by forward hooks at stage 3's sites and at what feeds
-    wo (attn.wo_input), counted and reported as stage 3 does."""
-    where = {site: site for site in S3.SITES} | {"wo_input": "attn.wo_input"}   # site -> module path
-    with record_spike_rates(model.blocks, where) as rates:
-        model(x)
-    return energy_summary(model.cfg, S3.synaptic_ops(model.cfg, rates), rates)
-
-
-@torch.no_grad()
-def generate(model, prompt_ids, max_new_tokens, rng, temperature=1.0, top_k=0, top_p=1.0):
-    """Yield token ids one at a time: the prompt fills the state in one parallel (chunked) pass,
-    then every new token costs one recurrent step, whatever the context length."""
-    device = model.embed.weight.device
-    state = model.init_state(1)
-    logits = model(torch.tensor([prompt_ids], device=device), state)[0, -1]
-    for _ in range(max_new_tokens):
-        nxt = S3.sample_token(logits.cpu().numpy(), rng, temperature, top_k, top_p)
-        yield nxt
-        logits = model(torch.tensor([[nxt]], device=device), state)[0, -1]
-
-
-def stream_text(tok, model, prompt, sc, out=None):
-    """Sample sc.max_new_tokens after the prompt and print them as they come."""
-    return stream_sample(tok, prompt, sc, partial(generate, model), out)
-
 # ----------------------------------------------------------------------------- training
-
-
-def save(path, model, opt, mcfg, tcfg, step, tok_info, data_dir):
-    """Stage 3's checkpoint file: params, AdamW moments, config with the completed step."""
-    S3.save_model(path, export_params(model), mcfg, tcfg, step, export_adam_moments(opt), tok_info, data_dir)
 
 
 def train(mcfg, tcfg, run, data_dir, ckpt_path, resume=False, group=SOLO):
@@ -910,23 +851,15 @@ def train(mcfg, tcfg, run, data_dir, ckpt_path, resume=False, group=SOLO):
     backend = f"kernels {run.kernels}, {run.dtype} matmuls on {run.device}"
     print(model_line(n_params, mcfg, len(train_data), len(val), backend))
 
-    def evaluate_now(done):
-        results = []
-        if group.main:                                   # rank 0 evaluates; the others wait
-            model.eval()
-            report = partial(eval_report, model, val, max_tokens=tcfg.eval_tokens, decode=tok.decode)
-            results = print_evals(done, report, mcfg.context)
-            model.train()
-        group.barrier()
-        return results
+    report = partial(eval_report, model, val, max_tokens=tcfg.eval_tokens, decode=tok.decode)
+    evaluate_now = partial(evaluate_on_main, group, model, report=report, context=mcfg.context)
 
     def save_now(done):
         if group.main:
-            save(ckpt_path, model, opt, mcfg, tcfg, done, tok_info, data_dir)
+            save_torch_model(ckpt_path, model, opt, mcfg, tcfg, done, tok_info, data_dir)
 
-    def one_step(step):
-        return train_step(model, opt, mcfg, tcfg, train_data, step, run.device, fwd, run.grad_accum,
-                          group, ddp)
+    one_step = partial(train_step, model, opt, mcfg, tcfg, train_data, device=run.device, fwd=fwd,
+                       accum=run.grad_accum, group=group, ddp=ddp)                 # one_step(step)
 
     run_steps(one_step, step, tcfg, tcfg.batch_size * mcfg.context, evaluate_now, save_now, ckpt_path,
               group if group.world > 1 else None)
@@ -970,9 +903,7 @@ def main(argv=None):
         group.leave()
     if not group.main:
         return 0
-    x, prompt = S3.summary_inputs(data_dir, model.cfg.context, tok)
-    energy = energy_report(model, torch.from_numpy(x).to(run.device))[0]
-    print_summary(energy, lambda: stream_text(tok, model, prompt, sc), sc, ckpt)
+    print_run_summary(model, tok, data_dir, sc, ckpt)
     if args.plot:
         plot_checkpoint(ckpt)
     return 0

@@ -8,6 +8,17 @@ import numpy as np
 import torch
 
 from spikelib.checkpoint import check_shapes
+from spikelib.cli import check_choices, check_fields
+
+RUN_CHOICES = {"kernels": ("auto", "triton", "torch"), "device": ("auto", "cuda", "cpu"),
+               "dtype": ("auto", "bfloat16", "float32")}
+
+
+def check_run(rc):
+    """Stage 5's RunConfig: each choice among RUN_CHOICES, chunk and grad_accum at least 1
+    (ValueError, one line, otherwise)."""
+    check_choices(rc, RUN_CHOICES)
+    check_fields(rc, {"chunk": ">= 1", "grad_accum": ">= 1"})
 
 
 def resolve_run(rc, have_triton):

@@ -383,7 +383,8 @@ def test_checkpoint_round_trip_with_stage3_and_same_adamw_step(tmp_path):
     after = S5.export_params(model)
     for name in p:
         assert rel(after[name] - params[name], p[name] - params[name]) < 1e-3, name
-    S5.save(tmp_path / "s5.npz", model, opt5, mcfg, tcfg, step + 1, {"sha256": "x", "path": "t.json"}, None)
+    tok_info = {"sha256": "x", "path": "t.json"}
+    S5.save_torch_model(tmp_path / "s5.npz", model, opt5, mcfg, tcfg, step + 1, tok_info, None)
     back, mcfg2, _, step2, opt_back, _ = S3.load_model(tmp_path / "s5.npz")
     assert mcfg2 == mcfg and step2 == step + 1
     for name in p:
