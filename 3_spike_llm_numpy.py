@@ -24,17 +24,17 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from spikelib.evaluation import eval_batch, validation_report  # noqa: E402, F401
-from spikelib.cli import (check_choices, check_fields, config_from_args, fail, preset_configs,  # noqa: E402
-                          stage_parser)
+from spikelib.cli import check_choices, config_from_args, fail, preset_configs, stage_parser  # noqa: E402
 from spikelib.loop import run_steps  # noqa: E402
 from spikelib.plots import plot_checkpoint, plot_only  # noqa: E402
 from spikelib.report import (energy_summary, model_line, print_evals, print_summary,  # noqa: E402
                              stream_sample)
 from spikelib.runs import (batch_rng, check_tokenizer, get_batch, load_dataset_info,  # noqa: E402, F401
-                           load_tokenizer, open_split, prepare_dataset, save_model, summary_inputs)
-from spikelib.runs import load_model as read_model  # noqa: E402
+                           load_model as read_model, load_tokenizer, open_split, prepare_dataset, save_model,
+                           summary_inputs)
 from spikelib.sampling import sample_token  # noqa: E402, F401
-from spikelib.stage_run import SampleConfig, resolve_configs, start_run  # noqa: E402
+from spikelib.stage_run import (ERRORS, SampleConfig, check_model_config, check_train_config,  # noqa: E402
+                                resolve_configs, start_run)
 from spikelib.synops import synaptic_ops  # noqa: E402
 
 # ----------------------------------------------------------------------------- config
@@ -85,16 +85,7 @@ class ModelConfig:
     def __post_init__(self):
         check_choices(self, {"neuron": NEURONS, "surrogate": SURROGATES, "spike_fn": SPIKE_FNS,
                              "quant": QUANTS, "reset": ("soft", "hard"), "attention": ("linear", "hadamard")})
-        sizes = ("vocab_size", "n_layer", "n_head", "d_model", "d_ff", "T", "context")
-        check_fields(self, dict.fromkeys(sizes, ">= 1"))
-        if self.d_model % self.n_head:
-            raise ValueError(f"--n_head must divide --d_model {self.d_model}, got {self.n_head}")
-        if self.spike_fn == "heaviside" and self.quant != "round_ste":
-            raise ValueError(f"--quant {self.quant} needs --spike_fn sigmoid4x (heaviside spikes are binary)")
-        check_fields(self, {"decay_start": "> 0 (so that 0 < gamma < 1)", "decay_step": ">= 0",
-                            "alpha": "> 0", "dropout": "in [0, 1)", "theta": "> 0", "norm_eps": "> 0",
-                            "syn_alpha": "in [0, 1)",
-                            "beta": "in (0, 1)" if self.neuron == "plif" else "in [0, 1] (1: no leak)"})
+        check_model_config(self)      # sizes and ranges, one error naming the option (spikelib.stage_run)
 
 
 @dataclass
@@ -116,9 +107,7 @@ class TrainConfig:
     eval_tokens: int = 0          # validation tokens per evaluation: 0 = the whole split, N = the first N
 
     def __post_init__(self):
-        check_fields(self, {"batch_size": ">= 1", "max_steps": ">= 1", "max_minutes": ">= 0", "lr": "> 0",
-                            "min_lr": ">= 0", "warmup": ">= 0", "weight_decay": ">= 0", "grad_clip": ">= 0",
-                            "layer_lr_decay": "> 0", "eval_interval": ">= 1", "eval_tokens": ">= 0"})
+        check_train_config(self)      # sizes and rates, one error naming the option (spikelib.stage_run)
 
 
 # Presets: threshold 0.5 (spike rates near 0.25 rather than 0.13 at theta = 1, and lower loss),
@@ -675,17 +664,14 @@ def cross_entropy(logits, y):
 
 def spike_rates(cache, cfg):
     """Per layer: the fraction of nonzero outputs at each neuron site, and of wo's input."""
-    rates = []
-    for c in cache["blocks"]:
-        layer = {site: float(np.count_nonzero(c[site]["s"]) / c[site]["s"].size) for site in SITES}
-        layer["wo_input"] = float(np.count_nonzero(c["wo_input"]) / c["wo_input"].size)
-        rates.append(layer)
-    return rates
+    def rate(a):
+        return float(np.count_nonzero(a) / a.size)
+    return [dict({site: rate(c[site]["s"]) for site in SITES}, wo_input=rate(c["wo_input"]))
+            for c in cache["blocks"]]
 
 
 def energy_report(params, cfg, x):
-    """Spike rates per layer and site on a batch x (B, L), with the operations and energy per token
-    they imply (spikelib.synops counts them): (report text, figures)."""
+    """(report text, figures): spike rates per layer and site on a batch x (B, L), and energy per token."""
     _, cache = forward(params, cfg, x)
     rates = spike_rates(cache, cfg)
     return energy_summary(cfg, synaptic_ops(cfg, rates), rates)
@@ -772,7 +758,7 @@ def adamw_step(params, grads, opt, step, tcfg, n_layer, b1=0.9, b2=0.95, eps=1e-
         p -= (lr_p * (m / c1) / (np.sqrt(v / c2) + eps)).astype(p.dtype)
     return lr
 
-# ----------------------------------------------------------------------------- data, eval, checkpoints
+# ----------------------------------------------------------------------------- training
 
 
 def eval_report(params, cfg, val, context, max_tokens, decode):
@@ -783,17 +769,14 @@ def eval_report(params, cfg, val, context, max_tokens, decode):
 
 
 def load_model(path):
-    """(params, ModelConfig, train dict, step, opt_state or None, config) of a checkpoint;
-    CheckpointError on any problem."""
+    """(params, ModelConfig, train dict, step, opt_state or None, config); CheckpointError if bad."""
     return read_model(path, ModelConfig, param_shapes)
 
 
 def start_params(mcfg, tcfg, ckpt_path, resume, tok_info):
-    """(params, mcfg, step, opt_state or None) a run starts from: the checkpoint's when resuming,
-    else init_params for the tokenizer's vocabulary (spikelib.stage_run). Stages 4 and 5 start here too."""
+    """(params, mcfg, step, opt_state or None): the checkpoint's when resuming, else init_params'
+    for the tokenizer's vocabulary (spikelib.stage_run). Stages 4 and 5 start from the same numbers."""
     return start_run(mcfg, tcfg.seed, ckpt_path, resume, tok_info, load_model, init_params)
-
-# ----------------------------------------------------------------------------- training
 
 
 def train_step(params, opt, mcfg, tcfg, data, step):
@@ -815,25 +798,16 @@ def train(mcfg, tcfg, data_dir, ckpt_path, resume=False):
     train_data, val = open_split(data_dir, "train"), open_split(data_dir, "val")
     params, mcfg, step, opt = start_params(mcfg, tcfg, ckpt_path, resume, tok_info)
     opt = opt or init_opt_state(params)
-    n_params = sum(p.size for p in params.values())
-    print(model_line(n_params, mcfg, len(train_data), len(val)))
-
-    def evaluate_now(done):
-        report = partial(eval_report, params, mcfg, val, max_tokens=tcfg.eval_tokens, decode=tok.decode)
-        return print_evals(done, report, mcfg.context)
-
-    def save(done):
-        save_model(ckpt_path, params, mcfg, tcfg, done, opt, tok_info, data_dir)
-
-    def one_step(step):
-        return train_step(params, opt, mcfg, tcfg, train_data, step)
-
+    print(model_line(sum(p.size for p in params.values()), mcfg, len(train_data), len(val)))
+    report = partial(eval_report, params, mcfg, val, max_tokens=tcfg.eval_tokens, decode=tok.decode)
+    evaluate_now = partial(print_evals, report=report, context=mcfg.context)    # (step) -> its results
+    save = partial(save_model, ckpt_path, params, mcfg, tcfg, opt_state=opt, tokenizer_info=tok_info,
+                   data_dir=data_dir)                                           # (step): the checkpoint
+    one_step = partial(train_step, params, opt, mcfg, tcfg, train_data)         # (step) -> (loss, stats)
     run_steps(one_step, step, tcfg, tcfg.batch_size * mcfg.context, evaluate_now, save, ckpt_path)
     return params, mcfg, tok
 
 # ----------------------------------------------------------------------------- main
-
-ERRORS = (ValueError, OSError, FloatingPointError)    # CheckpointError is a ValueError
 
 
 def build_parser():
@@ -842,8 +816,7 @@ def build_parser():
 
 
 def run_configs(args, out_dir="out/numpy"):
-    """(ModelConfig, TrainConfig, checkpoint path) from parsed options and, when resuming, the
-    checkpoint (spikelib.stage_run: a new run does not replace another's checkpoint unless asked)."""
+    """(ModelConfig, TrainConfig, checkpoint path) from the options and checkpoint (spikelib.stage_run)."""
     return resolve_configs(args, out_dir, PRESETS, ModelConfig, TrainConfig, param_shapes)
 
 

@@ -8,6 +8,9 @@ from spikelib.checkpoint import check_vocab
 from spikelib.cli import check_fields, given_options, preset_configs, resumed_config
 from spikelib.runs import check_tokenizer, load_model
 
+ERRORS = (ValueError, OSError, FloatingPointError)    # what a stage reports as one line (CheckpointError
+                                                      # is a ValueError); anything else is a bug
+
 
 @dataclass
 class SampleConfig:
@@ -20,6 +23,29 @@ class SampleConfig:
     def __post_init__(self):
         check_fields(self, {"max_new_tokens": ">= 0", "temperature": ">= 0", "top_k": ">= 0",
                             "top_p": "in (0, 1]"})
+
+
+def check_model_config(cfg):
+    """Refuse a model config (stage 3's ModelConfig, its choices checked) that cannot run, with one
+    error naming the option: a size below 1, heads that do not divide d_model, a quantizer on
+    heaviside spikes, a rate, leak or threshold out of range."""
+    sizes = ("vocab_size", "n_layer", "n_head", "d_model", "d_ff", "T", "context")
+    check_fields(cfg, dict.fromkeys(sizes, ">= 1"))
+    if cfg.d_model % cfg.n_head:
+        raise ValueError(f"--n_head must divide --d_model {cfg.d_model}, got {cfg.n_head}")
+    if cfg.spike_fn == "heaviside" and cfg.quant != "round_ste":
+        raise ValueError(f"--quant {cfg.quant} needs --spike_fn sigmoid4x (heaviside spikes are binary)")
+    check_fields(cfg, {"decay_start": "> 0 (so that 0 < gamma < 1)", "decay_step": ">= 0",
+                       "alpha": "> 0", "dropout": "in [0, 1)", "theta": "> 0", "norm_eps": "> 0",
+                       "syn_alpha": "in [0, 1)",
+                       "beta": "in (0, 1)" if cfg.neuron == "plif" else "in [0, 1] (1: no leak)"})
+
+
+def check_train_config(cfg):
+    """Refuse a training config (stage 3's TrainConfig) with a size, rate or interval out of range."""
+    check_fields(cfg, {"batch_size": ">= 1", "max_steps": ">= 1", "max_minutes": ">= 0", "lr": "> 0",
+                       "min_lr": ">= 0", "warmup": ">= 0", "weight_decay": ">= 0", "grad_clip": ">= 0",
+                       "layer_lr_decay": "> 0", "eval_interval": ">= 1", "eval_tokens": ">= 0"})
 
 
 def resolve_configs(args, out_dir, presets, model_cls, train_cls, shapes_of):
