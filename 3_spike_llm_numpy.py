@@ -16,25 +16,26 @@ checked against finite differences (tests/test_stage3.py).
 """
 import math
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import lru_cache, partial
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from spikelib.evaluation import (bits_per_char, eval_batch, eval_result, eval_windows,  # noqa: E402, F401
-                                 validation_report)
-from spikelib.checkpoint import check_vocab  # noqa: E402
-from spikelib.cli import (check_choices, check_fields, config_from_args, fail, given_options,  # noqa: E402
-                          preset_configs, resumed_config, stage_parser)
+from spikelib.evaluation import eval_batch, validation_report  # noqa: E402, F401
+from spikelib.cli import check_choices, config_from_args, fail, preset_configs, stage_parser  # noqa: E402
 from spikelib.loop import run_steps  # noqa: E402
 from spikelib.plots import plot_checkpoint, plot_only  # noqa: E402
-from spikelib.report import energy_summary, model_line, print_evals, print_summary, stream_sample  # noqa: E402
+from spikelib.report import (energy_summary, model_line, print_evals, print_summary,  # noqa: E402
+                             stream_sample)
 from spikelib.runs import (batch_rng, check_tokenizer, get_batch, load_dataset_info,  # noqa: E402, F401
-                           load_tokenizer, open_split, prepare_dataset, save_model, summary_inputs)
-from spikelib.runs import load_model as read_model  # noqa: E402
+                           load_model as read_model, load_tokenizer, open_split, prepare_dataset, save_model,
+                           summary_inputs)
 from spikelib.sampling import sample_token  # noqa: E402, F401
+from spikelib.stage_run import (ERRORS, SampleConfig, check_model_config, check_train_config,  # noqa: E402
+                                resolve_configs, start_run)
+from spikelib.synops import synaptic_ops  # noqa: E402
 
 # ----------------------------------------------------------------------------- config
 
@@ -84,16 +85,7 @@ class ModelConfig:
     def __post_init__(self):
         check_choices(self, {"neuron": NEURONS, "surrogate": SURROGATES, "spike_fn": SPIKE_FNS,
                              "quant": QUANTS, "reset": ("soft", "hard"), "attention": ("linear", "hadamard")})
-        sizes = ("vocab_size", "n_layer", "n_head", "d_model", "d_ff", "T", "context")
-        check_fields(self, dict.fromkeys(sizes, ">= 1"))
-        if self.d_model % self.n_head:
-            raise ValueError(f"--n_head must divide --d_model {self.d_model}, got {self.n_head}")
-        if self.spike_fn == "heaviside" and self.quant != "round_ste":
-            raise ValueError(f"--quant {self.quant} needs --spike_fn sigmoid4x (heaviside spikes are binary)")
-        check_fields(self, {"decay_start": "> 0 (so that 0 < gamma < 1)", "decay_step": ">= 0",
-                            "alpha": "> 0", "dropout": "in [0, 1)", "theta": "> 0", "norm_eps": "> 0",
-                            "syn_alpha": "in [0, 1)",
-                            "beta": "in (0, 1)" if self.neuron == "plif" else "in [0, 1] (1: no leak)"})
+        check_model_config(self)      # sizes and ranges, one error naming the option (spikelib.stage_run)
 
 
 @dataclass
@@ -115,47 +107,29 @@ class TrainConfig:
     eval_tokens: int = 0          # validation tokens per evaluation: 0 = the whole split, N = the first N
 
     def __post_init__(self):
-        check_fields(self, {"batch_size": ">= 1", "max_steps": ">= 1", "max_minutes": ">= 0", "lr": "> 0",
-                            "min_lr": ">= 0", "warmup": ">= 0", "weight_decay": ">= 0", "grad_clip": ">= 0",
-                            "layer_lr_decay": "> 0", "eval_interval": ">= 1", "eval_tokens": ">= 0"})
-
-
-@dataclass
-class SampleConfig:
-    max_new_tokens: int = 120     # tokens to sample after the prompt
-    temperature: float = 0.8      # softmax temperature; 0 always picks the most likely token
-    top_k: int = 40               # sample only among the k most likely tokens (0: all)
-    top_p: float = 0.95           # ... and the smallest set of them whose probability reaches top_p
-    sample_seed: int = 0          # seed of the sampler
-
-    def __post_init__(self):
-        check_fields(self, {"max_new_tokens": ">= 0", "temperature": ">= 0", "top_k": ">= 0",
-                            "top_p": "in (0, 1]"})
+        check_train_config(self)      # sizes and rates, one error naming the option (spikelib.stage_run)
 
 
 # Presets: threshold 0.5 (spike rates near 0.25 rather than 0.13 at theta = 1, and lower loss),
 # norm_eps 1e-2 (a head whose query spikes are all zero has y = 0, where the head norm's gradient
 # is g/sqrt(eps): 316x at 1e-5, enough to swamp training with surrogate-gradient noise).
-# The CPU presets evaluate on a slice of the validation split while training (labelled as one);
-# quick: the quick start, a schedule that always ends at its last step, whatever the machine.
-SPIKING = dict(theta=0.5, norm_eps=1e-2)
+# The CPU presets evaluate on a slice of the validation split while training (labelled as one).
+# quick, the README's quick start, is `small` with a schedule that ends in 300 steps (its cosine
+# decay completes on any machine; a busy 2-core laptop still finishes in minutes).
+SPIKING = dict(T=4, theta=0.5, norm_eps=1e-2)
+SMALL = dict(n_layer=4, n_head=4, d_model=128, d_ff=512, context=64, **SPIKING)
 PRESETS = {
-    "tiny": {"model": dict(vocab_size=64, n_layer=2, n_head=2, d_model=32, d_ff=64, T=4, context=32,
-                           **SPIKING),
-             "train": dict(batch_size=4, max_steps=200, lr=3e-3, min_lr=3e-4, warmup=10,
-                           eval_interval=50, eval_tokens=2048)},
-    # quick: the README's quick start, `small` with a schedule that ends in 300 steps (its cosine
-    # decay completes on any machine; a busy 2-core laptop still finishes in minutes)
-    "quick": {"model": dict(n_layer=4, n_head=4, d_model=128, d_ff=512, T=4, context=64, **SPIKING),
-              "train": dict(batch_size=16, max_steps=300, lr=3e-3, min_lr=3e-4, warmup=20, eval_interval=100,
-                            eval_tokens=8192)},
-    "small": {"model": dict(n_layer=4, n_head=4, d_model=128, d_ff=512, T=4, context=64, **SPIKING),
-              "train": dict(batch_size=16, max_steps=500, lr=3e-3, min_lr=3e-4, warmup=30,
-                            max_minutes=5.0, eval_interval=100, eval_tokens=16384)},
-    "seed": {"model": dict(n_layer=12, n_head=8, d_model=256, d_ff=1024, T=4, context=256, **SPIKING),
+    "tiny": {"model": dict(vocab_size=64, n_layer=2, n_head=2, d_model=32, d_ff=64, context=32, **SPIKING),
+             "train": dict(batch_size=4, max_steps=200, lr=3e-3, min_lr=3e-4, warmup=10, eval_interval=50,
+                           eval_tokens=2048)},
+    "quick": {"model": SMALL, "train": dict(batch_size=16, max_steps=300, lr=3e-3, min_lr=3e-4, warmup=20,
+                                             eval_interval=100, eval_tokens=8192)},
+    "small": {"model": SMALL, "train": dict(batch_size=16, max_steps=500, lr=3e-3, min_lr=3e-4, warmup=30,
+                                             max_minutes=5.0, eval_interval=100, eval_tokens=16384)},
+    "seed": {"model": dict(n_layer=12, n_head=8, d_model=256, d_ff=1024, context=256, **SPIKING),
              "train": dict(batch_size=16, max_steps=20000, lr=1e-3, min_lr=1e-4, warmup=500,
                            eval_interval=500, layer_lr_decay=0.9)},
-    "base": {"model": dict(n_layer=12, n_head=8, d_model=512, d_ff=2048, T=4, context=512, **SPIKING),
+    "base": {"model": dict(n_layer=12, n_head=8, d_model=512, d_ff=2048, context=512, **SPIKING),
              "train": dict(batch_size=32, max_steps=50000, lr=6e-4, min_lr=6e-5, warmup=1000,
                            eval_interval=1000)},
 }
@@ -171,18 +145,14 @@ def param_shapes(cfg):
     D, F, V = cfg.d_model, cfg.d_ff, cfg.vocab_size
     shapes = {"embed.weight": (V, D)}
     for i in range(cfg.n_layer):
-        b = f"blocks.{i}."
-        shapes[b + "norm1.weight"] = (D,)
-        for w in ("wq", "wk", "wv", "wo"):
-            shapes[b + "attn." + w] = (D, D)
-        shapes[b + "attn.norm.weight"] = (D,)
-        shapes[b + "norm2.weight"] = (D,)
-        shapes[b + "mlp.w1"] = (D, F)
-        shapes[b + "mlp.w2"] = (F, D)
+        block = {"norm1.weight": (D,), "attn.wq": (D, D), "attn.wk": (D, D), "attn.wv": (D, D),
+                 "attn.wo": (D, D), "attn.norm.weight": (D,),
+                 "norm2.weight": (D,), "mlp.w1": (D, F), "mlp.w2": (F, D)}
         for site in SITES:              # per-channel neuron parameters: PLIF's leak logit and threshold,
             C = F if site == "mlp.sn_h" else D   # LITS's output scales
             for name in {"plif": ("w", "theta"), "lits": ("scale_pos", "scale_neg")}.get(cfg.neuron, ()):
-                shapes[b + site + "." + name] = (C,)
+                block[site + "." + name] = (C,)
+        shapes.update({f"blocks.{i}.{name}": shape for name, shape in block.items()})
     shapes["norm_f.weight"] = (D,)
     if not cfg.tie_embeddings:
         shapes["head.weight"] = (D, V)
@@ -694,12 +664,17 @@ def cross_entropy(logits, y):
 
 def spike_rates(cache, cfg):
     """Per layer: the fraction of nonzero outputs at each neuron site, and of wo's input."""
-    rates = []
-    for c in cache["blocks"]:
-        layer = {site: float(np.count_nonzero(c[site]["s"]) / c[site]["s"].size) for site in SITES}
-        layer["wo_input"] = float(np.count_nonzero(c["wo_input"]) / c["wo_input"].size)
-        rates.append(layer)
-    return rates
+    def rate(a):
+        return float(np.count_nonzero(a) / a.size)
+    return [dict({site: rate(c[site]["s"]) for site in SITES}, wo_input=rate(c["wo_input"]))
+            for c in cache["blocks"]]
+
+
+def energy_report(params, cfg, x):
+    """(report text, figures): spike rates per layer and site on a batch x (B, L), and energy per token."""
+    _, cache = forward(params, cfg, x)
+    rates = spike_rates(cache, cfg)
+    return energy_summary(cfg, synaptic_ops(cfg, rates), rates)
 
 
 def loss_and_grads(params, cfg, x, y, smooth=False, rng=None):
@@ -722,6 +697,17 @@ def decode_step(params, cfg, state, token_ids):
     logits, _ = forward(params, cfg, np.asarray(token_ids).reshape(-1, 1), state=state)
     state["pos"] += 1
     return logits[:, 0]
+
+
+def generate(params, cfg, prompt_ids, max_new_tokens, rng, temperature=1.0, top_k=0, top_p=1.0):
+    """Yield new token ids one at a time with the recurrent form (constant cost per token)."""
+    state = init_decode_state(cfg, 1, params["embed.weight"].dtype)
+    for t in prompt_ids:
+        logits = decode_step(params, cfg, state, [t])
+    for _ in range(max_new_tokens):
+        nxt = sample_token(logits[0], rng, temperature, top_k, top_p)
+        yield nxt
+        logits = decode_step(params, cfg, state, [nxt])
 
 # ----------------------------------------------------------------------------- optimizer
 
@@ -772,101 +758,25 @@ def adamw_step(params, grads, opt, step, tcfg, n_layer, b1=0.9, b2=0.95, eps=1e-
         p -= (lr_p * (m / c1) / (np.sqrt(v / c2) + eps)).astype(p.dtype)
     return lr
 
-# ----------------------------------------------------------------------------- data, eval, checkpoints
-
-
-def batch_nats(params, cfg, x, y):
-    """Total nats of the targets y (B, L) under the parallel form, forward only."""
-    logits, _ = forward(params, cfg, x)
-    return cross_entropy(logits, y)[0] * y.size
+# ----------------------------------------------------------------------------- training
 
 
 def eval_report(params, cfg, val, context, max_tokens, decode):
     """Validation figures on the fixed slice of val at the given context (None if it is empty)."""
-    return validation_report(partial(batch_nats, params, cfg), val, context, cfg.context, max_tokens, decode)
+    def batch_nats(x, y):           # total nats of the targets y (B, L): parallel form, forward only
+        return cross_entropy(forward(params, cfg, x)[0], y)[0] * y.size
+    return validation_report(batch_nats, val, context, cfg.context, max_tokens, decode)
 
 
 def load_model(path):
-    """(params, ModelConfig, train dict, step, opt_state or None, config) of a checkpoint;
-    CheckpointError on any problem."""
+    """(params, ModelConfig, train dict, step, opt_state or None, config); CheckpointError if bad."""
     return read_model(path, ModelConfig, param_shapes)
 
 
 def start_params(mcfg, tcfg, ckpt_path, resume, tok_info):
-    """(params, mcfg, step, opt_state or None) a run starts from: the checkpoint's when resuming
-    (with its own model config), else stage 3's initial parameters for the tokenizer's vocabulary
-    (a larger model vocabulary would let the sampler draw ids the tokenizer cannot decode). Stages 4
-    and 5 start from the same numbers."""
-    if resume:
-        params, mcfg, _, step, opt, config = load_model(ckpt_path)
-        check_tokenizer(config, tok_info["sha256"], ckpt_path)
-        check_vocab(mcfg.vocab_size, tok_info["vocab_size"], ckpt_path)
-        print(f"resuming {ckpt_path} at step {step}")
-        return params, mcfg, step, opt
-    if mcfg.vocab_size != tok_info["vocab_size"]:      # one embedding row per token the tokenizer has
-        mcfg = replace(mcfg, vocab_size=tok_info["vocab_size"])
-    return init_params(mcfg, tcfg.seed), mcfg, 0, None
-
-
-# ----------------------------------------------------------------------------- generation
-
-
-def generate(params, cfg, prompt_ids, max_new_tokens, rng, temperature=1.0, top_k=0, top_p=1.0):
-    """Yield new token ids one at a time with the recurrent form (constant cost per token)."""
-    state = init_decode_state(cfg, 1, params["embed.weight"].dtype)
-    for t in prompt_ids:
-        logits = decode_step(params, cfg, state, [t])
-    for _ in range(max_new_tokens):
-        nxt = sample_token(logits[0], rng, temperature, top_k, top_p)
-        yield nxt
-        logits = decode_step(params, cfg, state, [nxt])
-
-
-def stream_text(tok, params, cfg, prompt, sc, out=None):
-    """Sample sc.max_new_tokens after the prompt and print them as they come."""
-    return stream_sample(tok, prompt, sc, partial(generate, params, cfg), out)
-
-# ----------------------------------------------------------------------------- spikes, synaptic ops, energy
-
-def synaptic_ops(cfg, rates):
-    """Per-token operation counts of the spiking model (ACs on spikes, MACs on reals) and of
-    its ANN twin (all MACs). A layer fed by spikes: rate_in * in * out * T accumulates.
-    Attention per timestep and head: linear form S += k^T v, y = q S -> (rate_k + rate_q) dh^2
-    ACs (twin: 2 dh^2 MACs); hadamard c += k * v -> rate_k dh ACs (twin: 2 dh MACs, k*v and q*z).
-    The readout (real-valued, D*V) is a MAC in both; norms and neuron updates are not counted.
-    rate_coding: attention reads running means (reals), T times the twin's MACs.
-    Outputs that are not exactly binary or ternary (sigmoid4x with quant identity: rates p) make
-    every one of these operations a MAC. LITS outputs {-s-, 0, s+} count as ACs: diag(s+) W and
-    diag(s-) W are fixed weights folded once after training, so a layer adds their rows for its
-    ternary spikes (two weight copies, no multiply); in attention the scales fold the same way into
-    the constants each spike adds to one of four sign-indexed states."""
-    D, F, V, T, H = cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.T, cfg.n_head
-    dh = D // H
-    ac, ann, mac = 0.0, 0.0, D * V
-    for r in rates:
-        ac += T * (3 * r["sn1"] * D * D + r["wo_input"] * D * D + r["sn2"] * D * F + r["mlp.sn_h"] * F * D)
-        ann += 4 * D * D + 2 * D * F
-        attn_mac = 2 * H * dh * dh if cfg.attention == "linear" else 2 * H * dh
-        ann += attn_mac
-        if cfg.rate_coding:            # attention on running means multiplies reals: MACs
-            mac += T * attn_mac
-        elif cfg.attention == "linear":
-            ac += T * H * (r["attn.sn_k"] + r["attn.sn_q"]) * dh * dh
-        else:
-            ac += T * H * r["attn.sn_k"] * dh
-    if cfg.spike_fn == "sigmoid4x" and cfg.quant == "identity":     # no spikes at all: all MACs
-        return {"ac": 0.0, "mac": ac + mac, "ann_mac": ann + D * V}
-    return {"ac": ac, "mac": mac, "ann_mac": ann + D * V}
-
-
-def energy_report(params, cfg, x):
-    """Spike rates per layer and site on a batch x (B, L), with the operations and energy per token
-    they imply: (report text, figures)."""
-    _, cache = forward(params, cfg, x)
-    rates = spike_rates(cache, cfg)
-    return energy_summary(cfg, synaptic_ops(cfg, rates), rates)
-
-# ----------------------------------------------------------------------------- training
+    """(params, mcfg, step, opt_state or None): the checkpoint's when resuming, else init_params'
+    for the tokenizer's vocabulary (spikelib.stage_run). Stages 4 and 5 start from the same numbers."""
+    return start_run(mcfg, tcfg.seed, ckpt_path, resume, tok_info, load_model, init_params)
 
 
 def train_step(params, opt, mcfg, tcfg, data, step):
@@ -888,25 +798,16 @@ def train(mcfg, tcfg, data_dir, ckpt_path, resume=False):
     train_data, val = open_split(data_dir, "train"), open_split(data_dir, "val")
     params, mcfg, step, opt = start_params(mcfg, tcfg, ckpt_path, resume, tok_info)
     opt = opt or init_opt_state(params)
-    n_params = sum(p.size for p in params.values())
-    print(model_line(n_params, mcfg, len(train_data), len(val)))
-
-    def evaluate_now(done):
-        report = partial(eval_report, params, mcfg, val, max_tokens=tcfg.eval_tokens, decode=tok.decode)
-        return print_evals(done, report, mcfg.context)
-
-    def save(done):
-        save_model(ckpt_path, params, mcfg, tcfg, done, opt, tok_info, data_dir)
-
-    def one_step(step):
-        return train_step(params, opt, mcfg, tcfg, train_data, step)
-
+    print(model_line(sum(p.size for p in params.values()), mcfg, len(train_data), len(val)))
+    report = partial(eval_report, params, mcfg, val, max_tokens=tcfg.eval_tokens, decode=tok.decode)
+    evaluate_now = partial(print_evals, report=report, context=mcfg.context)    # (step) -> its results
+    save = partial(save_model, ckpt_path, params, mcfg, tcfg, opt_state=opt, tokenizer_info=tok_info,
+                   data_dir=data_dir)                                           # (step): the checkpoint
+    one_step = partial(train_step, params, opt, mcfg, tcfg, train_data)         # (step) -> (loss, stats)
     run_steps(one_step, step, tcfg, tcfg.batch_size * mcfg.context, evaluate_now, save, ckpt_path)
     return params, mcfg, tok
 
 # ----------------------------------------------------------------------------- main
-
-ERRORS = (ValueError, OSError, FloatingPointError)    # CheckpointError is a ValueError
 
 
 def build_parser():
@@ -915,24 +816,8 @@ def build_parser():
 
 
 def run_configs(args, out_dir="out/numpy"):
-    """(ModelConfig, TrainConfig, checkpoint path) from parsed options; when resuming, the saved
-    run's own configs with only the training options given now changed. A new run does not replace
-    another run's checkpoint unless asked (--overwrite 1)."""
-    overrides = given_options(args, ModelConfig, TrainConfig)
-    overrides.setdefault("out_dir", out_dir)
-    mcfg, tcfg = make_configs(args.preset, **overrides)
-    ckpt = Path(args.ckpt or Path(tcfg.out_dir) / "ckpt.npz")
-    if args.resume:
-        _, saved_model, saved_train, step, _, _ = load_model(ckpt)
-        for name in given_options(args, ModelConfig):
-            if getattr(saved_model, name) != getattr(mcfg, name):
-                raise ValueError(f"--{name}: the checkpoint's model has {getattr(saved_model, name)!r}; a "
-                                 f"resumed run keeps its model (start a new one with --overwrite 1)")
-        tcfg = resumed_config(TrainConfig, saved_train, overrides, tcfg)
-    elif args.generate is None and not args.plot and ckpt.exists() and not args.overwrite:
-        raise ValueError(f"{ckpt} already holds a trained checkpoint: continue it with --resume 1, "
-                         f"replace it with --overwrite 1, or choose another --out_dir")
-    return mcfg, tcfg, ckpt
+    """(ModelConfig, TrainConfig, checkpoint path) from the options and checkpoint (spikelib.stage_run)."""
+    return resolve_configs(args, out_dir, PRESETS, ModelConfig, TrainConfig, param_shapes)
 
 
 def main(argv=None):
@@ -945,7 +830,7 @@ def main(argv=None):
             return 0
         if args.generate is not None:
             params, mcfg, _, _, _, config = load_model(ckpt)
-            stream_text(load_tokenizer(config, ckpt), params, mcfg, args.generate, sc)
+            stream_sample(load_tokenizer(config, ckpt), args.generate, sc, partial(generate, params, mcfg))
             return 0
         data_dir = prepare_dataset(tcfg.source, tcfg.data_root)
         params, mcfg, tok = train(mcfg, tcfg, data_dir, ckpt, args.resume)
@@ -955,7 +840,7 @@ def main(argv=None):
         return 130
     x, prompt = summary_inputs(data_dir, mcfg.context, tok)
     energy = energy_report(params, mcfg, x)[0]
-    print_summary(energy, lambda: stream_text(tok, params, mcfg, prompt, sc), sc, ckpt)
+    print_summary(energy, lambda: stream_sample(tok, prompt, sc, partial(generate, params, mcfg)), sc, ckpt)
     if args.plot:
         plot_checkpoint(ckpt)
     return 0

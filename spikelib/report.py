@@ -64,7 +64,7 @@ E_AC, E_MAC = 0.9e-12, 4.6e-12    # joules per accumulate / multiply-accumulate,
 
 def energy_summary(cfg, ops, rates):
     """(report text, figures) of a model's energy per token at 45 nm, from its operation counts
-    (ACs on spikes, MACs on real values; stage 3's synaptic_ops) and spike rates per layer."""
+    (ACs on spikes, MACs on real values; spikelib.synops) and spike rates per layer."""
     if not cfg.spiking:       # the twin itself: every layer is dense multiply-accumulates
         ops = dict(ops, ac=0.0, mac=ops["ann_mac"])
     e_snn = ops["ac"] * E_AC + ops["mac"] * E_MAC
