@@ -22,8 +22,8 @@ so a neuron reproduces relu(x) up to the scale lam and a clip at lam. Conversion
      attention at step t, sum_j gamma^(l-j) (qbar_l . kbar_j) vbar_j, approaches the ANN's y / (lam_q
      lam_k lam_v) as T grows (tests/test_convert.py measures it). q, k, v take one lam per site, not
      per channel: nothing but the attention reads them, and a scalar factor of y is removed by the
-     head norm that follows (its epsilon rescaled to match: convert_params). The cost: attention on running means
-     multiplies reals, so its operations count as MACs in the energy figures.
+     head norm that follows (its epsilon rescaled to match: convert_params). The cost: attention on
+     running means multiplies reals, so its operations count as MACs in the energy figures.
 Then it picks T (--timesteps auto: the smallest T of the sweep within --tolerance bits per character
 of the ANN), writes a spiking checkpoint that stages 3-6 load, and can continue with surrogate-
 gradient training (--finetune_steps) on any backend.
@@ -295,7 +295,7 @@ def finetune(path, cfg, tcfg, data_dir, cc):
         return params, time.time() - t0
     S5 = load_stage("5_spike_llm_triton")
     run = S5.resolve_run(S5.RunConfig(kernels=cc.backend, device=cc.device), S5.triton is not None)
-    model, _, _ = S5.train(cfg, tcfg, run, data_dir, path, resume=True)
+    model, _ = S5.train(cfg, tcfg, run, data_dir, path, resume=True)
     return S5.export_params(model), time.time() - t0
 
 

@@ -110,8 +110,8 @@ def answer(conv, question_ids, source, S6, max_new):
 def qa(args, cfg):
     S6 = load_stage("6_finetune")
     backend, tok, fp, _ = C8.load_chat_model(cfg)
-    config = C8.S3.load_model(cfg.ckpt)[5]
-    pairs, source = S6.qa_pairs(S6.FinetuneConfig(), config)
+    _, mcfg, *_, config = C8.S3.load_model(cfg.ckpt)
+    pairs, source = S6.qa_pairs(S6.FinetuneConfig(), config, mcfg)
     groups = OrderedDict()
     for p in pairs:
         if p["split"] == "test":

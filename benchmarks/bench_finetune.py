@@ -89,6 +89,10 @@ def main():
         row = F.run(cfg, progress=True)
         row["method"] = spec
         rows.append(row)
+        write_tables(args, rows)                        # after every method: a cut-short run keeps its rows
+
+
+def write_tables(args, rows):
     head = (f"stage 6 on {args.data}, base {args.base}, {args.max_steps} steps each, replay {args.replay}, "
             f"backend {args.backend}; {hardware()}")
     text = f"{head}\n\n{F.print_table(rows)}\n\n{qa_table(rows)}\n"
