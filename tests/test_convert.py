@@ -117,11 +117,14 @@ TEXT = ("Spikes carry the signal. A neuron fires when its membrane crosses the t
 
 def tiny_ann(seed=0):
     """A tiny ANN twin with noisy weights (every path matters) and the preset's norm epsilon (1e-2,
-    which the conversion must rescale: the converted head norm sees y / (lam_q lam_k lam_v))."""
+    which the conversion must rescale: the converted head norm sees y / (lam_q lam_k lam_v)). Its
+    embedding has unit scale, so the residual norms, whose epsilon shrinks too, read ms(h) >> eps."""
     cfg = S3.make_configs("tiny", spiking=False)[0]
     rng = np.random.default_rng(seed)
-    return {k: (v + rng.normal(0, 0.05, v.shape)).astype(np.float32)
-            for k, v in S3.init_params(cfg, seed).items()}, cfg
+    params = {k: (v + rng.normal(0, 0.05, v.shape)).astype(np.float32)
+              for k, v in S3.init_params(cfg, seed).items()}
+    params["embed.weight"] = rng.normal(0, 1.0, params["embed.weight"].shape).astype(np.float32)
+    return params, cfg
 
 
 def test_converted_logits_and_attention_approach_the_ann_as_T_grows():
@@ -214,6 +217,24 @@ def test_converted_checkpoint_loads_in_stages_3_to_5_with_equal_logits(world):
     model4 = load_stage("4_spike_llm_mlx").load(out)[0]
     logits4 = np.array(model4(mx.array(x))[0])
     assert np.abs(logits4 - ref).max() < 1e-4 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_finetuning_continues_the_converted_checkpoint(world, backend):
+    """--finetune_steps trains the converted model on the chosen backend (stage 3's or stage 5's
+    train, resumed at step 0): the written checkpoint holds the fine-tuned weights, its step count
+    is the fine-tuning's, and the report scores the model before and after on the same text."""
+    if backend == "torch":
+        pytest.importorskip("torch")
+    rc, out = run_convert(world, "--finetune_steps", "2", "--backend", backend, "--device", "cpu")
+    assert rc == 0
+    params, cfg, _, step, *_ = S3.load_model(out)
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert step == 2 and report["finetuned"]["steps"] == 2 and cfg.T == 4
+    assert report["finetuned"]["tokens"] == report["before_finetune"]["tokens"]
+    _, plain = run_convert(world)                                       # the same conversion, no steps
+    converted = S3.load_model(plain)[0]
+    assert any(not np.allclose(params[k], converted[k]) for k in ("blocks.0.attn.wq", "blocks.0.mlp.w1"))
 
 
 @pytest.mark.parametrize("case, message", [
