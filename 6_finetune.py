@@ -153,18 +153,23 @@ def encode_pair(tok, pair, order="question_first"):
     return prompt, (tok.encode(" " + pair["answer"]) if pair["answer"] else []) + [tok.eos_id]
 
 
-def make_batch(examples, pad_id):
-    """x, y (B, L) next-token pairs, right-padded, and the loss weights mask (B, L): where y is an
-    answer token or <eos>, 1 / (that row's count), so every sequence weighs the same. A corpus window
-    for replay is (first token, the rest): every position of it is weighed."""
+def make_batch(examples, pad_id, windows=0):
+    """x, y (B, L) next-token pairs, right-padded, and the loss weights mask (B, L): 1 on every answer
+    token and <eos>. Weighing each pair 1 / len(answer) instead would give a no-answer pair's lone
+    <eos> the weight of a whole answer: at <a>, where the model cannot yet tell the two apart,
+    p(<eos>) goes to about 1/2 and every answer comes out empty. The last `windows` examples are
+    corpus windows for replay, (first token, the rest): each weighs as much as the mean Q&A pair,
+    spread over its tokens, so replay x batch windows hold that share of the loss."""
     L = max(len(p) + len(a) for p, a in examples) - 1
     x = np.full((len(examples), L), pad_id, np.int64)
     y = np.full((len(examples), L), pad_id, np.int64)
     mask = np.zeros((len(examples), L))
+    n_qa = len(examples) - windows
+    per_pair = np.mean([len(a) for _, a in examples[:n_qa]]) if n_qa else 1.0
     for b, (p, a) in enumerate(examples):
         seq = p + a
         x[b, :len(seq) - 1], y[b, :len(seq) - 1] = seq[:-1], seq[1:]
-        mask[b, len(p) - 1:len(seq) - 1] = 1.0 / len(a)    # y[t] = seq[t+1] is an answer token from len(p)-1
+        mask[b, len(p) - 1:len(seq) - 1] = 1.0 if b < n_qa else per_pair / len(a)   # y[t] = seq[t+1]
     return x, y, mask
 
 
@@ -284,10 +289,10 @@ def finetune(params, mcfg, cfg, train_examples, grad_fn, progress=True, corpus=N
     for step in bar:
         pick = S3.batch_rng(cfg.seed, step).integers(0, len(train_examples), cfg.batch_size)
         batch = [train_examples[i] for i in pick]
-        if cfg.replay and corpus is not None:
-            batch += replay_windows(corpus, round(cfg.replay * cfg.batch_size), mcfg.context,
-                                    S3.batch_rng(cfg.seed + 1, step))
-        x, y, mask = make_batch(batch, pad_id=0)
+        n_win = round(cfg.replay * cfg.batch_size) if corpus is not None else 0
+        if n_win:
+            batch += replay_windows(corpus, n_win, mcfg.context, S3.batch_rng(cfg.seed + 1, step))
+        x, y, mask = make_batch(batch, pad_id=0, windows=n_win)
         if cfg.method == "lora":
             loss, grads = grad_fn(apply_lora(params, trainable, scale), x, y, mask)
             grads = lora_grads(grads, trainable, scale)
@@ -316,15 +321,15 @@ def pick_token(logits, source, nexts, eos_id, started):
     z_eos > logsumexp(z without eos), or when no continuation is left; else it goes on with the
     best continuation. Comparing p(<eos>) with one continuation token, as a plain argmax does,
     stops too early whenever a small model is unsure which word comes next: its "go on" mass is
-    spread over many words. Before the start, <eos> (no answer) wins when it beats every start, as
-    a SQuAD 2.0 reader answers nothing when the null score beats the best span. Returns (token,
-    the positions after it)."""
+    spread over many words. Before the start, <eos> (no answer) wins when p(<eos>) beats the
+    probability of starting any span, z_eos > logsumexp(z of the source's tokens), as a SQuAD 2.0
+    reader weighs the null score against the spans: against the single best start, <eos> would win
+    whenever the model is unsure where the answer starts. Returns (token, the positions after it)."""
     if not source:
         return int(logits.argmax()), None
     cont = sorted({source[k] for k in nexts if k < len(source)})
-    others = np.delete(logits, eos_id)
-    if not cont or (logits[eos_id] > others.max() + np.log(np.exp(others - others.max()).sum()) if started
-                    else logits[eos_id] > logits[cont].max()):
+    rest = np.delete(logits, eos_id) if started else logits[cont]      # go on: any token; start: a span
+    if not cont or logits[eos_id] > rest.max() + np.log(np.exp(rest - rest.max()).sum()):
         return eos_id, []
     token = cont[int(np.argmax(logits[cont]))]
     return token, [k + 1 for k in nexts if k < len(source) and source[k] == token]

@@ -406,7 +406,8 @@ def is_span(answer, source):
 
 def test_span_decoding_picks_the_best_span_continuation():
     """Extractive decoding against a brute-force reference on the full (non-recurrent) forward:
-    the first token is the argmax over every token that starts a span of the source; after it the
+    no answer if p(<eos>) beats the summed probability of the tokens that start a span of the
+    source, else the first token is the argmax over them; after it the
     answer ends when softmax gives <eos> over 1/2 or no token t keeps answer + [t] a span, and
     otherwise goes on with the argmax of those t. float64, an untied random head; token 34 plays
     <eos> and sits in the sources so that a span may run into it. Batched, one at a time
@@ -424,7 +425,7 @@ def test_span_decoding_picks_the_best_span_continuation():
             logits = S3.forward(params, mcfg, np.array([prompt + answer]))[0][0, -1]
             p = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
             cont = [t for t in range(40) if is_span(answer + [t], source)]
-            if answer and (not cont or p[34] > 0.5):
+            if answer and (not cont or p[34] > 0.5) or not answer and p[34] > sum(p[t] for t in cont):
                 break
             best = max(cont, key=lambda t: logits[t])
             if best == 34:
@@ -445,7 +446,8 @@ def test_span_decoding_picks_the_best_span_continuation():
 def test_span_answer_ends_when_eos_has_over_half_the_probability():
     """The end rule on hand-made logits: <eos> (token 0) at p = 0.4 beats every single continuation
     yet the answer goes on; at p = 0.6 it ends; before the first token it ends (no answer) only when
-    it beats every start token of the source (0.4 > 0.25 but not 0.4 > 0.45); with no continuation
+    it beats the summed probability of the source's start tokens (0.4 > 0.25 + 0.0875, not 0.4 >
+    0.45 + 0.1375; p = 0.3 beats each start, 0.2 and 0.125, but not their sum); with no continuation
     left it must."""
     def logits_with(p_eos, p_cont):                     # token 0 <eos>, 1 the continuation, 2..5 the rest
         p = np.array([p_eos, p_cont] + [(1 - p_eos - p_cont) / 4] * 4)
@@ -456,4 +458,5 @@ def test_span_answer_ends_when_eos_has_over_half_the_probability():
     assert F.pick_token(logits_with(0.4, 0.45), source, range(3), 0, started=False) == (1, [1, 2])
     assert F.pick_token(logits_with(0.4, 0.25), source, range(3), 0, started=False) == (0, [])
     assert F.pick_token(logits_with(0.9, 0.05), source, range(3), 0, started=False) == (0, [])
+    assert F.pick_token(logits_with(0.3, 0.2), [1, 2, 3], range(3), 0, started=False) == (1, [1])
     assert F.pick_token(logits_with(0.1, 0.8), source, [3], 0, started=True)[0] == 0

@@ -145,17 +145,18 @@ def tiny():
     return tok, mcfg, corpus, [F.encode_pair(tok, p) for p in pairs]
 
 
-def test_replay_batch_loss_is_the_mean_of_each_sequences_mean(tiny):
-    """A batch of Q&A pairs and replayed corpus windows: its loss equals the mean over sequences of
-    each one's own mean next-token loss (answer tokens for a pair, every token for a window), each
-    sequence scored alone by stage 3's forward; the windows are pieces of the corpus."""
+def test_replay_batch_loss_weighs_answer_tokens_and_windows_as_the_mean_pair(tiny):
+    """A batch of Q&A pairs and replayed corpus windows: its loss equals, from each sequence scored
+    alone by stage 3's forward, (sum of the answer tokens' losses + n_a x each window's mean loss)
+    / (answer tokens + n_a x windows), n_a the mean answer length: every answer token counts once
+    and a window as much as a mean pair. The windows are pieces of the corpus."""
     tok, mcfg, corpus, examples = tiny
     params = S3.init_params(mcfg, 0)
     windows = F.replay_windows(corpus, 3, mcfg.context, np.random.default_rng(0))
     text = corpus.tobytes()
     assert all(np.asarray(p + a, np.uint16).tobytes() in text and len(a) == mcfg.context for p, a in windows)
     batch = examples[:4] + windows
-    x, y, mask = F.make_batch(batch, pad_id=0)
+    x, y, mask = F.make_batch(batch, pad_id=0, windows=3)
     loss = F.masked_cross_entropy(S3.forward(params, mcfg, x)[0], y, mask)[0]
     each = []
     for p, a in batch:
@@ -163,8 +164,33 @@ def test_replay_batch_loss_is_the_mean_of_each_sequences_mean(tiny):
         logits = S3.forward(params, mcfg, seq[:, :-1])[0][0]                 # (L, V)
         z = logits - logits.max(-1, keepdims=True)
         nll = np.log(np.exp(z).sum(-1)) - z[np.arange(len(z)), seq[0, 1:]]
-        each.append(nll[len(p) - 1:].mean())
-    assert loss == pytest.approx(np.mean(each), rel=1e-5)
+        each.append(nll[len(p) - 1:])
+    n_a = np.mean([len(a) for _, a in examples[:4]])
+    total = sum(e.sum() for e in each[:4]) + n_a * sum(e.mean() for e in each[4:])
+    assert loss == pytest.approx(total / (sum(len(e) for e in each[:4]) + 3 * n_a), rel=1e-5)
+
+
+def test_undecided_model_is_pushed_to_the_no_answer_share_not_to_empty_answers():
+    """At <a>, a model that cannot yet tell answerable from unanswerable questions should learn
+    p(<eos>) = the share of unanswerable pairs (here 1 in 5), so that it still starts answers. The
+    masked loss's gradient on the <eos> logit there, summed over the batch, must vanish at p(<eos>)
+    = 1/5 and push down from 1/2. (Weighing each pair 1 / its length gave the lone <eos> of a
+    no-answer pair the weight of a whole answer: its optimum was p(<eos>) ~ 1/2, every answer empty.)"""
+    tok = TK.Tokenizer([])
+    answers = ("one two", "three", "four five", "six", "")
+    pairs = [{"question": "Q?", "context": "C.", "answer": a} for a in answers]
+    examples = [F.encode_pair(tok, p) for p in pairs]
+    assert max(len(a) for _, a in examples) >= 3                # answers of several tokens, and one <eos>
+    x, y, mask = F.make_batch(examples, pad_id=0)
+    first = [len(p) - 1 for p, _ in examples]                    # the position that reads <a>
+    V = tok.vocab_size
+    for p_eos, sign in ((0.2, 0), (0.5, 1)):
+        logits = np.zeros(x.shape + (V,))
+        for b, t in enumerate(first):                             # same p(<eos>) at <a> for every pair
+            logits[b, t, tok.eos_id] = np.log(p_eos * (V - 1) / (1 - p_eos))
+        dlogits = F.masked_cross_entropy(logits, y, mask)[1]
+        g = sum(dlogits[b, t, tok.eos_id] for b, t in enumerate(first))
+        assert (g == pytest.approx(0, abs=1e-9)) if sign == 0 else g > 1e-3, (p_eos, g)
 
 
 def test_lora_with_replay_leaves_the_base_bit_identical(tiny):
