@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from spikelib.checkpoint import CheckpointError, tokenizer_path  # noqa: E402
+from spikelib.checkpoint import tokenizer_path  # noqa: E402
 from spikelib.cli import add_config_options, check_choices, check_fields, config_from_args, fail  # noqa: E402
 from spikelib.evaluation import eval_windows  # noqa: E402
 from spikelib.files import atomic_write  # noqa: E402
@@ -413,7 +413,7 @@ def main(argv=None):
         report = convert(cc)
         write_report(cc.report, report, cc.plot)
         print(f"report: {cc.report}")
-    except (ValueError, OSError, CheckpointError, FloatingPointError) as err:
+    except S3.ERRORS as err:          # ValueError (CheckpointError too), OSError, FloatingPointError
         return fail(err)
     except KeyboardInterrupt:
         return 130
