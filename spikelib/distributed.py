@@ -12,7 +12,7 @@ The training step itself (which rows a rank takes, when DDP all-reduces) stays i
 import os
 import sys
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -98,13 +98,16 @@ def join_group(run):
     if world == 1:
         return SOLO, run
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    device = run.device
     if run.device == "cuda":
+        # run.device stays "cuda" (a valid option): torch.device("cuda") is the current device,
+        # which set_device makes this rank's GPU; the group's own tensors name it explicitly.
         torch.cuda.set_device(local_rank)
-        run = replace(run, device=f"cuda:{local_rank}")
-    dist.init_process_group("nccl" if run.device.startswith("cuda") else "gloo", rank=rank, world_size=world)
+        device = f"cuda:{local_rank}"
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", rank=rank, world_size=world)
     if rank != 0:
         sys.stdout = open(os.devnull, "w")      # model line, evaluations, tqdm.write: rank 0's alone
-    return Group(rank, world, run.device), run
+    return Group(rank, world, device), run
 
 
 def check_batch(batch_size, world, grad_accum):

@@ -183,3 +183,22 @@ def test_batch_not_split_by_the_world_size_is_one_error_line(runs, tmp_path):
     assert errors == ["error: --batch_size 3 does not split over 2 processes x --grad_accum 1: "
                       "it must be a multiple of 2"]
     assert not (root / "odd").exists()
+
+
+def test_join_group_on_gpus_puts_each_rank_on_its_gpu_and_keeps_a_valid_run(monkeypatch):
+    """The CUDA branch of join_group, without GPUs: set_device and the NCCL group recorded instead
+    of done. The run must stay a valid RunConfig ("cuda", the current device) and the group must
+    name this rank's GPU, which its own tensors and DDP's device_ids use."""
+    from spikelib import distributed
+    calls = {}
+    monkeypatch.setattr(distributed.torch.cuda, "set_device", lambda i: calls.setdefault("gpu", i))
+    monkeypatch.setattr(distributed.dist, "init_process_group",
+                        lambda backend, **kw: calls.setdefault("backend", backend))
+    monkeypatch.setattr(distributed.sys, "stdout", sys.stdout)       # rank 1 silences stdout
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    group, run = distributed.join_group(S5.RunConfig(device="cuda", kernels="torch"))
+    assert calls == {"gpu": 1, "backend": "nccl"}
+    assert run == S5.RunConfig(device="cuda", kernels="torch")
+    assert (group.rank, group.world, group.device) == (1, 2, "cuda:1")
