@@ -4,13 +4,16 @@ per token and wall-clock, written to OUT/bench_convert.json.
 
     python benchmarks/bench_convert.py --source files:path/to/tinyshakespeare.txt          # CPU, small
     python benchmarks/bench_convert.py --source files:path/to/tinyshakespeare.txt \\
-        --backend triton --preset base --steps 5000 --eval_tokens 0 --sweep 1,2,4,8,16,32,64   # H200
+        --backend triton --preset base --batch_size 32 --steps 1300 --eval_tokens 0 --two_gpus 1 \\
+        --sweep 1,2,4,8,16,32,64 --extra "--compile 1 --lr 3e-4 --min_lr 3e-5 --dropout 0.2 --warmup 200"
 
 CPU defaults (preset small, batch 8, 120 ANN and 120 SNN steps, fine-tuning 20% of those, scoring the
 first 1,024 validation tokens) are sized for a 2-core machine; the GPU line scores the whole split.
 """
 import argparse
 import json
+import os
+import shlex
 import subprocess
 import sys
 import time
@@ -20,12 +23,20 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from spikelib.files import atomic_write  # noqa: E402
 from spikelib.hardware import cpu_model, gpu_model, usable_cpus  # noqa: E402
+from spikelib.runs import prepare_dataset  # noqa: E402
 
 
-def timed(cmd):
-    """Run a stage as a subprocess; its wall-clock seconds (it must succeed)."""
-    t0 = time.time()
-    subprocess.run([sys.executable, *cmd], cwd=ROOT, check=True)
+def start(cmd, gpu=None):
+    """Start a stage as a subprocess (on GPU `gpu` alone if given): (start time, process)."""
+    env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": str(gpu)} if gpu is not None else {}))
+    return time.time(), subprocess.Popen([sys.executable, *cmd], cwd=ROOT, env=env)
+
+
+def seconds(started):
+    """Wait for a started stage; its wall-clock seconds (it must succeed)."""
+    t0, proc = started
+    if proc.wait():
+        raise SystemExit(f"error: {' '.join(proc.args[1:3])} ... failed (exit {proc.returncode})")
     return time.time() - t0
 
 
@@ -40,6 +51,10 @@ def main():
     ap.add_argument("--finetune_frac", type=float, default=0.2, help="fine-tuning steps / --steps")
     ap.add_argument("--eval_tokens", type=int, default=1024, help="validation tokens scored (0: all)")
     ap.add_argument("--sweep", default="1,2,4,8,16,32", help="T of the converted model to score")
+    ap.add_argument("--extra", default="", help="more options for both training runs, as one string")
+    ap.add_argument("--two_gpus", type=int, default=0, choices=(0, 1),
+                    help="1: train the ANN on GPU 0 and the direct SNN on GPU 1 at the same time (each "
+                         "timed on its own GPU)")
     ap.add_argument("--out", default="out/bench_convert", help="folder for checkpoints and results")
     args = ap.parse_args()
     out = Path(args.out)
@@ -47,15 +62,20 @@ def main():
                                                                        args.backend]
     common = ["--preset", args.preset, "--source", args.source, "--data_root", str(out / "data"),
               "--batch_size", str(args.batch_size), "--max_steps", str(args.steps), "--max_minutes", "0",
-              "--eval_interval", str(10 * args.steps), "--max_new_tokens", "0", "--overwrite", "1"]
-    ann_s = timed(stage + common + ["--spiking", "0", "--out_dir", str(out / "ann")])
-    snn_s = timed(stage + common + ["--out_dir", str(out / "snn")])
+              "--eval_interval", str(10 * args.steps), "--max_new_tokens", "0", "--overwrite", "1",
+              *shlex.split(args.extra)]
+    prepare_dataset(args.source, str(out / "data"))          # once, untimed: both runs then only train
+    gpu_ann, gpu_snn = (0, 1) if args.two_gpus else (None, None)
+    ann = start(stage + common + ["--spiking", "0", "--out_dir", str(out / "ann")], gpu_ann)
+    ann_s = None if args.two_gpus else seconds(ann)         # one after the other, or both at once
+    snn_s = seconds(start(stage + common + ["--out_dir", str(out / "snn")], gpu_snn))
+    ann_s = ann_s or seconds(ann)
     ft = max(1, int(args.finetune_frac * args.steps))
-    convert_s = timed(["7_convert.py", "--ckpt", str(out / "ann" / "ckpt.npz"),
+    convert_s = seconds(start(["7_convert.py", "--ckpt", str(out / "ann" / "ckpt.npz"),
                        "--out", str(out / "conv.npz"),
                        "--report", str(out / "report.json"), "--sweep", args.sweep, "--eval_tokens",
                        str(args.eval_tokens), "--finetune_steps", str(ft), "--backend", args.backend,
-                       "--compare", str(out / "snn" / "ckpt.npz"), "--plot", "1", "--overwrite", "1"])
+                       "--compare", str(out / "snn" / "ckpt.npz"), "--plot", "1", "--overwrite", "1"]))
     report = json.loads((out / "report.json").read_text())
     gpu = gpu_model() if args.backend != "numpy" else ""
     hardware = (f"{gpu} + " if gpu else "") + f"{cpu_model()} ({usable_cpus()} cores)"
