@@ -241,9 +241,10 @@ def backend_model(params, cfg, cc):
 
 
 def evaluate(params, cfg, val, decode, cc):
-    """{bpc, spike_rate, energy_nj, ops} on the evaluation text (the first eval_tokens of val, or all of
-    it), spike rates and energy per token on its first 8 windows."""
-    max_tokens = cc.eval_tokens or len(val)
+    """{bpc, spike_rate, energy_nj, ops} on the evaluation text (the first eval_tokens of val, or with
+    eval_tokens 0 all of it, the tail after the last full window too), spike rates and energy per
+    token on its first 8 windows."""
+    max_tokens = cc.eval_tokens
     x, _ = eval_windows(val, cfg.context, 8 * cfg.context)
     built = backend_model(params, cfg, cc)
     if built is None:

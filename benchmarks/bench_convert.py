@@ -17,6 +17,7 @@ import shlex
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,17 +27,12 @@ from spikelib.hardware import cpu_model, gpu_model, usable_cpus  # noqa: E402
 from spikelib.runs import prepare_dataset  # noqa: E402
 
 
-def start(cmd, gpu=None):
-    """Start a stage as a subprocess (on GPU `gpu` alone if given): (start time, process)."""
+def timed(cmd, gpu=None):
+    """Run a stage as a subprocess (on GPU `gpu` alone if given); its wall-clock seconds (it must
+    succeed)."""
     env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": str(gpu)} if gpu is not None else {}))
-    return time.time(), subprocess.Popen([sys.executable, *cmd], cwd=ROOT, env=env)
-
-
-def seconds(started):
-    """Wait for a started stage; its wall-clock seconds (it must succeed)."""
-    t0, proc = started
-    if proc.wait():
-        raise SystemExit(f"error: {' '.join(proc.args[1:3])} ... failed (exit {proc.returncode})")
+    t0 = time.time()
+    subprocess.run([sys.executable, *cmd], cwd=ROOT, env=env, check=True)
     return time.time() - t0
 
 
@@ -65,17 +61,19 @@ def main():
               "--eval_interval", str(10 * args.steps), "--max_new_tokens", "0", "--overwrite", "1",
               *shlex.split(args.extra)]
     prepare_dataset(args.source, str(out / "data"))          # once, untimed: both runs then only train
-    gpu_ann, gpu_snn = (0, 1) if args.two_gpus else (None, None)
-    ann = start(stage + common + ["--spiking", "0", "--out_dir", str(out / "ann")], gpu_ann)
-    ann_s = None if args.two_gpus else seconds(ann)         # one after the other, or both at once
-    snn_s = seconds(start(stage + common + ["--out_dir", str(out / "snn")], gpu_snn))
-    ann_s = ann_s or seconds(ann)
+    runs = [(stage + common + ["--spiking", "0", "--out_dir", str(out / "ann")], 0),
+            (stage + common + ["--out_dir", str(out / "snn")], 1)]
+    if args.two_gpus:                # both at once, each timed by its own thread on its own GPU
+        with ThreadPoolExecutor(2) as pool:
+            ann_s, snn_s = pool.map(lambda run: timed(*run), runs)
+    else:
+        ann_s, snn_s = (timed(cmd) for cmd, _ in runs)
     ft = max(1, int(args.finetune_frac * args.steps))
-    convert_s = seconds(start(["7_convert.py", "--ckpt", str(out / "ann" / "ckpt.npz"),
+    convert_s = timed(["7_convert.py", "--ckpt", str(out / "ann" / "ckpt.npz"),
                        "--out", str(out / "conv.npz"),
                        "--report", str(out / "report.json"), "--sweep", args.sweep, "--eval_tokens",
                        str(args.eval_tokens), "--finetune_steps", str(ft), "--backend", args.backend,
-                       "--compare", str(out / "snn" / "ckpt.npz"), "--plot", "1", "--overwrite", "1"]))
+                       "--compare", str(out / "snn" / "ckpt.npz"), "--plot", "1", "--overwrite", "1"])
     report = json.loads((out / "report.json").read_text())
     gpu = gpu_model() if args.backend != "numpy" else ""
     hardware = (f"{gpu} + " if gpu else "") + f"{cpu_model()} ({usable_cpus()} cores)"

@@ -193,6 +193,23 @@ def test_calibration_is_deterministic(world):
             assert np.array_equal(a[site], b[site]) and np.all(a[site] > 0)
 
 
+def test_eval_tokens_0_scores_every_token_of_the_validation_split(world):
+    """--eval_tokens 0 is the whole split: every token after the first is a target once, the tail
+    after the last full window too (as stage 3 scores it), on either backend."""
+    _, data_dir, paths = world
+    params, cfg, *_ = C.load_ann(paths["ann"])
+    val = S3.open_split(data_dir, "val")
+    _, tok, _ = S3.load_dataset_info(data_dir)
+    assert (len(val) - 1) % cfg.context, "the split must end in a partial window for this test"
+    ref = S3.eval_report(params, cfg, val, cfg.context, 0, tok.decode)
+    pytest.importorskip("torch")
+    for backend in ("numpy", "torch"):
+        r = C.evaluate(params, cfg, val, tok.decode, C.ConvertConfig(eval_tokens=0, backend=backend,
+                                                                     device="cpu"))
+        assert r["tokens"] == ref["tokens"] == len(val) - 1
+        assert abs(r["bpc"] - ref["bpc"]) < 1e-4
+
+
 def test_converted_checkpoint_loads_in_stages_3_to_5_with_equal_logits(world):
     """Stage 7 writes a spiking, rate-coded checkpoint; stage 3's, 4's and 5's loaders read it and
     give the same logits (float32 backends within 1e-4 relative of stage 3's); its report holds the
