@@ -236,13 +236,14 @@ def attention_outputs(params, cfg, x):
 
 
 def backend_model(params, cfg, cc):
-    """(stage 5, its model on the chosen backend in float32), or None for NumPy (stage 3)."""
+    """(stage 5, its model on the chosen backend in float32, in evaluation mode: no dropout, random
+    quantizers round), or None for NumPy (stage 3)."""
     if cc.backend == "numpy":
         return None
     S5 = load_stage("5_spike_llm_triton")
     run = S5.resolve_run(S5.RunConfig(kernels=cc.backend, device=cc.device, dtype="float32"),
                          S5.triton is not None)
-    return S5, S5.build_model(cfg, run, params)
+    return S5, S5.build_model(cfg, run, params).eval()
 
 
 def evaluate(params, cfg, val, decode, cc):

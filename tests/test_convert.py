@@ -3,6 +3,7 @@ differences, its recurrent form against its parallel one and its MLX and PyTorch
 stage 3; then conversion itself: logits that approach the ANN's as T grows, deterministic
 calibration, checkpoints that stages 3-5 load with equal logits, and bad inputs refused."""
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -195,9 +196,11 @@ def test_calibration_is_deterministic(world):
 
 def test_eval_tokens_0_scores_every_token_of_the_validation_split(world):
     """--eval_tokens 0 is the whole split: every token after the first is a target once, the tail
-    after the last full window too (as stage 3 scores it), on either backend."""
+    after the last full window too (as stage 3 scores it), on either backend; a checkpoint trained
+    with dropout is scored without it (the torch model in evaluation mode) on both."""
     _, data_dir, paths = world
     params, cfg, *_ = C.load_ann(paths["ann"])
+    cfg = replace(cfg, dropout=0.5)
     val = S3.open_split(data_dir, "val")
     _, tok, _ = S3.load_dataset_info(data_dir)
     assert (len(val) - 1) % cfg.context, "the split must end in a partial window for this test"
