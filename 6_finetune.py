@@ -6,8 +6,8 @@ questions whose answer is a span of a short context from its own corpus.
     1. Q&A pairs: a deterministic generator turns sentences of the stage 1 corpus into
        questions ("X is Y" definitions, what a function returns, versions, dates, places, who
        speaks a line), data/<name>/qa.jsonl, split by question; or --qa FILE of your own.
-    2. Prompts use the tokenizer's role tokens, <q> context \n question <a> answer <eos>; the
-       loss is the cross-entropy of the answer tokens (and <eos>) only.
+    2. Prompts use the tokenizer's role tokens, <q> question \n context <a> answer <eos> (or context
+       first); the loss is the cross-entropy of the answer tokens (and <eos>) only.
     3. Methods: full, freeze (embedding and the first k blocks fixed), lora (W + s B A on the
        projections, s = alpha / r: dB = s dW A^T, dA = s B^T dW, from any backend's dW).
     4. Backends (numpy, mlx, triton) only return gradients; the AdamW update is stage 3's.
