@@ -499,12 +499,26 @@ def split_pairs(cfg, tok, pairs, source, max_len):
     return train, test, train_eval
 
 
+def memory_note(mcfg, examples):
+    """A warning line when the median prompt is longer than the model's memory. The slowest head
+    decays as gamma = 1 - 2^-a, a = decay_start + decay_step (H - 1), and gamma^(2^a) ~ 1/e: a token
+    2^a positions back keeps about a third of its weight, one 4 x 2^a back about 2%. With the
+    question first, the question must survive the whole context to reach <a>."""
+    memory = 2 ** (mcfg.decay_start + mcfg.decay_step * (mcfg.n_head - 1))
+    median = float(np.median([len(prompt) for prompt, _ in examples]))
+    if median > memory:
+        print(f"note: the median prompt is {median:.0f} tokens, but this model's slowest attention head "
+              f"remembers about {memory:.0f} positions; shorter contexts (--context_chars) or a base "
+              f"with slower decays (stage 3's --decay_step) let it see question and context together")
+
+
 def run(cfg, progress=True):
     """Fine-tune the base with cfg.method, evaluate before and after, write the outputs; a results dict."""
     params, mcfg, config, tok = load_base(cfg.base)
     pairs, source = qa_pairs(cfg, config, mcfg)
     data_dir = config.get("data", {}).get("dir", "")
     train, test, train_eval = split_pairs(cfg, tok, pairs, source, cfg.max_len or max(128, mcfg.context))
+    memory_note(mcfg, train)
     corpus = S3.open_split(data_dir, "train") if cfg.replay and data_dir else None
     if cfg.replay and (corpus is None or len(corpus) < mcfg.context + 2):
         raise ValueError(f"--replay {cfg.replay} needs the base's corpus train split ({data_dir!r})")

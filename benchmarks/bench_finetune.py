@@ -38,6 +38,7 @@ def hardware():
 def pretrain(args):
     """Stage 3 (numpy) or stage 5 (triton) training of args.preset on args.data."""
     more = {"context": args.pretrain_context} if args.pretrain_context else {}
+    more.update({"decay_step": args.pretrain_decay_step} if args.pretrain_decay_step else {})
     mcfg, tcfg = S3.make_configs(args.preset, max_steps=args.pretrain_steps, batch_size=args.pretrain_batch,
                                  max_minutes=args.pretrain_minutes, out_dir=str(Path(args.base).parent),
                                  **more)
@@ -65,7 +66,13 @@ def main():
     ap.add_argument("--pretrain_batch", type=int, default=16)
     ap.add_argument("--preset", default="small", help="stage 3 preset pretrained when --base is missing")
     ap.add_argument("--pretrain_context", type=int, default=0, help="its context in tokens; 0 = the preset's")
+    ap.add_argument("--pretrain_decay_step", type=float, default=0.0,
+                    help="stage 3's --decay_step of the base (0 = the preset's): head h remembers about "
+                         "2^(decay_start + decay_step h) positions")
     ap.add_argument("--backend", default="numpy", choices=list(F.BACKENDS))
+    ap.add_argument("--context_chars", type=int, default=0,
+                    help="stage 6's --context_chars for the generated pairs (0 = 2 x the model's context)")
+    ap.add_argument("--prompt_order", default="question_first", choices=["question_first", "context_first"])
     ap.add_argument("--methods", default="full,freeze,lora:8,lora:1", help="lora:R = LoRA of rank R")
     ap.add_argument("--max_steps", type=int, default=300)
     ap.add_argument("--lr", type=float, default=0.0, help="0 = each method's default")
@@ -82,7 +89,8 @@ def main():
         out_dir = f"{args.out_dir}/{spec.replace(':', '_r')}"
         cfg = F.FinetuneConfig(base=args.base, out_dir=out_dir, method=method, backend=args.backend,
                                max_steps=args.max_steps, lr=args.lr, replay=args.replay,
-                               eval_questions=args.eval_questions)
+                               eval_questions=args.eval_questions, prompt_order=args.prompt_order,
+                               context_chars=args.context_chars)
         if rank:
             cfg = replace(cfg, lora_rank=int(rank), lora_alpha=2.0 * int(rank))
         print(f"\n=== {spec}")

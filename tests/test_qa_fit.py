@@ -67,3 +67,13 @@ def test_tiny_model_answers_all_its_training_questions(byte_setup, replay):
     scores = F.qa_scores(params, mcfg, tok, PAIRS, max_new=12, decode="free")
     assert scores["answers"] == [p["answer"] for p in PAIRS], scores["answers"]
     assert scores["em"] == 1.0 and np.mean(losses[-5:]) < 0.1 * losses[0]
+
+
+def test_memory_note_warns_when_prompts_outlast_the_slowest_head(capsys):
+    """small: 4 heads, decays 1 - 2^-(1 + 1.5 h), the slowest remembers 2^5.5 ~ 45 positions. A median
+    prompt of 100 tokens gets the note; one of 40 does not."""
+    mcfg = S3.make_configs("small")[0]
+    F.memory_note(mcfg, [([0] * 100, [1])] * 3)
+    assert "remembers about 45 positions" in capsys.readouterr().out
+    F.memory_note(mcfg, [([0] * 40, [1])] * 3)
+    assert capsys.readouterr().out == ""
