@@ -36,6 +36,15 @@ def timed(cmd, gpu=None):
     return time.time() - t0
 
 
+def gpu_count():
+    """CUDA GPUs torch sees here (0 without torch)."""
+    try:
+        import torch
+    except ImportError:
+        return 0
+    return torch.cuda.device_count()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--source", required=True, help="dataset for stage 1, e.g. files:PATH")
@@ -53,6 +62,8 @@ def main():
                          "timed on its own GPU)")
     ap.add_argument("--out", default="out/bench_convert", help="folder for checkpoints and results")
     args = ap.parse_args()
+    if args.two_gpus and (args.backend == "numpy" or gpu_count() < 2):
+        ap.error("--two_gpus 1 needs --backend torch or triton and two CUDA GPUs")
     out = Path(args.out)
     stage = ["3_spike_llm_numpy.py"] if args.backend == "numpy" else ["5_spike_llm_triton.py", "--kernels",
                                                                        args.backend]
