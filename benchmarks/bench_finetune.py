@@ -67,8 +67,8 @@ def main():
     ap.add_argument("--preset", default="small", help="stage 3 preset pretrained when --base is missing")
     ap.add_argument("--pretrain_context", type=int, default=0, help="its context in tokens; 0 = the preset's")
     ap.add_argument("--pretrain_decay_step", type=float, default=0.0,
-                    help="stage 3's --decay_step of the base (0 = the preset's): head h remembers about "
-                         "2^(decay_start + decay_step h) positions")
+                    help="stage 3's --decay_step of a base it pretrains (0 = the preset's): head h "
+                         "remembers about 2^(decay_start + decay_step h) positions")
     ap.add_argument("--backend", default="numpy", choices=list(F.BACKENDS))
     ap.add_argument("--context_chars", type=int, default=0,
                     help="stage 6's --context_chars for the generated pairs (0 = 2 x the model's context)")
