@@ -32,7 +32,8 @@ def timed(cmd, gpu=None):
     succeed)."""
     env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": str(gpu)} if gpu is not None else {}))
     t0 = time.time()
-    subprocess.run([sys.executable, *cmd], cwd=ROOT, env=env, check=True)
+    if subprocess.run([sys.executable, *cmd], cwd=ROOT, env=env).returncode:
+        raise SystemExit(f"error: {cmd[0]} failed (its own message is above): {' '.join(cmd)}")
     return time.time() - t0
 
 
@@ -71,7 +72,10 @@ def main():
               "--batch_size", str(args.batch_size), "--max_steps", str(args.steps), "--max_minutes", "0",
               "--eval_interval", str(10 * args.steps), "--max_new_tokens", "0", "--overwrite", "1",
               *shlex.split(args.extra)]
-    prepare_dataset(args.source, str(out / "data"))          # once, untimed: both runs then only train
+    try:
+        prepare_dataset(args.source, str(out / "data"))      # once, untimed: both runs then only train
+    except (OSError, ValueError) as err:
+        ap.exit(2, f"error: {err}\n")
     runs = [(stage + common + ["--spiking", "0", "--out_dir", str(out / "ann")], 0),
             (stage + common + ["--out_dir", str(out / "snn")], 1)]
     if args.two_gpus:                # both at once, each timed by its own thread on its own GPU

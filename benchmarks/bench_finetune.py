@@ -72,7 +72,8 @@ def main():
     ap.add_argument("--backend", default="numpy", choices=list(F.BACKENDS))
     ap.add_argument("--context_chars", type=int, default=0,
                     help="stage 6's --context_chars for the generated pairs (0 = 2 x the model's context)")
-    ap.add_argument("--prompt_order", default="question_first", choices=["question_first", "context_first"])
+    ap.add_argument("--prompt_order", default="question_first", choices=["question_first", "context_first"],
+                    help="stage 6's --prompt_order: <q> question \\n context <a>, or the context first")
     ap.add_argument("--methods", default="full,freeze,lora:8,lora:1", help="lora:R = LoRA of rank R")
     ap.add_argument("--max_steps", type=int, default=300)
     ap.add_argument("--lr", type=float, default=0.0, help="0 = each method's default")
@@ -81,6 +82,8 @@ def main():
     ap.add_argument("--out", default="", help="also write the markdown tables to this file")
     ap.add_argument("--out_dir", default="out/bench_finetune")
     args = ap.parse_args()
+    if args.context_chars < 0 or args.pretrain_decay_step < 0:
+        ap.error("--context_chars and --pretrain_decay_step must be >= 0")
     if not Path(args.base).is_file():
         pretrain(args)
     rows = []
