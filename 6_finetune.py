@@ -33,7 +33,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from spikelib.checkpoint import data_ref, save_checkpoint, tokenizer_path  # noqa: E402
 from spikelib.cli import add_config_options, fail, given_options, parse_bool, preset_configs  # noqa: E402
-from spikelib.finetune_backends import mlx_backend, triton_backend  # noqa: E402
+from spikelib.finetune_backends import TorchReader, mlx_backend, triton_backend  # noqa: E402
 from spikelib.finetune_io import (append_result, load_lora, normalize, print_result,  # noqa: E402, F401
                                   print_table, read_qa, save_lora, stable_hash)
 from spikelib.loop import progress_fields  # noqa: E402
@@ -335,47 +335,80 @@ def pick_token(logits, source, nexts, eos_id, started):
     return token, [k + 1 for k in nexts if k < len(source) and source[k] == token]
 
 
-def greedy_answers(params, mcfg, prompts, eos_id, max_new=24, batch=64, sources=None):
-    """Greedy answers for many prompts at once with the recurrent form: each sequence reads its own
-    prompt, then feeds back its choice until <eos>; sequences of different lengths share the steps.
+class NumpyReader:
+    """Stage 3's recurrent form, forward only, for scoring (backends numpy and mlx): start(B) is a zero
+    state, read(state, ids (B, L)) feeds the L positions one decode_step each and returns the
+    next-token logits after the last, (B, V). TorchReader (spikelib/finetune_backends.py) is stage 5's."""
+
+    def __init__(self, params, mcfg):
+        self.params, self.mcfg = params, mcfg
+
+    def start(self, batch):
+        return S3.init_decode_state(self.mcfg, batch, self.params["embed.weight"].dtype)
+
+    def read(self, state, ids):
+        for t in range(ids.shape[1]):
+            logits = S3.decode_step(self.params, self.mcfg, state, ids[:, t])      # (B, V)
+        return logits
+
+    def eval_report(self, val, max_tokens, decode):
+        """Stage 3's validation figures of the first max_tokens tokens of val (the parallel form)."""
+        return S3.eval_report(self.params, self.mcfg, val, self.mcfg.context, max_tokens, decode)
+
+
+READER = {"numpy": NumpyReader, "mlx": NumpyReader, "triton": TorchReader}    # scoring, per backend
+
+
+def greedy_answers(params, mcfg, prompts, eos_id, max_new=24, batch=64, sources=None, reader=NumpyReader):
+    """Greedy answers for many prompts at once: each sequence reads its own prompt, then feeds back its
+    choice until <eos>; sequences of different lengths share the steps. Batches hold prompts of
+    similar lengths (sorted; answers come back in the order given) and read the m tokens every
+    prompt of the batch has in one call, a parallel prefill for stage 5, then go a position at a time.
     sources[i] (token ids, or None = free decoding) keeps answer i a span of it (pick_token)."""
+    model = reader(params, mcfg)                                     # forward only
     sources = sources or [None] * len(prompts)
-    answers = []
-    for s in range(0, len(prompts), batch):
-        group, srcs = prompts[s:s + batch], sources[s:s + batch]
-        state = S3.init_decode_state(mcfg, len(group), params["embed.weight"].dtype)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    answers = [None] * len(prompts)
+    for s in range(0, len(order), batch):
+        rows = order[s:s + batch]
+        group, srcs = [prompts[i] for i in rows], [sources[i] for i in rows]
+        m = len(group[0])                                             # the batch's shortest prompt
+        state = model.start(len(group))
+        logits = model.read(state, np.array([p[:m] for p in group]))  # (B, V): what follows token m - 1
         out, done = [[] for _ in group], [False] * len(group)
         nexts = [range(len(src)) if src else None for src in srcs]   # every start is open
-        cur = [p[0] for p in group]
-        for pos in range(max(len(p) for p in group) + max_new):
-            logits = S3.decode_step(params, mcfg, state, cur)          # (B, V)
+        cur = [0] * len(group)                                        # each row sets its own at pos m - 1
+        for pos in range(m - 1, len(group[-1]) + max_new):            # logits follow token pos
             for b, p in enumerate(group):
-                if pos + 1 < len(p):
+                if pos + 1 < len(p):                                  # still reading its prompt
                     cur[b] = p[pos + 1]
                 elif not done[b]:
                     nxt, nexts[b] = pick_token(logits[b], srcs[b], nexts[b], eos_id, bool(out[b]))
                     done[b] = nxt == eos_id or len(out[b]) >= max_new
                     if not done[b]:
                         out[b].append(nxt)
-                    cur[b] = nxt
+                    cur[b] = nxt                                      # done rows feed anything
             if all(done):
                 break
-        answers += out
+            logits = model.read(state, np.array(cur)[:, None])        # (B, 1) -> (B, V)
+        for i, answer in zip(rows, out):
+            answers[i] = answer
     return answers
 
 
-def stream_answer(params, mcfg, prompt, eos_id, max_new, source=None):
+def stream_answer(params, mcfg, prompt, eos_id, max_new, source=None, reader=NumpyReader):
     """One prompt's greedy answer, a token at a time (for printing as it comes), ending before <eos>;
     kept a span of source when one is given (pick_token)."""
-    state = S3.init_decode_state(mcfg, 1, params["embed.weight"].dtype)
-    for t in prompt[:-1]:
-        S3.decode_step(params, mcfg, state, [t])
-    cur, nexts = prompt[-1], range(len(source)) if source else None
+    model = reader(params, mcfg)
+    state = model.start(1)
+    logits = model.read(state, np.array([prompt]))[0]              # (V,): what follows the prompt
+    nexts = range(len(source)) if source else None
     for j in range(max_new):
-        cur, nexts = pick_token(S3.decode_step(params, mcfg, state, [cur])[0], source, nexts, eos_id, j > 0)
+        cur, nexts = pick_token(logits, source, nexts, eos_id, j > 0)
         if cur == eos_id:
             return
         yield cur
+        logits = model.read(state, np.array([[cur]]))[0]
 
 
 def token_f1(pred, gold):
@@ -403,16 +436,18 @@ def standard_error(p, n):
     return math.sqrt(p * (1 - p) / n) if n else float("nan")
 
 
-def qa_scores(params, mcfg, tok, pairs, max_new=24, decode="free", order="question_first"):
+def qa_scores(params, mcfg, tok, pairs, max_new=24, decode="free", order="question_first",
+              reader=NumpyReader):
     """SQuAD 2.0 scores of greedy answers: exact match (with its standard error) and F1 (the best
     over the gold answers), also on the answerable (has) and unanswerable (none) questions, and
-    the answers. decode="span" keeps the answer to a question with a context a span of it (pick_token)."""
+    the answers. decode="span" keeps the answer to a question with a context a span of it (pick_token);
+    reader: the forward-only model that decodes (READER)."""
     if not pairs:
         return {"em": float("nan"), "f1": float("nan"), "n": 0, "answers": []}
     prompts = [prompt_ids(tok, p["question"], p.get("context", ""), order) for p in pairs]
     sources = [tok.encode(p["context"]) if decode == "span" and p.get("context") else None for p in pairs]
-    answers = [tok.decode(a, skip_special=True).strip()
-               for a in greedy_answers(params, mcfg, prompts, tok.eos_id, max_new, sources=sources)]
+    ids = greedy_answers(params, mcfg, prompts, tok.eos_id, max_new, sources=sources, reader=reader)
+    answers = [tok.decode(a, skip_special=True).strip() for a in ids]
     em = np.array([exact(a, p) for a, p in zip(answers, pairs)])
     f1 = np.array([max(token_f1(a, g) for g in golds(p)) for a, p in zip(answers, pairs)])
     none = np.array([not p["answer"] for p in pairs])
@@ -433,13 +468,13 @@ def matches_by_kind(pairs, answers):
     return {kind: [int(sum(h)), len(h)] for kind, h in sorted(hits.items())}
 
 
-def val_bpc(params, mcfg, tok, data_dir, eval_tokens):
+def val_bpc(params, mcfg, tok, data_dir, eval_tokens, reader=NumpyReader):
     """Bits per character on the corpus's validation split: its first eval_tokens, or all of it
-    (eval_tokens 0); NaN without one."""
+    (eval_tokens 0); NaN without one. The reader's parallel form scores it (stage 5's on a GPU)."""
     if not data_dir or not (Path(data_dir) / "val.bin").exists():
         return float("nan")
     val = S3.open_split(data_dir, "val")
-    report = S3.eval_report(params, mcfg, val, mcfg.context, eval_tokens or len(val), tok.decode)
+    report = reader(params, mcfg).eval_report(val, eval_tokens or len(val), tok.decode)
     return report["bpc"] if report else float("nan")
 
 # ----------------------------------------------------------------------------- files
@@ -523,11 +558,16 @@ def run(cfg, progress=True):
     if cfg.replay and (corpus is None or len(corpus) < mcfg.context + 2):
         raise ValueError(f"--replay {cfg.replay} needs the base's corpus train split ({data_dir!r})")
 
+    reader = READER[cfg.backend]                  # every scoring pass: the backend's forward-only model
+
     def score(p, questions, decode=cfg.decode):
-        return qa_scores(p, mcfg, tok, questions, cfg.max_answer_tokens, decode, cfg.prompt_order)
+        return qa_scores(p, mcfg, tok, questions, cfg.max_answer_tokens, decode, cfg.prompt_order, reader)
+
+    def bpc(p):
+        return val_bpc(p, mcfg, tok, data_dir, cfg.eval_tokens, reader)
 
     n_total = sum(p.size for p in params.values())
-    bpc_before = val_bpc(params, mcfg, tok, data_dir, cfg.eval_tokens)
+    bpc_before = bpc(params)
     before = score(params, test)
     print(f"before: held-out EM {100 * before['em']:.1f}%, F1 {100 * before['f1']:.1f}%, "
           f"val BPC {bpc_before:.3f}")
@@ -551,7 +591,7 @@ def run(cfg, progress=True):
               "em_before": before["em"], "em_test": after["em"], "f1_test": after["f1"],
               "em_test_free": free["em"], "f1_test_free": free["f1"],
               "em_train": score(tuned, train_eval)["em"], "n_test": after["n"],
-              "bpc_before": bpc_before, "bpc_after": val_bpc(tuned, mcfg, tok, data_dir, cfg.eval_tokens),
+              "bpc_before": bpc_before, "bpc_after": bpc(tuned),
               "output": str(saved), "em_by_kind": matches_by_kind(test, after["answers"]),
               "em_by_kind_free": matches_by_kind(test, free["answers"]),
               "scores": {d: {k: r[k] for k in keep} for d, r in decoded.items()}}
@@ -581,7 +621,7 @@ def ask(cfg, question, context="", ckpt=None, adapters=None, out=None):
         params = apply_lora(params, lora, scale)
     ids = prompt_ids(tok, question, context, cfg.prompt_order)
     source = tok.encode(context) if context and cfg.decode == "span" else None
-    answer = stream_answer(params, mcfg, ids, tok.eos_id, cfg.max_answer_tokens, source)
+    answer = stream_answer(params, mcfg, ids, tok.eos_id, cfg.max_answer_tokens, source, READER[cfg.backend])
     return print_stream(tok, "", [], answer, out).strip()
 
 

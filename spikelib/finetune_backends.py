@@ -2,7 +2,8 @@
 of stage 5 (Triton kernels on a GPU, torch ops on a CPU). Each turns (parameters, batch) into
 (the masked answer loss, dL/dparam for every model parameter), as stage 6's numpy_backend does
 with stage 3's hand-written backward; the loss is the same: the mean cross-entropy of the tokens
-where mask is 1. The fine-tuning itself (LoRA's chain rule, AdamW) stays in stage 6."""
+where mask is 1. The fine-tuning itself (LoRA's chain rule, AdamW) stays in stage 6.
+TorchReader is stage 5's model forward only, for scoring answers and validation text on a GPU."""
 import numpy as np
 
 from spikelib.stages import load_stage
@@ -50,3 +51,33 @@ def triton_backend(mcfg):
         loss.backward()
         return loss.item(), {n: p.grad.float().cpu().numpy() for n, p in model.named_parameters()}
     return grad_fn
+
+
+class TorchReader:
+    """Stage 5's model, forward only, as stage 6's NumpyReader is stage 3's: start(B) is a zero state
+    (a list of per-layer tensors); read(state, ids (B, L)) reads the L positions from the state, a
+    chunked parallel prefill for L > 1 and one step of the Triton decoding kernel for L == 1 on a GPU
+    (torch ops on a CPU), updating the list's entries, and returns the next-token logits after the
+    last position, (B, V) float32 NumPy. Built from the parameters of one scoring pass."""
+
+    def __init__(self, params, mcfg):
+        import torch
+
+        from spikelib.torch_io import resolve_run
+        S5 = load_stage("5_spike_llm_triton")
+        self.torch = torch
+        self.run = resolve_run(S5.RunConfig(dtype="float32"), have_triton=S5.triton is not None)
+        self.model = S5.build_model(mcfg, self.run, params).eval()
+
+    def start(self, batch):
+        return self.model.init_state(batch)
+
+    def read(self, state, ids):
+        with self.torch.no_grad():
+            logits = self.model(self.torch.as_tensor(ids, device=self.run.device), state)   # (B, L, V)
+        return logits[:, -1].float().cpu().numpy()
+
+    def eval_report(self, val, max_tokens, decode):
+        """Stage 5's validation figures (spikelib/torch_run.py): stage 3's windows, on the device."""
+        from spikelib.torch_run import eval_report
+        return eval_report(self.model, val, self.model.cfg.context, max_tokens, decode)
