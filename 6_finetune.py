@@ -10,7 +10,8 @@ questions whose answer is a span of a short context from its own corpus.
        first); the loss is the cross-entropy of the answer tokens (and <eos>) only.
     3. Methods: full, freeze (embedding and the first k blocks fixed), lora (W + s B A on the
        projections, s = alpha / r: dB = s dW A^T, dA = s B^T dW, from any backend's dW).
-    4. Backends (numpy, mlx, triton) only return gradients; the AdamW update is stage 3's.
+    4. Backends (numpy, mlx, triton) only return gradients; the AdamW update is stage 3's. Answers and
+       BPC are scored with stage 3's model, or with stage 5's for triton (a GPU's parallel prefill).
     5. Results: exact match and token F1 on held-out questions (--decode span keeps an answer a
        span of its context; free decoding beside it), and the corpus BPC before and after.
 
@@ -59,7 +60,7 @@ class FinetuneConfig:
     out_dir: str = "out/finetune"      # where <method>.npz, lora.npz (adapters) and results.jsonl go
     qa: str = ""                   # your own Q&A JSONL; "" = generate data/<name>/qa.jsonl from the corpus
     method: str = "lora"           # what trains: full (every weight) | freeze (upper blocks) | lora
-    backend: str = "numpy"         # gradients from numpy | mlx | triton (torch kernels on a CPU)
+    backend: str = "numpy"         # gradients from numpy | mlx | triton (torch on a CPU); triton also scores
     freeze_layers: int = -1        # freeze: blocks 0..k-1 (and the embedding) fixed; -1 = half
     lora_rank: int = 8             # lora: rank r of the adapters B (in, r) and A (r, out)
     lora_alpha: float = 16.0       # lora: W_eff = W + s B A with scale s = alpha / rank
@@ -378,7 +379,7 @@ def greedy_answers(params, mcfg, prompts, eos_id, max_new=24, batch=64, sources=
         out, done = [[] for _ in group], [False] * len(group)
         nexts = [range(len(src)) if src else None for src in srcs]   # every start is open
         cur = [0] * len(group)                                        # each row sets its own at pos m - 1
-        for pos in range(m - 1, len(group[-1]) + max_new):            # logits follow token pos
+        for pos in range(m - 1, len(group[-1]) + max_new):            # logits follow token pos; longest last
             for b, p in enumerate(group):
                 if pos + 1 < len(p):                                  # still reading its prompt
                     cur[b] = p[pos + 1]
