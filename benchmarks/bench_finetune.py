@@ -58,29 +58,33 @@ def pretrain(args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--base", default="out/bench_finetune/base.npz")
+    ap.add_argument("--base", default="out/bench_finetune/base.npz",
+                    help="the pretrained checkpoint every method starts from (pretrained here if missing)")
     ap.add_argument("--data", default="data/builtin", help="a prepared dataset dir (stages 1 and 2)")
-    ap.add_argument("--pretrain", default="numpy", choices=["numpy", "triton"])
-    ap.add_argument("--pretrain_steps", type=int, default=500)
-    ap.add_argument("--pretrain_minutes", type=float, default=0.0)
-    ap.add_argument("--pretrain_batch", type=int, default=16)
+    ap.add_argument("--pretrain", default="numpy", choices=["numpy", "triton"],
+                    help="stage that pretrains a missing base: 3 (numpy) or 5 (triton)")
+    ap.add_argument("--pretrain_steps", type=int, default=500, help="steps of the pretraining schedule")
+    ap.add_argument("--pretrain_minutes", type=float, default=0.0,
+                    help="stop pretraining after this wall time (0 = no limit)")
+    ap.add_argument("--pretrain_batch", type=int, default=16, help="sequences per pretraining step")
     ap.add_argument("--preset", default="small", help="stage 3 preset pretrained when --base is missing")
     ap.add_argument("--pretrain_context", type=int, default=0, help="its context in tokens; 0 = the preset's")
     ap.add_argument("--pretrain_decay_step", type=float, default=0.0,
                     help="stage 3's --decay_step of a base it pretrains (0 = the preset's): head h "
                          "remembers about 2^(decay_start + decay_step h) positions")
-    ap.add_argument("--backend", default="numpy", choices=list(F.BACKENDS))
+    ap.add_argument("--backend", default="numpy", choices=list(F.BACKENDS),
+                    help="stage 6's --backend: the model that gives gradients and scores the answers")
     ap.add_argument("--context_chars", type=int, default=0,
                     help="stage 6's --context_chars for the generated pairs (0 = 2 x the model's context)")
     ap.add_argument("--prompt_order", default="question_first", choices=["question_first", "context_first"],
                     help="stage 6's --prompt_order: <q> question \\n context <a>, or the context first")
     ap.add_argument("--methods", default="full,freeze,lora:8,lora:1", help="lora:R = LoRA of rank R")
-    ap.add_argument("--max_steps", type=int, default=300)
+    ap.add_argument("--max_steps", type=int, default=300, help="fine-tuning steps of every method")
     ap.add_argument("--lr", type=float, default=0.0, help="0 = each method's default")
     ap.add_argument("--replay", type=float, default=0.5, help="corpus windows per Q&A pair in each batch")
     ap.add_argument("--eval_questions", type=int, default=400, help="held-out questions scored")
     ap.add_argument("--out", default="", help="also write the markdown tables to this file")
-    ap.add_argument("--out_dir", default="out/bench_finetune")
+    ap.add_argument("--out_dir", default="out/bench_finetune", help="outputs of each method: OUT_DIR/METHOD")
     args = ap.parse_args()
     if args.context_chars < 0 or args.pretrain_decay_step < 0:
         ap.error("--context_chars and --pretrain_decay_step must be >= 0")
