@@ -118,7 +118,8 @@ def run_row(args, model_name, pairs, gap, decay_step):
     rng = np.random.default_rng(args.seed)         # training sequences; held-out ones use seed + 1
     to_dev = lambda a: torch.from_numpy(a).to(run.device)  # noqa: E731
     start, losses = time.time(), []
-    for _ in range(args.steps):
+    for _ in tqdm(range(args.steps), desc=f"{model_name} pairs {pairs} gap {gap} decay {decay_step}",
+                  leave=False):
         x, y, mask = map(to_dev, make_batch(rng, args.batch, **task))
         loss = masked_loss(model(x), y, mask)
         opt.zero_grad(set_to_none=True)
