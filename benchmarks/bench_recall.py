@@ -165,7 +165,7 @@ def field_setting(text):
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="lif,twin", help=f"comma-separated, of {', '.join(MODELS)}")
-    ap.add_argument("--pairs", type=int_list, default=[8], help="comma-separated numbers of stored pairs")
+    ap.add_argument("--pairs", type=int_list, default=[4], help="comma-separated numbers of stored pairs")
     ap.add_argument("--gap", type=int_list, default=[0], help="comma-separated filler lengths")
     ap.add_argument("--decay_step", type=float_list, default=[1.5],
                     help="comma-separated decay steps of the heads (1.5: the model's default)")
@@ -177,7 +177,7 @@ def parse_args(argv=None):
     ap.add_argument("--set", type=field_setting, action="append", default=[], metavar="NAME=VALUE",
                     help="change a model field of every row, e.g. --set theta=1.0 (repeatable)")
     ap.add_argument("--context", type=int, default=256, help="the model's context; sequences must fit")
-    ap.add_argument("--steps", type=int, default=300, help="optimizer steps per row")
+    ap.add_argument("--steps", type=int, default=600, help="optimizer steps per row")
     ap.add_argument("--batch", type=int, default=16, help="sequences per step (and per scoring batch)")
     ap.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW, no weight decay)")
     ap.add_argument("--warmup", type=int, default=20, help="linear warm-up steps")
@@ -194,6 +194,9 @@ def parse_args(argv=None):
 
 def check_args(args):
     """The first problem with the options, as one sentence, or None."""
+    taken = sorted(set(args.set) & {"vocab_size", "context", "decay_step", "spiking", "spike_fn", "quant"})
+    if taken:
+        return f"--set {taken[0]}: every row sets it (from --keys, --context, --decay_step or --models)"
     if any(m not in MODELS for m in args.models):
         return f"--models {','.join(args.models)}: choose from {', '.join(MODELS)}"
     if min(args.steps, args.batch, args.keys, args.values, args.fillers, args.eval_seqs, args.warmup) < 1:

@@ -74,6 +74,7 @@ def test_accuracy_on_hand_made_logits():
     (["--models", "lif,gru"], "--models"),
     (["--steps", "0"], "must be >= 1"),
     (["--set", "n_head=3"], "n_head"),
+    (["--set", "decay_step=2"], "--decay_step"),
 ])
 def test_bad_options_give_one_error_line(argv, words, capsys):
     assert R.main(argv) == 2
