@@ -10,8 +10,9 @@ Keys are distinct within a sequence, values uniform; keys, values and fillers us
 ranges of token ids, so the vocabulary is KEYS + VALUES + FILLERS (every sequence has the same
 length: nothing is padded). The loss and the accuracy count only the positions whose next token is
 a queried value (as stage 6 counts only answer tokens); accuracy is the greedy argmax there, on
-held-out sequences of another seed; chance is 1 / VALUES. A query's recall distance is the gap
-plus up to 2 (n + q) positions.
+held-out sequences of another seed; chance is 1 / VALUES. A model that remembers which values the
+sequence stored but not which key each came with scores about 1 / n: recall proper is above that.
+A query's recall distance is the gap plus up to 2 (n + q) positions.
 
 Every row trains stage 5's PyTorch model from scratch (the `small` preset unless --preset, fields
 changed with --set NAME=VALUE), AdamW with a linear warm-up and a cosine decay, clip 1.0:
@@ -224,7 +225,8 @@ def table(args, rows):
     lines = [f"MQAR on stage 5's `{args.preset}` model, batch {args.batch}, lr {args.lr}, "
              f"{args.keys} keys, {args.values} values, {args.fillers} fillers, queries "
              f"{args.queries or 'as many as pairs'}, {args.eval_seqs} held-out sequences; "
-             f"chance = 1/{args.values} = {1 / args.values:.3f}; {machine}"
+             f"chance = 1/{args.values} = {1 / args.values:.3f} (the stored values without their keys: "
+             f"about 1/pairs); {machine}"
              + (f"; set {args.set}" if args.set else ""), "",
              "| model | pairs | gap | decay_step | slowest head | length | steps | train loss | "
              "recall acc ± se | scored | seconds |",
