@@ -11,7 +11,8 @@ ranges of token ids, so the vocabulary is KEYS + VALUES + FILLERS (every sequenc
 length: nothing is padded). The loss and the accuracy count only the positions whose next token is
 a queried value (as stage 6 counts only answer tokens); accuracy is the greedy argmax there, on
 held-out sequences of another seed; chance is 1 / VALUES. A model that remembers which values the
-sequence stored but not which key each came with scores about 1 / n: recall proper is above that.
+sequence stored but not which key each came with scores about 1 / n, and up to the mean of
+1/n, 1/(n-1), ..., 1 when q = n if it also rules out the values already asked for.
 A query's recall distance is the gap plus up to 2 (n + q) positions.
 
 Every row trains stage 5's PyTorch model from scratch (the `small` preset unless --preset, fields
