@@ -1,0 +1,93 @@
+"""benchmarks/bench_recall.py: the recall task's sequences checked against a reading of their own
+tokens (each masked target is the value stored with that key earlier), the accuracy on hand-made
+logits, bad options as one error line, and a short run of the tiny preset."""
+import importlib.util
+import math
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+
+spec = importlib.util.spec_from_file_location("bench_recall", ROOT / "benchmarks" / "bench_recall.py")
+R = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(R)
+
+TASK = dict(pairs=6, queries=9, gap=11, keys=10, values=7, fillers=5)
+
+
+def stored_pairs(seq, pairs):
+    """{key: value} read from the first 2 pairs tokens of one sequence, independently of the generator."""
+    return {int(seq[2 * i]): int(seq[2 * i + 1]) for i in range(pairs)}
+
+
+def test_sequences_recall_their_own_pairs():
+    x, y, mask = R.make_batch(np.random.default_rng(3), 32, **TASK)
+    n, q, gap = TASK["pairs"], TASK["queries"], TASK["gap"]
+    length = 2 * n + gap + 2 * q - 1
+    assert x.shape == y.shape == mask.shape == (32, length)
+    keys, values, fillers = R.token_ranges(TASK["keys"], TASK["values"], TASK["fillers"])
+    np.testing.assert_array_equal(x[:, 1:], y[:, :-1])                     # y is x shifted by one
+    assert mask.sum() == 32 * q
+    for xs, ys, ms in zip(x, y, mask):
+        seq = np.append(xs, ys[-1])
+        table = stored_pairs(seq, n)
+        assert len(table) == n                                              # keys distinct
+        assert all(k in keys for k in table) and all(v in values for v in table.values())
+        assert all(f in fillers for f in seq[2 * n:2 * n + gap])
+        scored = np.flatnonzero(ms)
+        assert len(scored) == q and scored.min() >= 2 * n + gap
+        for pos in scored:                          # the input there is a stored key, the target its value
+            assert xs[pos] in table and ys[pos] == table[xs[pos]]
+        # every unmasked query-section target is a query key, never a value
+        assert all(ys[p] in keys for p in range(2 * n + gap, length) if not ms[p])
+
+
+def test_queries_are_spread_over_the_stored_keys():
+    x, _, mask = R.make_batch(np.random.default_rng(4), 16, pairs=5, queries=5, gap=0, keys=8,
+                              values=8, fillers=1)
+    for xs, ms in zip(x, mask):       # q = n: each stored key is asked exactly once, in some order
+        assert sorted(xs[ms > 0]) == sorted(xs[0:10:2])
+
+
+def test_accuracy_on_hand_made_logits():
+    rng = np.random.default_rng(0)
+    V = 12
+    y = rng.integers(0, V, (3, 8))
+    mask = np.zeros((3, 8))
+    mask[:, [2, 4, 7]] = 1
+    perfect = np.eye(V)[y]                                               # (B, L, V): argmax = y
+    assert R.recall_accuracy(perfect, y, mask) == (1.0, 9)
+    shifted = np.roll(perfect, 1, axis=1)          # each position predicts the previous target
+    expected = float(((y == np.roll(y, 1, axis=1)) & (mask > 0)).sum()) / 9
+    assert R.recall_accuracy(shifted, y, mask) == (expected, 9)
+    y[:, 2] = (y[:, 1] + 1) % V                    # position 2 now differs from position 1...
+    y[:, 4] = y[:, 3]                              # ...position 4 equals position 3
+    y[:, 7] = (y[:, 6] + 1) % V
+    assert R.recall_accuracy(np.roll(np.eye(V)[y], 1, axis=1), y, mask) == (3 / 9, 9)
+    assert math.isclose(R.std_error(0.25, 48), 0.0625)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--pairs", "70"], "more than the 64 keys"),
+    (["--gap", "300"], "longer than --context 256"),
+    (["--models", "lif,gru"], "--models"),
+    (["--steps", "0"], "must be >= 1"),
+    (["--set", "n_head=3"], "n_head"),
+    (["--set", "decay_step=2"], "--decay_step"),
+])
+def test_bad_options_give_one_error_line(argv, words, capsys, tmp_path):
+    small = ["--preset", "tiny", "--steps", "2", "--batch", "2", "--eval_seqs", "2",
+             "--out", str(tmp_path / "t.md")]
+    assert R.main(small + argv) == 2           # (tiny and short: a broken check costs seconds, not minutes)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and words in err[0]
+
+
+def test_tiny_run_gives_a_finite_row(tmp_path):
+    args = R.parse_args(["--preset", "tiny", "--pairs", "2", "--gap", "3", "--steps", "30", "--batch", "4",
+                         "--warmup", "5", "--eval_seqs", "8", "--context", "32",
+                         "--out", str(tmp_path / "t.md")])
+    row = R.run_row(args, "lif", 2, 3, 1.5)
+    assert math.isfinite(row["loss"]) and row["n"] == 8 * 2 and 0 <= row["acc"] <= 1
+    assert row["length"] == 2 * 2 + 3 + 2 * 2 - 1
