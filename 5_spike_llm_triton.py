@@ -598,11 +598,15 @@ class TritonNeuron(torch.autograd.Function):
 
 
 def neuron_triton(x, beta, theta, scales, cfg, out_dtype, noisy=False):
-    """A neuron site through TritonNeuron; fixed (float) beta, theta and scales become vectors."""
+    """A neuron site through TritonNeuron; fixed (float) beta, theta and scales become vectors, filled
+    on the device (a Python float copied to a GPU would make the host wait for the GPU at every call)."""
     C = x.shape[-1:]
     if cfg.neuron != "plif":
         beta, theta = torch.full(C, beta, device=x.device), torch.full(C, theta, device=x.device)
-    scales = torch.stack([torch.as_tensor(sc, device=x.device).float().expand(C) for sc in scales])   # (2, C)
+    if cfg.neuron == "lits":
+        scales = torch.stack(scales).float()                                      # (2, C): s+, s-
+    else:
+        scales = torch.ones((2,) + C, device=x.device)                            # (2, C): unscaled
     return TritonNeuron.apply(x, beta, theta, scales, cfg, out_dtype, noisy)
 
 

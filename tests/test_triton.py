@@ -451,6 +451,29 @@ def test_gpu_attention_kernel_real_shape(linear):
 
 
 @gpu
+@pytest.mark.parametrize("neuron", ["lif", "lits"])
+def test_gpu_training_forward_backward_never_waits_for_the_gpu(neuron):
+    """The Triton path's forward and backward queue their work without a host-GPU synchronisation
+    (torch's sync debug mode raises on any, e.g. a Python float copied to the GPU), so the host runs
+    ahead of the GPU through a training step."""
+    cfg = model_cfg(neuron=neuron, n_layer=2)
+    model = S5.build_model(cfg, run_cfg("triton", "bfloat16", chunk=16), S3.init_params(cfg, 5))
+    tokens = np.random.default_rng(5).integers(0, cfg.vocab_size, (2, 2, 32))
+    x, y = (torch.from_numpy(a).to(DEVICE) for a in tokens)
+
+    def forward_backward():
+        logits = model(x)
+        torch.nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), y.view(-1)).backward()
+    forward_backward()                        # compiles every kernel first (loading them may wait)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        forward_backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@gpu
 @pytest.mark.parametrize("kernels", ["torch", "triton"])
 def test_gpu_compiled_model_equals_eager(kernels):
     """--compile 1: torch.compile of the model (which traces through the Triton kernels' launches)
