@@ -28,6 +28,15 @@ def triton_interpreter(monkeypatch):
         monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
+def test_triton_kernels_are_tested_wherever_triton_is_installed():
+    """Where Triton imports, its kernels run here (interpreted without a GPU). A test module that
+    loaded stage 5 before this one without the interpreter would turn every kernel test into a skip;
+    this test fails instead."""
+    if S5.triton is None:
+        pytest.skip("Triton is not installed")
+    assert HAS_TRITON, "stage 5 was loaded without Triton's interpreter: load it with tests/stage5.py first"
+
+
 RESETS = (("hard", False), ("hard", True), ("soft", True))      # (reset, detach) beyond soft, not detached
 VARIANTS = [(n, s, "soft", False) for n in S3.NEURONS for s in S3.SURROGATES] + \
            [(n, "arctan", r, d) for n in S3.NEURONS for r, d in RESETS]
