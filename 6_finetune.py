@@ -409,7 +409,8 @@ def stream_answer(params, mcfg, prompt, eos_id, max_new, source=None, reader=Num
         if cur == eos_id:
             return
         yield cur
-        logits = model.read(state, np.array([[cur]]))[0]
+        if j + 1 < max_new:                                         # no read after the last token
+            logits = model.read(state, np.array([[cur]]))[0]
 
 
 def token_f1(pred, gold):
