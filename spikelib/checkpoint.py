@@ -23,7 +23,7 @@ import numpy as np
 from spikelib.files import atomic_write
 
 FORMAT = "spike-transformer-checkpoint"
-VERSION = 3
+VERSION = 4
 # Version 1 predates the per-head decay fields: its heads all decayed as gamma_h = 1 - 2^-(5 + h),
 # which version 2 writes as decay_start 5, decay_step 1. Version 1 files load with those values.
 # Version 3 adds the neuron options spike_fn, quant, syn_alpha and the lits neuron (with its
@@ -33,7 +33,10 @@ V1_DECAYS = {"decay_start": 5.0, "decay_step": 1.0}
 # Version 3 also adds the model field rate_coding (stage 7's converted networks; false for versions 1
 # and 2). Code that reads only version 2 refuses version 3 files rather than running a rate-coded or
 # lits network as a plain one.
-READABLE = (1, 2, VERSION)
+# Version 4 adds the model field token_shift (half the channels read the previous position's spikes);
+# versions 1 to 3 lack it and load with token_shift 0, the model they were. Code that reads only
+# version 3 refuses version 4 files rather than running a shifted network as an unshifted one.
+READABLE = (1, 2, 3, VERSION)
 
 
 class CheckpointError(ValueError):

@@ -95,7 +95,7 @@ def test_version_1_files_load_with_the_decays_they_were_trained_with(tmp_path):
     _, cfg, _ = load_checkpoint(write_raw(tmp_path / "v1b.npz", doc, params))
     assert (cfg["model"]["decay_start"], cfg["model"]["decay_step"]) == (2.0, 0.5)
     _, cfg, _ = load_checkpoint(save_checkpoint(tmp_path / "v3.npz", params, config))
-    assert cfg["version"] == VERSION == 3 and cfg["model"] == {"d_model": 3}
+    assert cfg["version"] == VERSION == 4 and cfg["model"] == {"d_model": 3}
 
 
 def test_version_2_files_load_as_the_model_without_rate_coding(tmp_path):
@@ -109,7 +109,7 @@ def test_version_2_files_load_as_the_model_without_rate_coding(tmp_path):
     assert loaded.rate_coding is False and loaded == cfg
 
 
-@pytest.mark.parametrize("version", [0, 4, None])
+@pytest.mark.parametrize("version", [0, 5, None])
 def test_unknown_versions_are_refused(tmp_path, version):
     params, config, _ = sample()
     path = write_raw(tmp_path / "ck.npz", dict(config, format=FORMAT, version=version), params)
@@ -120,7 +120,7 @@ def test_unknown_versions_are_refused(tmp_path, version):
 @pytest.mark.parametrize("doc, message", [
     ([1, 2], "a JSON list, not an object"),
     ("v2", "a JSON str, not an object"),
-    ({"format": FORMAT, "version": "2"}, "version '2', a string; this code reads the number 3"),
+    ({"format": FORMAT, "version": "2"}, "version '2', a string; this code reads the number 4"),
     ({"format": FORMAT, "version": True}, "format version True"),
     ({"format": FORMAT, "version": 2, "model": [3]}, '"model" must be a JSON object'),
 ])
