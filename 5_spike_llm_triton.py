@@ -205,6 +205,19 @@ def running_mean(x, on):
     return x.float().cumsum(0) / t.view((-1,) + (1,) * (x.dim() - 1))
 
 
+def token_shift(s, prev=None):
+    """Stage 3's token_shift: out[:, :, l, :D/2] = s[:, :, l-1, :D/2] (at l = 0 the decode state's prev
+    (T*B, D/2), or zeros), the rest of s unchanged; autograd differentiates it. s (T, B, L, D) spikes;
+    returns out and the last position's first half (T*B, D/2) fp32, the next call's prev."""
+    T, B, L, D = s.shape
+    half = D // 2
+    if prev is None:
+        early = F.pad(s[:, :, :-1, :half], (0, 0, 1, 0))                      # zeros before position 0
+    else:
+        early = torch.cat([prev.view(T, B, 1, half).to(s.dtype), s[:, :, :-1, :half]], 2)
+    return torch.cat([early, s[..., half:]], -1), s[:, :, -1, :half].reshape(T * B, half).float()
+
+
 def norm(x, g, eps, kernels):
     """The triton path uses the lean rmsnorm; the torch path lets autograd differentiate it."""
     return LeanRMSNorm.apply(x, g, eps) if kernels == "triton" else rmsnorm(x, g, eps)
@@ -307,14 +320,23 @@ class Block(nn.Module):
         self.attn, self.mlp = Attention(cfg, run), MLP(cfg, run)
         self.drop = nn.Dropout(cfg.dropout)              # on the branch outputs, in training only
 
-    def forward(self, h, state=None):                  # h (T, B, L, D) real residual stream
-        eps, rate = self.cfg.norm_eps, self.cfg.rate_coding
+    def forward(self, h, state=None, prev=(None, None)):   # h (T, B, L, D) real residual stream
+        """prev: token_shift's slots (attention input, MLP input) from decoding; returns h, the attention
+        state and the new slots (the last position's spikes of each shifted input)."""
+        eps, rate, shift = self.cfg.norm_eps, self.cfg.rate_coding, self.cfg.token_shift
+        last = []
         s = self.sn1(norm(running_mean(h, rate), self.norm1.weight, eps, self.kernels))   # (T,B,L,D) spikes
+        if shift >= 1:
+            s, last1 = token_shift(s, prev[0])
+            last.append(last1)
         o, state = self.attn(s, state)
         h = h + self.drop(o)
         s2 = self.sn2(norm(running_mean(h, rate), self.norm2.weight, eps, self.kernels))
+        if shift == 2:
+            s2, last2 = token_shift(s2, prev[1])
+            last.append(last2)
         h = h + self.drop(self.mlp(s2))
-        return h, state
+        return h, state, last
 
 
 class SpikeLM(nn.Module):
@@ -331,26 +353,33 @@ class SpikeLM(nn.Module):
             self.head = Weight(cfg.d_model, cfg.vocab_size)
 
     def forward(self, idx, state=None):
-        """idx (B, L) -> logits (B, L, V) fp32; with state (a list per layer): recurrent/prefill form."""
+        """idx (B, L) -> logits (B, L, V) fp32; with state (init_state's list, its entries replaced):
+        recurrent/prefill form."""
         cfg = self.cfg
-        T = S3.timesteps(cfg)
+        T, n, S = S3.timesteps(cfg), cfg.n_layer, cfg.token_shift
         x = self.drop(self.embed(idx))                                # (B, L, D), one mask for all T
         h = x.unsqueeze(0).expand(T, *x.shape)                        # (T, B, L, D)
         for i, block in enumerate(self.blocks):
             if state is None:
-                h, _ = block(h)
-            else:
-                h, state[i] = block(h, state[i])                      # each layer's own state
+                h, _, _ = block(h)
+            else:                                                     # each layer's own state and slots
+                slots = slice(n + i * S, n + (i + 1) * S)
+                prev = state[slots] if S else (None, None)
+                h, state[i], state[slots] = block(h, state[i], prev)
         xf = rmsnorm(h.mean(0), self.norm_f.weight, cfg.norm_eps)     # (B, L, D)
         W = self.embed.weight.t() if cfg.tie_embeddings else self.head.weight
         return matmul(xf, W, self.dt).float()
 
     def init_state(self, batch):
-        """Zero attention state per layer: (T*B, H, dh, dh) linear or (T*B, H, dh) hadamard."""
-        cfg = self.cfg
-        H, dh = cfg.n_head, cfg.d_model // cfg.n_head
-        shape = (S3.timesteps(cfg) * batch, H, dh) + ((dh,) if cfg.attention == "linear" else ())
-        return [torch.zeros(shape, device=self.embed.weight.device) for _ in range(cfg.n_layer)]
+        """Stage 3's init_decode_state as one list, timesteps and sequences in one axis: the zero
+        attention state per layer, (T*B, H, dh, dh) linear or (T*B, H, dh) hadamard, then token_shift's
+        slots, token_shift per layer (i S: attention input, i S + 1: MLP input), each (T*B, D//2)."""
+        cfg, device = self.cfg, self.embed.weight.device
+        H, dh, TB = cfg.n_head, cfg.d_model // cfg.n_head, S3.timesteps(cfg) * batch
+        shape = (TB, H, dh) + ((dh,) if cfg.attention == "linear" else ())
+        slots = cfg.n_layer * cfg.token_shift
+        shift = [torch.zeros(TB, cfg.d_model // 2, device=device) for _ in range(slots)]
+        return [torch.zeros(shape, device=device) for _ in range(cfg.n_layer)] + shift
 
 
 def build_model(mcfg, run, params=None, seed=0):
