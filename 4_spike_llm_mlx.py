@@ -155,6 +155,15 @@ def running_mean(x, on):
     return mx.cumsum(x, axis=0) / mx.arange(1, x.shape[0] + 1).reshape((-1,) + (1,) * (x.ndim - 1))
 
 
+def token_shift(s, prev=None):
+    """Stage 3's token_shift: out[:, :, l, :D/2] = s[:, :, l-1, :D/2] (at l = 0 the decode state's prev
+    (T, B, D/2), or zeros), the rest of s unchanged. Returns out and the last position's first half."""
+    half = s.shape[-1] // 2
+    first = mx.zeros_like(s[:, :, :1, :half]) if prev is None else prev[:, :, None]
+    out = mx.concatenate([mx.concatenate([first, s[:, :, :-1, :half]], 2), s[..., half:]], -1)
+    return out, s[:, :, -1, :half]
+
+
 @lru_cache(maxsize=16)
 def decay_mask(H, L, start, step):
     """Dmask[h, l, j] = gamma_h^(l-j) for j <= l else 0, (H, L, L): stage 3's table, in MLX."""
@@ -254,15 +263,24 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)                # a fresh mask per call, over all of (T, B, L, D)
 
-    def __call__(self, h, state=None):                     # h (T, B, L, D) real residual stream
-        rate = self.attn.cfg.rate_coding                    # norms read running means (stage 3)
+    def __call__(self, h, state=None, prev=(None, None)):  # h (T, B, L, D) real residual stream
+        """prev: token_shift's slots (attention input, MLP input) when decoding; returns h, the
+        attention state, the new slots (the last position's spikes of each shifted input), the spikes."""
+        rate, shift = self.attn.cfg.rate_coding, self.attn.cfg.token_shift    # norms read running means
         s = self.sn1(self.norm1(running_mean(h, rate)))
-        o, state, spikes = self.attn(s, state)
+        x, last = s, []                                     # x: what wq, wk and wv read
+        if shift >= 1:
+            x, last1 = token_shift(s, prev[0])
+            last.append(last1)
+        o, state, spikes = self.attn(x, state)
         h = h + self.drop(o)
-        s2 = self.sn2(self.norm2(running_mean(h, rate)))
-        m, u = self.mlp(s2)
+        s2 = x2 = self.sn2(self.norm2(running_mean(h, rate)))
+        if shift == 2:
+            x2, last2 = token_shift(s2, prev[1])
+            last.append(last2)
+        m, u = self.mlp(x2)
         spikes = {"sn1": s, **spikes, "sn2": s2, "mlp.sn_h": u}
-        return h + self.drop(m), state, spikes
+        return h + self.drop(m), state, last, spikes
 
 
 class Head(nn.Module):
@@ -297,18 +315,23 @@ class SpikeLM(nn.Module):
         T = ref.timesteps(self.cfg)                        # 1 for the ANN twin
         x = self.drop(self.embed(idx))                     # (B, L, D): one mask for all T
         h = mx.broadcast_to(x, (T,) + x.shape)             # (T, B, L, D)
-        spikes, new_state = [], []
+        n, S = self.cfg.n_layer, self.cfg.token_shift
+        spikes, new_state, new_shift = [], [], []
         for i, block in enumerate(self.blocks):
-            h, layer_state, layer_spikes = block(h, None if state is None else state[i])
+            prev = state[n + i * S: n + (i + 1) * S] if state is not None and S else (None, None)
+            h, layer_state, last, layer_spikes = block(h, None if state is None else state[i], prev)
             spikes.append(layer_spikes)
             new_state.append(layer_state)
+            new_shift += last
         xf = self.norm_f(h.mean(0))                        # (B, L, D)
         w_out = self.embed.weight.T if self.cfg.tie_embeddings else self.head.weight
-        return xf @ w_out, spikes, (None if state is None else new_state)
+        return xf @ w_out, spikes, (None if state is None else new_state + new_shift)
 
     def init_state(self, batch):
-        """Zero attention state per layer: (T, B, H, dh, dh) linear or (T, B, H, dh) hadamard."""
-        return [mx.array(s) for s in ref.init_decode_state(self.cfg, batch)["layers"]]
+        """Stage 3's init_decode_state as one list: the zero attention state per layer, (T, B, H, dh, dh)
+        linear or (T, B, H, dh) hadamard, then token_shift's slots, each (T, B, D//2)."""
+        state = ref.init_decode_state(self.cfg, batch)
+        return [mx.array(s) for s in state["layers"] + state["shift"]]
 
 
 def build_model(cfg, params):

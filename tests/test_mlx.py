@@ -271,7 +271,7 @@ def test_dropout_drops_p_of_each_residual_branch_and_scales_the_rest():
         params = perturbed_params(cfg, seed=4)
         params["blocks.0." + zeroed][:] = 0
         block = m4.build_model(cfg, params).train().blocks[0]
-        out, _, spikes = block(h)                                 # (T, B, L, D)
+        out, _, _, spikes = block(h)                              # (T, B, L, D)
         zero = assert_dropped(out - h, branch(block, spikes), P)
         assert not np.array_equal(zero[0], zero[1])               # a fresh mask per timestep
 
