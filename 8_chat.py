@@ -1,8 +1,9 @@
 """Stage 8: conversation with constant-size memory -- multi-turn spiking inference.
 
 The model's attention is recurrent: each layer keeps a state S = gamma S + k^T v of a fixed size
-(T x B x H x dh x dh), whatever the length of the text it has read, and there are no position
-embeddings, so a position counter is all the rest. A conversation therefore keeps that state
+(T x B x H x dh x dh), whatever the length of the text it has read (with --token_shift, also the
+previous position's spikes of the shifted channels, T x B x D/2 per shifted input), and there are no
+position embeddings, so a position counter is all the rest. A conversation therefore keeps that state
 between turns: each new turn costs only its own tokens, and a thousand turns cost no more memory
 than one. This stage wraps any backend (numpy: stage 3, mlx: stage 4, triton: stage 5) in a
 Conversation object and puts a small REPL around it.
@@ -68,28 +69,32 @@ class ChatConfig:
                             "top_p": "in (0, 1]"})
 
 # ----------------------------------------------------------------------------- backends
-# A backend holds the model and does five things with the per-layer attention states `layers`:
+# A backend holds the model and does five things with its states `layers`, one list: the attention
+# state of each layer, then token_shift's slots (each the previous position's spikes, stage 3's "shift"):
 #   init(B)                 zero states of B conversations
 #   step(layers, ids)       feed ids (B, L) -> (new layers, logits (B, L, V) as NumPy); the given
 #                           layers are left untouched, so a step interrupted by Ctrl-C changes nothing
 #   where(rows, new, old)   per conversation: new where rows (B,) is True, else old
-#   to_numpy / from_numpy   stage 3's layout, (T, B, H, dh, dh) (hadamard: (T, B, H, dh)) per layer
+#   to_numpy / from_numpy   stage 3's layout, (T, B, H, dh, dh) (hadamard: (T, B, H, dh)) per layer,
+#                           (T, B, D//2) per shift slot
 
 
 class NumpyBackend:
     """Stage 3: its recurrent form takes one position per call, so a turn is fed token by token."""
 
     def __init__(self, params, mcfg):
-        self.params, self.cfg = params, mcfg
+        self.params, self.cfg, self.n_layer = params, mcfg, mcfg.n_layer
         self.dtype = params["embed.weight"].dtype
 
     def init(self, B):
-        return S3.init_decode_state(self.cfg, B, self.dtype)["layers"]
+        state = S3.init_decode_state(self.cfg, B, self.dtype)
+        return state["layers"] + state["shift"]
 
     def step(self, layers, ids):                         # ids (B, L)
-        state = {"pos": 0, "layers": list(layers)}      # decode_step replaces the list's arrays
+        n = self.n_layer                                 # decode_step replaces the lists' arrays
+        state = {"pos": 0, "layers": list(layers[:n]), "shift": list(layers[n:])}
         logits = [S3.decode_step(self.params, self.cfg, state, ids[:, j]) for j in range(ids.shape[1])]
-        return state["layers"], np.stack(logits, 1)
+        return state["layers"] + state["shift"], np.stack(logits, 1)
 
     def where(self, rows, new, old):
         return [np.where(rows.reshape((1, -1) + (1,) * (n.ndim - 2)), n, o) for n, o in zip(new, old)]
@@ -107,6 +112,7 @@ class MlxBackend:
     def __init__(self, params, mcfg):
         import mlx.core as mx
         self.mx, self.model = mx, load_stage("4_spike_llm_mlx").build_model(mcfg, params)
+        self.n_layer = mcfg.n_layer
 
     def init(self, B):
         return self.model.init_state(B)
@@ -141,7 +147,7 @@ class TritonBackend:
 
         from spikelib.torch_io import resolve_run
         S5 = load_stage("5_spike_llm_triton")
-        self.torch, self.T = torch, S3.timesteps(mcfg)
+        self.torch, self.T, self.n_layer = torch, S3.timesteps(mcfg), mcfg.n_layer
         run = S5.RunConfig(kernels=cfg.kernels, device=cfg.device, dtype=cfg.dtype)
         self.run = resolve_run(run, have_triton=S5.triton is not None)
         self.model = S5.build_model(mcfg, self.run, params).eval()
@@ -290,9 +296,15 @@ class Conversation:
         """Bytes of the recurrent state: every layer's attention state plus the position counters."""
         return sum(a.nbytes for a in self.backend.to_numpy(self.layers)) + self.pos.nbytes
 
+    def state_names(self):
+        """layer/i: layer i's attention state; shift/k: token_shift's slot k (none at token_shift 0, so
+        a file written before the option existed loads as it was)."""
+        n = self.backend.n_layer
+        return [f"layer/{i}" if i < n else f"shift/{i - n}" for i in range(len(self.layers))]
+
     def save(self, path):
         """The state in a .npz with a JSON header naming the model's fingerprint (spikelib.state_io)."""
-        arrays = {f"layer/{i}": a for i, a in enumerate(self.backend.to_numpy(self.layers))}
+        arrays = dict(zip(self.state_names(), self.backend.to_numpy(self.layers)))
         arrays["logits"] = self.logits
         header = {"fingerprint": self.fingerprint, "batch": self.B, "pos": self.pos.tolist(),
                   "open": self.open.tolist()}
@@ -302,7 +314,7 @@ class Conversation:
         """Continue from a saved state; StateFileError (one line) if it is not this model's."""
         arrays, header = load_state(path, self.fingerprint)
         want = self.backend.to_numpy(self.backend.init(self.B))
-        layers = [arrays.get(f"layer/{i}") for i in range(len(want))]
+        layers = [arrays.get(name) for name in self.state_names()]
         shapes_differ = any(a is None or a.shape != w.shape for a, w in zip(layers, want))
         if header.get("batch") != self.B or shapes_differ:
             raise StateFileError(f"state file {path} holds {header.get('batch')} conversation(s) of other "
@@ -340,9 +352,10 @@ def sampler(cfg):
 
 def describe_state(conv):
     """One line for /state: bytes, shapes, tokens seen."""
-    layers = conv.backend.to_numpy(conv.layers)
-    return (f"state: {conv.state_bytes():,} bytes ({len(layers)} layers x {tuple(layers[0].shape)} "
-            f"{layers[0].dtype} + position), {int(conv.pos[0]):,} tokens seen")
+    layers, n = conv.backend.to_numpy(conv.layers), conv.backend.n_layer
+    shift = f" + {len(layers) - n} x {tuple(layers[-1].shape)} shifted spikes" if len(layers) > n else ""
+    return (f"state: {conv.state_bytes():,} bytes ({n} layers x {tuple(layers[0].shape)} "
+            f"{layers[0].dtype}{shift} + position), {int(conv.pos[0]):,} tokens seen")
 
 
 def command(conv, line, out):

@@ -38,10 +38,10 @@ def triton_interpreter(monkeypatch):
 TOKENIZER = TK.Tokenizer([])                      # byte level: 264 ids, the role tokens among them
 
 
-def tiny(seed=3):
+def tiny(seed=3, token_shift=0):
     """The tiny preset (context 32) with the byte tokenizer's vocabulary and perturbed parameters
     (norm gains away from 1, so a bug in any of them shows)."""
-    mcfg = S3.make_configs("tiny", vocab_size=TOKENIZER.vocab_size)[0]
+    mcfg = S3.make_configs("tiny", vocab_size=TOKENIZER.vocab_size, token_shift=token_shift)[0]
     params = S3.init_params(mcfg, seed)
     rng = np.random.default_rng(seed)
     for name in params:
@@ -58,8 +58,8 @@ def backend(name, params, mcfg):
     return C8.make_backend(params, mcfg, cfg)
 
 
-def conversation(name, batch, seed=3):
-    params, mcfg = tiny(seed)
+def conversation(name, batch, seed=3, token_shift=0):
+    params, mcfg = tiny(seed, token_shift)
     fp = C8.model_fingerprint(params, {"seed": seed})
     return C8.Conversation(backend(name, params, mcfg), TOKENIZER, fp, batch), params, mcfg
 
@@ -78,12 +78,13 @@ def random_turns(rng, lengths, vocab):
     return [rng.integers(0, vocab, n).tolist() for n in lengths]
 
 
+@pytest.mark.parametrize("token_shift", [0, 2])
 @pytest.mark.parametrize("name", BACKENDS)
-def test_turns_fed_one_by_one_equal_one_parallel_pass(name):
+def test_turns_fed_one_by_one_equal_one_parallel_pass(name, token_shift):
     """Two conversations of ragged turns (two of 33 and 34 tokens, longer than the training context
     of 32), fed turn by turn with the carried state: every logit equals the parallel pass over that
     conversation's concatenated transcript, and the position counters count every token."""
-    conv, params, mcfg = conversation(name, 2)
+    conv, params, mcfg = conversation(name, 2, token_shift=token_shift)
     rng = np.random.default_rng(0)
     turns = [random_turns(rng, (3, 2, 34, 1), 264), random_turns(rng, (1, 4, 33, 0), 264)]
     got = [[], []]
@@ -113,12 +114,13 @@ def test_replies_continue_the_transcript(name):
     assert close(logits, parallel_logits(params, mcfg, transcript)[-len(second):])
 
 
+@pytest.mark.parametrize("token_shift", [0, 2])
 @pytest.mark.parametrize("name", ["numpy", "torch"])
-def test_reset_one_conversation_clears_exactly_that_one(name):
+def test_reset_one_conversation_clears_exactly_that_one(name, token_shift):
     """reset(1) of three: conversations 0 and 2 keep their states bit for bit; 1 becomes a fresh
     conversation (zero state, position 0) that then equals a conversation started alone. The
     torch backend packs (T, B) into one axis, so a wrong row index would clear the wrong one."""
-    conv, params, mcfg = conversation(name, 3)
+    conv, params, mcfg = conversation(name, 3, token_shift=token_shift)
     rng = np.random.default_rng(1)
     conv.feed(random_turns(rng, (6, 4, 5), 264))
     before = conv.backend.to_numpy(conv.layers)
@@ -135,16 +137,21 @@ def test_reset_one_conversation_clears_exactly_that_one(name):
         conv.reset(3)
 
 
+@pytest.mark.parametrize("token_shift", [0, 2])
 @pytest.mark.parametrize("name", ["numpy", "torch"])
-def test_saved_and_loaded_state_continues_identically(name, tmp_path):
+def test_saved_and_loaded_state_continues_identically(name, token_shift, tmp_path):
     """Save after two turns, load into a new conversation of the same model: the third turn and a
-    sampled reply are identical to the original conversation going on."""
-    conv, params, mcfg = conversation(name, 2)
+    sampled reply are identical to the original conversation going on. The file holds layer/i (and
+    with token_shift the shifted spikes shift/k), so a file of the unshifted layout still loads."""
+    conv, params, mcfg = conversation(name, 2, token_shift=token_shift)
     rng = np.random.default_rng(2)
     for k in range(2):
         conv.feed(random_turns(rng, (4, 3), 264))
     conv.say(["x", "y"])                                       # saved between a turn and its reply
     conv.save(tmp_path / "s.npz")
+    with np.load(tmp_path / "s.npz") as saved:
+        shifts = [f"shift/{k}" for k in range(mcfg.n_layer * token_shift)]
+        assert set(saved.files) == {"state.json", "logits", *shifts, *(f"layer/{i}" for i in range(2))}
     other = C8.Conversation(backend(name, params, mcfg), TOKENIZER, conv.fingerprint, 2)
     other.load(tmp_path / "s.npz")
     assert other.pos.tolist() == conv.pos.tolist() and other.open.all()
