@@ -55,7 +55,8 @@ def triton_backend(mcfg):
 
 class TorchReader:
     """Stage 5's model, forward only, as stage 6's NumpyReader is stage 3's: start(B) is a zero state
-    (a list of per-layer tensors); read(state, ids (B, L)) reads the L positions from the state, a
+    (stage 5's init_state: per-layer attention states, then any token shift slots); read(state, ids
+    (B, L)) reads the L positions from the state, a
     chunked parallel prefill for L > 1 and one step of the Triton decoding kernel for L == 1 on a GPU
     (torch ops on a CPU), updating the list's entries, and returns the next-token logits after the
     last position, (B, V) float32 NumPy. Built from the parameters of one scoring pass."""

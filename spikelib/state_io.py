@@ -4,7 +4,8 @@ A state file is one `.npz` (read with `allow_pickle=False`, so loading it can ne
 
     state.json     uint8 bytes of a UTF-8 JSON header: format, version, the model's fingerprint
                    and whatever the writer adds (positions per conversation, open replies ...)
-    <name>         float32 / int arrays of the state (stage 8 writes layer/<i> and logits)
+    <name>         float32 / int arrays of the state (stage 8 writes layer/<i>, logits and, for a
+                   model with token_shift, shift/<k>: the previous position's shifted spikes)
 
 The fingerprint is the sha256 of the model config and of every parameter's name, shape and
 bytes, so a state is refused by any other model, even one of the same shapes. Writes are
