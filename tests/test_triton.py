@@ -483,12 +483,13 @@ def test_gpu_training_forward_backward_never_waits_for_the_gpu(neuron):
 
 
 @gpu
+@pytest.mark.parametrize("token_shift", [0, 2])
 @pytest.mark.parametrize("kernels", ["torch", "triton"])
-def test_gpu_compiled_model_equals_eager(kernels):
+def test_gpu_compiled_model_equals_eager(kernels, token_shift):
     """--compile 1: torch.compile of the model (which traces through the Triton kernels' launches)
     gives the eager logits (1e-4) and gradients (1e-3), fp32; inductor's fused elementwise work
     rounds differently, which could flip a spike sitting on its threshold, hence not exact."""
-    cfg = model_cfg(n_layer=2)
+    cfg = model_cfg(n_layer=2, token_shift=token_shift)
     params = S3.init_params(cfg, 4)
     tokens = np.random.default_rng(4).integers(0, cfg.vocab_size, (2, 2, 32))
     x, y = (torch.from_numpy(a).to(DEVICE) for a in tokens)
