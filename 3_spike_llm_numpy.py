@@ -530,9 +530,10 @@ def attention_recurrent(q, k, v, cfg, state, i):
 
 def token_shift(s, prev=None):
     """Half the channels one position late: out[:, :, l, :D/2] = s[:, :, l-1, :D/2] (at l = 0: prev
-    (T, B, D/2), the decode state's last spikes, or zeros), out[..., D/2:] = s[..., D/2:]. A layer that
-    reads out sees tokens l and l-1 together: one-layer induction, which per-head decays alone cannot
-    bind. Still exactly the spikes. s (T, B, L, D); returns out and the last position's s[..., :D/2]."""
+    (T, B, D/2), the decode state's last spikes, or zeros), out[..., D/2:] = s[..., D/2:]. A key or value
+    read from out sees tokens l-1 and l together, so one attention layer binds a token to the one after
+    it (induction), which per-head decays alone cannot. Still exactly the spikes.
+    s (T, B, L, D); returns out and the last position's s[..., :D/2] (the next call's prev)."""
     half = s.shape[-1] // 2
     first = np.zeros_like(s[:, :, :1, :half]) if prev is None else prev[:, :, None].astype(s.dtype)
     out = np.concatenate([np.concatenate([first, s[:, :, :-1, :half]], 2), s[..., half:]], -1)
@@ -540,8 +541,9 @@ def token_shift(s, prev=None):
 
 
 def token_shift_backward(dout):
-    """ds[:, :, l, :D/2] = dout[:, :, l+1, :D/2] (0 at the last position: no later position reads it;
-    prev is a constant); ds[..., D/2:] = dout[..., D/2:] (passed through)."""
+    """out[l, :D/2] = s[l-1, :D/2], so ds[:, :, l, :D/2] = dout[:, :, l+1, :D/2] (0 at the last position:
+    no later position reads it; prev is a constant); out[..., D/2:] = s[..., D/2:], so that half of
+    dout passes through."""
     half = dout.shape[-1] // 2
     late = np.concatenate([dout[:, :, 1:, :half], np.zeros_like(dout[:, :, :1, :half])], 2)
     return np.concatenate([late, dout[..., half:]], -1)
