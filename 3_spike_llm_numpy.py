@@ -81,15 +81,13 @@ class ModelConfig:
     norm_eps: float = 1e-5        # epsilon of the RMS norms
     rate_coding: bool = False     # norms and attention read running means over the timesteps so far
     # (stage 7: a converted network then approaches its ANN as T grows)
-    token_shift: int = 0          # 0: off; 1: the attention's q, k, v read, in the first half of the
-                                  # channels, the previous position's spikes (s_{l-1}); 2: the MLP's input too
+    token_shift: bool = False     # the attention's k and v read, in the first half of the channels, the
+                                  # previous position's spikes (s_{l-1}); q reads s_l as it is
 
     def __post_init__(self):
         check_choices(self, {"neuron": NEURONS, "surrogate": SURROGATES, "spike_fn": SPIKE_FNS,
                              "quant": QUANTS, "reset": ("soft", "hard"), "attention": ("linear", "hadamard")})
         check_model_config(self)      # sizes and ranges, one error naming the option (spikelib.stage_run)
-        if self.token_shift not in (0, 1, 2) or isinstance(self.token_shift, bool):
-            raise ValueError(f"--token_shift must be 0, 1 or 2, got {self.token_shift!r}")
 
 
 @dataclass
@@ -532,7 +530,8 @@ def token_shift(s, prev=None):
     """Half the channels one position late: out[:, :, l, :D/2] = s[:, :, l-1, :D/2] (at l = 0: prev
     (T, B, D/2), the decode state's last spikes, or zeros), out[..., D/2:] = s[..., D/2:]. A key or value
     read from out sees tokens l-1 and l together, so one attention layer binds a token to the one after
-    it (induction), which per-head decays alone cannot. Still exactly the spikes.
+    it (induction), which per-head decays alone cannot. Still exactly the spikes. (Queries read s_l
+    unshifted: they ask about the current token; shifting them too made spiking training diverge.)
     s (T, B, L, D); returns out and the last position's s[..., :D/2] (the next call's prev)."""
     half = s.shape[-1] // 2
     first = np.zeros_like(s[:, :, :1, :half]) if prev is None else prev[:, :, None].astype(s.dtype)
@@ -589,9 +588,8 @@ def block_forward(params, i, h, cfg, smooth=False, state=None, rng=None):
     rate = running_mean if cfg.rate_coding else (lambda x: x)    # rate coding: products of rates
     n1, c["norm1"] = rmsnorm(rate(h), p[b + "norm1.weight"], eps)
     s1 = neuron_site(p, b, "sn1", n1, cfg, smooth, c, rng)                        # (T, B, L, D) spikes
-    S = cfg.token_shift                           # decode state slots: i S (attention), i S + 1 (MLP)
-    x1 = c["attn_input"] = shift_site(s1, S >= 1, state, i * S)                  # (T, B, L, D) spikes
-    q = neuron_site(p, b, "attn.sn_q", linear(x1, p[b + "attn.wq"]), cfg, smooth, c, rng)
+    x1 = c["kv_input"] = shift_site(s1, cfg.token_shift, state, i)   # (T, B, L, D) spikes, k and v read
+    q = neuron_site(p, b, "attn.sn_q", linear(s1, p[b + "attn.wq"]), cfg, smooth, c, rng)
     k = neuron_site(p, b, "attn.sn_k", linear(x1, p[b + "attn.wk"]), cfg, smooth, c, rng)
     v = neuron_site(p, b, "attn.sn_v", linear(x1, p[b + "attn.wv"]), cfg, smooth, c, rng)
     if state is None:
@@ -605,8 +603,7 @@ def block_forward(params, i, h, cfg, smooth=False, state=None, rng=None):
     h = h + linear(c["wo_input"], p[b + "attn.wo"]) * c["drop_attn"]
     n2, c["norm2"] = rmsnorm(rate(h), p[b + "norm2.weight"], eps)
     s2 = neuron_site(p, b, "sn2", n2, cfg, smooth, c, rng)
-    x2 = c["mlp_input"] = shift_site(s2, S == 2, state, i * S + 1)
-    u = neuron_site(p, b, "mlp.sn_h", linear(x2, p[b + "mlp.w1"]), cfg, smooth, c, rng)  # (T, B, L, F)
+    u = neuron_site(p, b, "mlp.sn_h", linear(s2, p[b + "mlp.w1"]), cfg, smooth, c, rng)  # (T, B, L, F)
     c["drop_mlp"] = dropout_mask(h.shape, cfg.dropout, rng)
     return h + linear(u, p[b + "mlp.w2"]) * c["drop_mlp"], c
 
@@ -622,12 +619,10 @@ def block_backward(dh, c, params, i, cfg, grads):
     """Backward of block_forward: returns dL/dh_in and writes the block's grads."""
     p, b = params, f"blocks.{i}."
     rate_bwd = running_mean_backward if cfg.rate_coding else (lambda d: d)
-    # MLP: h_out = h_mid + (u @ w2) * m, u = SN_h(x2 @ w1), x2 = shift(s2) (token_shift 2) or s2,
-    # s2 = SN_2(rmsnorm(h_mid)), m dropout
+    # MLP: h_out = h_mid + (u @ w2) * m, u = SN_h(s2 @ w1), s2 = SN_2(rmsnorm(h_mid)), m dropout
     du, grads[b + "mlp.w2"] = linear_backward(dh * c["drop_mlp"], c["mlp.sn_h"]["s"], p[b + "mlp.w2"])
     da = neuron_site_backward(du, c, b, "mlp.sn_h", cfg, grads)
-    ds2, grads[b + "mlp.w1"] = linear_backward(da, c["mlp_input"], p[b + "mlp.w1"])
-    ds2 = token_shift_backward(ds2) if cfg.token_shift == 2 else ds2      # dL/ds2 from dL/dx2: un-shift
+    ds2, grads[b + "mlp.w1"] = linear_backward(da, c["sn2"]["s"], p[b + "mlp.w1"])
     dn2 = neuron_site_backward(ds2, c, b, "sn2", cfg, grads)
     dx, grads[b + "norm2.weight"] = rmsnorm_backward(dn2, c["norm2"])
     dh = dh + rate_bwd(dx)
@@ -639,13 +634,16 @@ def block_backward(dh, c, params, i, cfg, grads):
     dnrm = neuron_site_backward(dz, c, b, "attn.sn_o", cfg, grads)
     dy, grads[b + "attn.norm.weight"] = headnorm_backward(dnrm, c["attn.norm"])
     dq, dk, dv = (rate_bwd(d) for d in attention_backward(dy, c["attn"], cfg))
-    # q, k, v = SN(x1 @ w), x1 = shift(s1) (token_shift >= 1) or s1: each adds its share to dL/dx1
+    # q = SN(s1 @ wq); k, v = SN(x1 @ w), x1 = shift(s1) (token_shift) or s1: dL/ds1 = q's share +
+    # the un-shifted sum of k's and v's shares (dL/dx1)
+    da = neuron_site_backward(dq + dq_gate, c, b, "attn.sn_q", cfg, grads)
+    ds1, grads[b + "attn.wq"] = linear_backward(da, c["sn1"]["s"], p[b + "attn.wq"])
     dx1 = 0.0
-    for name, d in (("q", dq + dq_gate), ("k", dk), ("v", dv)):
+    for name, d in (("k", dk), ("v", dv)):
         da = neuron_site_backward(d, c, b, "attn.sn_" + name, cfg, grads)
-        dsw, grads[b + "attn.w" + name] = linear_backward(da, c["attn_input"], p[b + "attn.w" + name])
+        dsw, grads[b + "attn.w" + name] = linear_backward(da, c["kv_input"], p[b + "attn.w" + name])
         dx1 = dx1 + dsw
-    ds1 = token_shift_backward(dx1) if cfg.token_shift >= 1 else dx1      # dL/ds1 from dL/dx1: un-shift
+    ds1 = ds1 + (token_shift_backward(dx1) if cfg.token_shift else dx1)
     dn1 = neuron_site_backward(ds1, c, b, "sn1", cfg, grads)
     dx, grads[b + "norm1.weight"] = rmsnorm_backward(dn1, c["norm1"])
     return dh + rate_bwd(dx)
@@ -728,12 +726,13 @@ def loss_and_grads(params, cfg, x, y, smooth=False, rng=None):
 
 
 def init_decode_state(cfg, batch, dtype=np.float32):
-    """Zero attention state per layer: (T, B, H, dh, dh) linear or (T, B, H, dh) hadamard; and
-    token_shift's slots, token_shift per layer (i S: attention input, i S + 1: MLP input), each the
-    previous position's spikes of the shifted half, (T, B, D//2) (zeros: nothing before position 0)."""
+    """Zero attention state per layer: (T, B, H, dh, dh) linear or (T, B, H, dh) hadamard; with
+    token_shift also one slot per layer, the previous position's spikes of the shifted half of k's
+    and v's input, (T, B, D//2) (zeros: nothing before position 0)."""
     H, dh, T = cfg.n_head, cfg.d_model // cfg.n_head, timesteps(cfg)
     shape = (T, batch, H, dh) + ((dh,) if cfg.attention == "linear" else ())
-    shift = [np.zeros((T, batch, cfg.d_model // 2), dtype) for _ in range(cfg.n_layer * cfg.token_shift)]
+    slots = cfg.n_layer if cfg.token_shift else 0
+    shift = [np.zeros((T, batch, cfg.d_model // 2), dtype) for _ in range(slots)]
     return {"pos": 0, "layers": [np.zeros(shape, dtype) for _ in range(cfg.n_layer)], "shift": shift}
 
 

@@ -226,8 +226,8 @@ class Attention(nn.Module):
             y = S
         return y[:, :, :, None], S
 
-    def __call__(self, s, state=None):                     # s: spikes (T, B, L, D)
-        q, k, v = self.sn_q(s @ self.wq), self.sn_k(s @ self.wk), self.sn_v(s @ self.wv)
+    def __call__(self, s, x, state=None):                  # spikes (T, B, L, D): q reads s, k and v read x
+        q, k, v = self.sn_q(s @ self.wq), self.sn_k(x @ self.wk), self.sn_v(x @ self.wv)
         Q, K, V = (self.split_heads(running_mean(a, self.cfg.rate_coding)) for a in (q, k, v))
         if state is None:
             y = self.parallel(Q, K, V)
@@ -263,22 +263,16 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)                # a fresh mask per call, over all of (T, B, L, D)
 
-    def __call__(self, h, state=None, prev=(None, None)):  # h (T, B, L, D) real residual stream
-        """prev: token_shift's slots (attention input, MLP input) when decoding; returns h, the
-        attention state, the new slots (the last position's spikes of each shifted input), the spikes."""
-        rate, shift = self.attn.cfg.rate_coding, self.attn.cfg.token_shift    # norms read running means
+    def __call__(self, h, state=None, prev=None):          # h (T, B, L, D) real residual stream
+        """prev: token_shift's slot when decoding; returns h, the attention state, the new slot (the
+        last position's spikes of the shifted half; None without token_shift) and the spikes."""
+        rate = self.attn.cfg.rate_coding                    # norms read running means (stage 3)
         s = self.sn1(self.norm1(running_mean(h, rate)))
-        x, last = s, []                                     # x: what wq, wk and wv read
-        if shift >= 1:
-            x, last1 = token_shift(s, prev[0])
-            last.append(last1)
-        o, state, spikes = self.attn(x, state)
+        x, last = token_shift(s, prev) if self.attn.cfg.token_shift else (s, None)   # what wk, wv read
+        o, state, spikes = self.attn(s, x, state)
         h = h + self.drop(o)
-        s2 = x2 = self.sn2(self.norm2(running_mean(h, rate)))
-        if shift == 2:
-            x2, last2 = token_shift(s2, prev[1])
-            last.append(last2)
-        m, u = self.mlp(x2)
+        s2 = self.sn2(self.norm2(running_mean(h, rate)))
+        m, u = self.mlp(s2)
         spikes = {"sn1": s, **spikes, "sn2": s2, "mlp.sn_h": u}
         return h + self.drop(m), state, last, spikes
 
@@ -315,21 +309,21 @@ class SpikeLM(nn.Module):
         T = ref.timesteps(self.cfg)                        # 1 for the ANN twin
         x = self.drop(self.embed(idx))                     # (B, L, D): one mask for all T
         h = mx.broadcast_to(x, (T,) + x.shape)             # (T, B, L, D)
-        n, S = self.cfg.n_layer, self.cfg.token_shift
+        n, shift = self.cfg.n_layer, self.cfg.token_shift
         spikes, new_state, new_shift = [], [], []
         for i, block in enumerate(self.blocks):
-            prev = state[n + i * S: n + (i + 1) * S] if state is not None and S else (None, None)
+            prev = state[n + i] if state is not None and shift else None             # layer i's slot
             h, layer_state, last, layer_spikes = block(h, None if state is None else state[i], prev)
             spikes.append(layer_spikes)
             new_state.append(layer_state)
-            new_shift += last
+            new_shift += [last] if shift else []
         xf = self.norm_f(h.mean(0))                        # (B, L, D)
         w_out = self.embed.weight.T if self.cfg.tie_embeddings else self.head.weight
         return xf @ w_out, spikes, (None if state is None else new_state + new_shift)
 
     def init_state(self, batch):
         """Stage 3's init_decode_state as one list: the zero attention state per layer, (T, B, H, dh, dh)
-        linear or (T, B, H, dh) hadamard, then token_shift's slots, each (T, B, D//2)."""
+        linear or (T, B, H, dh) hadamard, then token_shift's slot per layer, each (T, B, D//2)."""
         state = ref.init_decode_state(self.cfg, batch)
         return [mx.array(s) for s in state["layers"] + state["shift"]]
 

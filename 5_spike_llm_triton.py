@@ -271,13 +271,13 @@ class Attention(nn.Module):
         self.sn_q, self.sn_k, self.sn_v, self.sn_o = (Neuron(cfg, D, run) for _ in range(4))
         self.wo_input = nn.Identity()      # passes o on unchanged: where record_spike_rates measures it
 
-    def forward(self, s, state=None):                  # s (T, B, L, D) spikes -> (T, B, L, D)
+    def forward(self, s, x, state=None):               # spikes (T, B, L, D): q reads s, k and v read x
         cfg, run = self.cfg, self.run
         T, B, L, D = s.shape
         H, dh = cfg.n_head, D // cfg.n_head
         q = self.sn_q(matmul(s, self.wq, self.dt))
-        k = self.sn_k(matmul(s, self.wk, self.dt))
-        v = self.sn_v(matmul(s, self.wv, self.dt))
+        k = self.sn_k(matmul(x, self.wk, self.dt))
+        v = self.sn_v(matmul(x, self.wv, self.dt))
         linear = cfg.attention == "linear"
         decay = (cfg.decay_start, cfg.decay_step)
         qkv = [running_mean(a, cfg.rate_coding).reshape(T * B, L, H, dh) for a in (q, k, v)]  # (TB,L,H,dh)
@@ -320,21 +320,15 @@ class Block(nn.Module):
         self.attn, self.mlp = Attention(cfg, run), MLP(cfg, run)
         self.drop = nn.Dropout(cfg.dropout)              # on the branch outputs, in training only
 
-    def forward(self, h, state=None, prev=(None, None)):   # h (T, B, L, D) real residual stream
-        """prev: token_shift's slots (attention input, MLP input) from decoding; returns h, the attention
-        state and the new slots (the last position's spikes of each shifted input)."""
-        eps, rate, shift = self.cfg.norm_eps, self.cfg.rate_coding, self.cfg.token_shift
-        last = []
+    def forward(self, h, state=None, prev=None):       # h (T, B, L, D) real residual stream
+        """prev: token_shift's slot from decoding; returns h, the attention state and the new slot (the
+        last position's spikes of the shifted half; None without token_shift)."""
+        eps, rate = self.cfg.norm_eps, self.cfg.rate_coding
         s = self.sn1(norm(running_mean(h, rate), self.norm1.weight, eps, self.kernels))   # (T,B,L,D) spikes
-        if shift >= 1:
-            s, last1 = token_shift(s, prev[0])
-            last.append(last1)
-        o, state = self.attn(s, state)
+        x, last = token_shift(s, prev) if self.cfg.token_shift else (s, None)    # what wk and wv read
+        o, state = self.attn(s, x, state)
         h = h + self.drop(o)
         s2 = self.sn2(norm(running_mean(h, rate), self.norm2.weight, eps, self.kernels))
-        if shift == 2:
-            s2, last2 = token_shift(s2, prev[1])
-            last.append(last2)
         h = h + self.drop(self.mlp(s2))
         return h, state, last
 
@@ -356,16 +350,16 @@ class SpikeLM(nn.Module):
         """idx (B, L) -> logits (B, L, V) fp32; with state (init_state's list, its entries replaced):
         recurrent/prefill form."""
         cfg = self.cfg
-        T, n, S = S3.timesteps(cfg), cfg.n_layer, cfg.token_shift
+        T, n = S3.timesteps(cfg), cfg.n_layer
         x = self.drop(self.embed(idx))                                # (B, L, D), one mask for all T
         h = x.unsqueeze(0).expand(T, *x.shape)                        # (T, B, L, D)
         for i, block in enumerate(self.blocks):
             if state is None:
                 h, _, _ = block(h)
-            else:                                                     # each layer's own state and slots
-                slots = slice(n + i * S, n + (i + 1) * S)
-                prev = state[slots] if S else (None, None)
-                h, state[i], state[slots] = block(h, state[i], prev)
+            elif cfg.token_shift:                                     # each layer's own state and slot
+                h, state[i], state[n + i] = block(h, state[i], state[n + i])
+            else:
+                h, state[i], _ = block(h, state[i])
         xf = rmsnorm(h.mean(0), self.norm_f.weight, cfg.norm_eps)     # (B, L, D)
         W = self.embed.weight.t() if cfg.tie_embeddings else self.head.weight
         return matmul(xf, W, self.dt).float()
@@ -373,11 +367,11 @@ class SpikeLM(nn.Module):
     def init_state(self, batch):
         """Stage 3's init_decode_state as one list, timesteps and sequences in one axis: the zero
         attention state per layer, (T*B, H, dh, dh) linear or (T*B, H, dh) hadamard, then token_shift's
-        slots, token_shift per layer (i S: attention input, i S + 1: MLP input), each (T*B, D//2)."""
+        slot per layer (the shifted half of the previous position's spikes), each (T*B, D//2)."""
         cfg, device = self.cfg, self.embed.weight.device
         H, dh, TB = cfg.n_head, cfg.d_model // cfg.n_head, S3.timesteps(cfg) * batch
         shape = (TB, H, dh) + ((dh,) if cfg.attention == "linear" else ())
-        slots = cfg.n_layer * cfg.token_shift
+        slots = cfg.n_layer if cfg.token_shift else 0
         shift = [torch.zeros(TB, cfg.d_model // 2, device=device) for _ in range(slots)]
         return [torch.zeros(shape, device=device) for _ in range(cfg.n_layer)] + shift
 

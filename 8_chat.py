@@ -1,8 +1,8 @@
 """Stage 8: conversation with constant-size memory -- multi-turn spiking inference.
 
 The model's attention is recurrent: each layer keeps a state S = gamma S + k^T v of a fixed size
-(T x B x H x dh x dh), whatever the length of the text it has read (with --token_shift, also the
-previous position's spikes of the shifted channels, T x B x D/2 per shifted input), and there are no
+(T x B x H x dh x dh), whatever the length of the text it has read (with --token_shift 1, also the
+previous position's spikes of the shifted channels, T x B x D/2 per layer), and there are no
 position embeddings, so a position counter is all the rest. A conversation therefore keeps that state
 between turns: each new turn costs only its own tokens, and a thousand turns cost no more memory
 than one. This stage wraps any backend (numpy: stage 3, mlx: stage 4, triton: stage 5) in a

@@ -33,7 +33,8 @@ V1_DECAYS = {"decay_start": 5.0, "decay_step": 1.0}
 # Version 3 also adds the model field rate_coding (stage 7's converted networks; false for versions 1
 # and 2). Code that reads only version 2 refuses version 3 files rather than running a rate-coded or
 # lits network as a plain one.
-# Version 4 adds the model field token_shift (half the channels read the previous position's spikes);
+# Version 4 adds the model field token_shift (keys and values read, in half the channels, the previous
+# position's spikes);
 # versions 1 to 3 lack it and load with token_shift 0, the model they were. Code that reads only
 # version 3 refuses version 4 files rather than running a shifted network as an unshifted one.
 READABLE = (1, 2, 3, VERSION)

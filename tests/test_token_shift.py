@@ -1,5 +1,5 @@
-"""Token shift (ModelConfig.token_shift): half the channels of a block's attention input (and, at 2,
-of its MLP input) read the previous position's spikes. Stage 3's hand backward against finite
+"""Token shift (ModelConfig.token_shift): in half the channels, the input of a block's keys and values
+reads the previous position's spikes (queries read the current ones). Stage 3's hand backward against finite
 differences, its recurrent form against its parallel one, stages 4 and 5 against stage 3, the
 decode states of stages 5, 6 and 8 (prefill, steps, saved files) and the checkpoint field."""
 from dataclasses import asdict
@@ -36,49 +36,61 @@ def test_shift_moves_the_first_half_one_position_and_its_backward_is_the_adjoint
 
 
 @pytest.mark.parametrize("overrides", [
-    {"token_shift": 1}, {"token_shift": 2}, {"token_shift": 2, "attention": "hadamard", "neuron": "plif"},
-    {"token_shift": 2, "rate_coding": True}, {"token_shift": 1, "spiking": False},
-    {"token_shift": 1, "dropout": 0.3}],
+    {"token_shift": True}, {"token_shift": True, "attention": "hadamard", "neuron": "plif"},
+    {"token_shift": True, "rate_coding": True}, {"token_shift": True, "spiking": False},
+    {"token_shift": True, "dropout": 0.3}],
     ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
 def test_hand_backward_matches_finite_differences(overrides, monkeypatch):
     """test_stage3's gradient check (every tensor, float64 central differences, 1e-5) on shifted models."""
     gradient_check(overrides, monkeypatch)
 
 
-@pytest.mark.parametrize("overrides", [{"token_shift": 1}, {"token_shift": 2},
-                                       {"token_shift": 2, "attention": "hadamard", "rate_coding": True}])
+@pytest.mark.parametrize("overrides", [{"token_shift": True},
+                                       {"token_shift": True, "attention": "hadamard", "rate_coding": True}])
 def test_recurrent_decoding_equals_parallel_forward(overrides):
-    """Stage 3 decoding token by token (the state keeps the last position's spikes of each shifted
-    input) gives the parallel logits at every position, past the training context (float64, 1e-9);
+    """Stage 3 decoding token by token (the state keeps the last position's spikes of the shifted
+    half) gives the parallel logits at every position, past the training context (float64, 1e-9);
     the model differs from the unshifted one, and its state does not grow."""
     cfg = S3.make_configs("tiny", **overrides)[0]
     params = perturbed_params(cfg, seed=3)
     idx = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, cfg.context + 4))
     parallel, _ = S3.forward(params, cfg, idx)
     state = S3.init_decode_state(cfg, 2, np.float64)
-    assert len(state["shift"]) == cfg.n_layer * cfg.token_shift
+    assert len(state["shift"]) == cfg.n_layer
     steps = np.stack([S3.decode_step(params, cfg, state, idx[:, j]) for j in range(idx.shape[1])], 1)
     np.testing.assert_allclose(steps, parallel, rtol=0, atol=1e-9)
     assert [a.shape for a in state["shift"]] == [(cfg.T, 2, cfg.d_model // 2)] * len(state["shift"])
-    unshifted = S3.forward(params, S3.make_configs("tiny", **dict(overrides, token_shift=0))[0], idx)[0]
+    unshifted = S3.forward(params, S3.make_configs("tiny", **dict(overrides, token_shift=False))[0], idx)[0]
     assert np.abs(unshifted - parallel).max() > 0.1
 
 
 def test_token_shift_is_kept_by_checkpoints_and_older_versions_load_unshifted(tmp_path):
     """token_shift round-trips through the JSON model config; a version-3 file (no token_shift)
     loads as the unshifted model it was."""
-    path, params, mcfg, _ = saved_tiny(tmp_path, token_shift=2)
-    assert load_checkpoint(path)[1]["model"]["token_shift"] == 2
-    assert S3.load_model(path)[1] == mcfg and mcfg.token_shift == 2
+    path, params, mcfg, _ = saved_tiny(tmp_path, token_shift=True)
+    assert load_checkpoint(path)[1]["model"]["token_shift"] is True
+    assert S3.load_model(path)[1] == mcfg and mcfg.token_shift is True
     model = {k: v for k, v in asdict(mcfg).items() if k != "token_shift"}
     old = write_raw(tmp_path / "v3.npz", {"format": FORMAT, "version": 3, "model": model}, params)
-    assert S3.load_model(old)[1].token_shift == 0
+    assert S3.load_model(old)[1].token_shift is False
 
 
-@pytest.mark.parametrize("value", [3, -1, True])
-def test_other_token_shifts_are_refused(value):
-    with pytest.raises(ValueError, match="--token_shift must be 0, 1 or 2"):
-        S3.make_configs("tiny", token_shift=value)
+def test_only_keys_and_values_read_the_shifted_spikes():
+    """In the ANN twin every neuron is relu, so each site's output shows what its layer read: q and the
+    MLP read sn1's and sn2's own outputs, k and v the shifted ones (float64, 1e-12)."""
+    cfg = S3.make_configs("tiny", token_shift=True, spiking=False)[0]
+    params = perturbed_params(cfg, seed=2)
+    _, cache = S3.forward(params, cfg, np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 6)))
+    c, half = cache["blocks"][1], cfg.d_model // 2
+    s1, x1 = c["sn1"]["s"], c["kv_input"]
+    np.testing.assert_array_equal(x1[:, :, 1:, :half], s1[:, :, :-1, :half])
+    np.testing.assert_array_equal(x1[..., half:], s1[..., half:])
+    read = {"q": s1, "k": x1, "v": x1}
+    for name, x in read.items():
+        want = np.maximum(S3.linear(x, params[f"blocks.1.attn.w{name}"]), 0)
+        np.testing.assert_allclose(c[f"attn.sn_{name}"]["s"], want, rtol=0, atol=1e-12)
+    want = np.maximum(S3.linear(c["sn2"]["s"], params["blocks.1.mlp.w1"]), 0)
+    np.testing.assert_allclose(c["mlp.sn_h"]["s"], want, rtol=0, atol=1e-12)
 
 # ----------------------------------------------------------------------------- stages 4, 5, 6 and 8
 
@@ -99,7 +111,7 @@ def interpreter(monkeypatch):
         monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
-@pytest.mark.parametrize("overrides", [{"token_shift": 2}, {"token_shift": 1, "attention": "hadamard"}],
+@pytest.mark.parametrize("overrides", [{"token_shift": True}, {"token_shift": True, "attention": "hadamard"}],
                          ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
 def test_stage4_equals_stage3(overrides):
     """test_mlx's checks on a shifted model: logits (1e-4), loss (1e-5), gradients (1e-3), spikes;
@@ -114,12 +126,12 @@ def test_stage4_equals_stage3(overrides):
 def test_stage5_equals_stage3(kernels, interpreter):
     """test_triton's check_parity (float32 against stage 3 in float64): logits and loss within 1e-4,
     every gradient within 1e-3 (relative to its largest entry), 99.9% of the spikes equal; two
-    layers, token_shift 2 (and 1 with hadamard attention)."""
+    layers, token_shift (and with hadamard attention, one layer)."""
     tt = stage5()
     if kernels == "triton" and not tt.HAS_TRITON:
         pytest.skip("needs Triton (GPU, or its interpreter on CPU)")
-    tt.check_parity(tt.model_cfg(token_shift=2, n_layer=2), kernels)
-    tt.check_parity(tt.model_cfg(token_shift=1, attention="hadamard", n_layer=1), kernels, seed=1)
+    tt.check_parity(tt.model_cfg(token_shift=True, n_layer=2), kernels)
+    tt.check_parity(tt.model_cfg(token_shift=True, attention="hadamard", n_layer=1), kernels, seed=1)
 
 
 def test_stage5_compiled_model_equals_eager():
@@ -127,7 +139,7 @@ def test_stage5_compiled_model_equals_eager():
     real thing without a C++ build): logits and gradients equal eager within 1e-5."""
     tt = stage5()
     import torch
-    cfg = tt.model_cfg(token_shift=2, n_layer=2)
+    cfg = tt.model_cfg(token_shift=True, n_layer=2)
     x = torch.from_numpy(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 12))).to(tt.DEVICE)
     out = []
     for compiled in (False, True):
@@ -142,14 +154,14 @@ def test_stage5_compiled_model_equals_eager():
 
 @pytest.mark.parametrize("kernels", ["torch", "triton"])
 def test_stage5_prefill_and_steps_equal_parallel_and_stage3(kernels, interpreter):
-    """token_shift 2: a chunked prefill of 6 tokens from the zero state (it must leave the last
+    """token_shift: a chunked prefill of 6 tokens from the zero state (it must leave the last
     position's spikes in the state), then 7 single steps, equal the parallel form and stage 3's
     decoding (1e-4 of the largest logit); the state's shift slots hold (T*B, D//2)."""
     tt = stage5()
     if kernels == "triton" and not tt.HAS_TRITON:
         pytest.skip("needs Triton (GPU, or its interpreter on CPU)")
     import torch
-    cfg = tt.model_cfg(token_shift=2, n_layer=2)
+    cfg = tt.model_cfg(token_shift=True, n_layer=2)
     params = S3.init_params(cfg, 2)
     x = np.random.default_rng(2).integers(0, cfg.vocab_size, (2, 13))
     model = tt.S5.build_model(cfg, tt.run_cfg(kernels, chunk=4), params)
@@ -157,7 +169,7 @@ def test_stage5_prefill_and_steps_equal_parallel_and_stage3(kernels, interpreter
     with torch.no_grad():
         full = model(ids).cpu().numpy()
         state = model.init_state(2)
-        assert [tuple(s.shape) for s in state[2:]] == [(cfg.T * 2, cfg.d_model // 2)] * 4
+        assert [tuple(s.shape) for s in state[2:]] == [(cfg.T * 2, cfg.d_model // 2)] * 2
         pre = model(ids[:, :6], state).cpu().numpy()
         steps = np.stack([model(ids[:, j:j + 1], state).cpu().numpy()[:, 0] for j in range(6, 13)], 1)
     state3 = S3.init_decode_state(cfg, 2, np.float64)
@@ -172,7 +184,7 @@ def test_stage6_readers_give_each_prompts_own_answer_with_a_shifted_model():
     stage5()
     import test_qa_decode as qa
     F = qa.F
-    mcfg = S3.make_configs("tiny", vocab_size=40, tie_embeddings=False, token_shift=2)[0]
+    mcfg = S3.make_configs("tiny", vocab_size=40, tie_embeddings=False, token_shift=True)[0]
     rng = np.random.default_rng(0)
     params = {k: v + rng.normal(0, 1.0, v.shape) for k, v in S3.init_params(mcfg, 0, np.float64).items()}
     prompts, sources = qa.prompts_and_sources(0)
@@ -191,7 +203,7 @@ def test_stage8_state_files_of_a_shifted_model_need_its_shifted_spikes(tmp_path)
     stage5()
     import test_chat
     C8 = test_chat.C8
-    conv, _, mcfg = test_chat.conversation("numpy", 1, token_shift=1)
+    conv, _, mcfg = test_chat.conversation("numpy", 1, token_shift=True)
     conv.feed([[1, 2, 3]])
     assert "2 x (4, 1, 16) shifted spikes" in C8.describe_state(conv)
     arrays, header = C8.load_state(conv.save(tmp_path / "s.npz"), conv.fingerprint)
