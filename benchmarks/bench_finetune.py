@@ -39,6 +39,7 @@ def pretrain(args):
     """Stage 3 (numpy) or stage 5 (triton) training of args.preset on args.data."""
     more = {"context": args.pretrain_context} if args.pretrain_context else {}
     more.update({"decay_step": args.pretrain_decay_step} if args.pretrain_decay_step else {})
+    more.update({"token_shift": True} if args.pretrain_token_shift else {})
     mcfg, tcfg = S3.make_configs(args.preset, max_steps=args.pretrain_steps, batch_size=args.pretrain_batch,
                                  max_minutes=args.pretrain_minutes, out_dir=str(Path(args.base).parent),
                                  **more)
@@ -69,6 +70,9 @@ def main():
     ap.add_argument("--pretrain_batch", type=int, default=16, help="sequences per pretraining step")
     ap.add_argument("--preset", default="small", help="stage 3 preset pretrained when --base is missing")
     ap.add_argument("--pretrain_context", type=int, default=0, help="its context in tokens; 0 = the preset's")
+    ap.add_argument("--pretrain_token_shift", type=int, choices=(0, 1), default=0,
+                    help="1: the base it pretrains has stage 3's --token_shift (keys and values also "
+                         "read the previous position's spikes: one-layer key-value binding)")
     ap.add_argument("--pretrain_decay_step", type=float, default=0.0,
                     help="stage 3's --decay_step of a base it pretrains (0 = the preset's): head h "
                          "remembers about 2^(decay_start + decay_step h) positions")
