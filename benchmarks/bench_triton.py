@@ -155,13 +155,16 @@ def library_neurons(x, gs, cfg):
     return out
 
 
+STEP_PATHS = (("triton", "triton", False), ("triton + torch.compile", "triton", True),
+              ("torch eager", "torch", False), ("torch.compile", "torch", True))
+PARTS = ("neuron", "step", "generate", "profile")
+
+
 def step_table(args):
     mcfg, tcfg = S3.make_configs("base", vocab_size=2000)
     B, L = args.batch or tcfg.batch_size, mcfg.context
     rows = []
-    paths = (("triton", "triton", False), ("triton + torch.compile", "triton", True),
-             ("torch eager", "torch", False), ("torch.compile", "torch", True))
-    for name, kernels, comp in (p for p in paths if p[0] in args.paths.split(",")):
+    for name, kernels, comp in (p for p in STEP_PATHS if p[0] in args.paths.split(",")):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         run = S5.RunConfig(kernels=kernels, device="cuda", dtype="bfloat16", compile=comp)
@@ -240,12 +243,20 @@ def generate_table():
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", default="neuron,step,generate")
+    ap.add_argument("--only", default="neuron,step,generate",
+                    help=f"comma-separated tables to measure, of {', '.join(PARTS)}")
     ap.add_argument("--batch", type=int, default=0, help="training-step batch (0: the preset's 32)")
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--paths", default="triton,torch eager,torch.compile,triton + torch.compile")
-    ap.add_argument("--out", default="")
+    ap.add_argument("--steps", type=int, default=5, help="timed training steps per path of the step table "
+                    "(after two untimed ones that compile)")
+    names = [p[0] for p in STEP_PATHS]
+    ap.add_argument("--paths", default=",".join(names),
+                    help="comma-separated paths of the step table, of: " + ", ".join(names))
+    ap.add_argument("--out", default="", help="a Markdown file the tables are appended to (none: stdout)")
     args = ap.parse_args()
+    unknown = [x for x in args.only.split(",") if x not in PARTS]
+    unknown += [x for x in args.paths.split(",") if x not in names]
+    if unknown or args.steps < 1 or args.batch < 0:
+        ap.error(f"unknown table or path {unknown}" if unknown else "--steps must be >= 1 and --batch >= 0")
     if not torch.cuda.is_available():
         sys.exit("this benchmark needs a CUDA GPU")
     bw = copy_bandwidth()
