@@ -297,7 +297,7 @@ class Conversation:
         return sum(a.nbytes for a in self.backend.to_numpy(self.layers)) + self.pos.nbytes
 
     def state_names(self):
-        """layer/i: layer i's attention state; shift/k: token_shift's slot k (none at token_shift 0, so
+        """layer/i: layer i's attention state; shift/k: token_shift's slot k (none without token_shift, so
         a file written before the option existed loads as it was)."""
         n = self.backend.n_layer
         return [f"layer/{i}" if i < n else f"shift/{i - n}" for i in range(len(self.layers))]

@@ -35,7 +35,7 @@ V1_DECAYS = {"decay_start": 5.0, "decay_step": 1.0}
 # lits network as a plain one.
 # Version 4 adds the model field token_shift (keys and values read, in half the channels, the previous
 # position's spikes);
-# versions 1 to 3 lack it and load with token_shift 0, the model they were. Code that reads only
+# versions 1 to 3 lack it and load with token_shift false, the model they were. Code that reads only
 # version 3 refuses version 4 files rather than running a shifted network as an unshifted one.
 READABLE = (1, 2, 3, VERSION)
 
