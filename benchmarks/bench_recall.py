@@ -57,9 +57,10 @@ def token_ranges(keys, values, fillers):
     return range(0, keys), range(keys, keys + values), range(keys + values, keys + values + fillers)
 
 
-def make_batch(rng, batch, pairs, queries, gap, keys, values, fillers):
-    """(x, y, mask), each (batch, L) with L = 2 pairs + gap + 2 queries - 1: x the tokens, y the next
-    tokens, mask 1 where y is the value of a queried key (the position of the query key itself)."""
+def make_batch(rng, batch, pairs, queries, gap, keys, values, fillers, sep=0):
+    """(x, y, mask), each (batch, L) with L = 2 pairs + gap + (2 + sep) queries - 1: x the tokens, y the
+    next tokens, mask 1 where y is the value of a queried key (at the query key itself, or at the last
+    of the sep separator tokens that follow it: the first filler id)."""
     key_ids, value_ids, filler_ids = token_ranges(keys, values, fillers)
     k = np.stack([rng.choice(keys, pairs, replace=False) for _ in range(batch)]) + key_ids.start  # (B, n)
     v = rng.integers(value_ids.start, value_ids.stop, (batch, pairs))                             # (B, n)
@@ -68,11 +69,12 @@ def make_batch(rng, batch, pairs, queries, gap, keys, values, fillers):
     pick = np.stack([rng.choice(pairs, queries, replace=queries > pairs) for _ in range(batch)])  # (B, q)
     rows = np.arange(batch)[:, None]
     stored = np.stack([k, v], axis=2).reshape(batch, 2 * pairs)                      # k1 v1 k2 v2 ...
-    asked = np.stack([k[rows, pick], v[rows, pick]], axis=2).reshape(batch, 2 * queries)
-    seq = np.concatenate([stored, f, asked], axis=1)                                 # (B, L + 1)
+    seps = np.full((batch, queries, sep), filler_ids.start)                          # (B, q, sep)
+    asked = np.concatenate([k[rows, pick][..., None], seps, v[rows, pick][..., None]], axis=2)
+    seq = np.concatenate([stored, f, asked.reshape(batch, -1)], axis=1)              # (B, L + 1)
     mask = np.zeros(seq.shape, np.float32)
-    mask[:, 2 * pairs + gap + 1::2] = 1.0                 # the queried values' positions in seq...
-    return seq[:, :-1], seq[:, 1:], mask[:, 1:]           # ...are the targets of the query keys
+    mask[:, 2 * pairs + gap + 1 + sep::2 + sep] = 1.0     # the queried values' positions in seq...
+    return seq[:, :-1], seq[:, 1:], mask[:, 1:]           # ...are the targets of the tokens before them
 
 
 def recall_accuracy(logits, y, mask):
@@ -107,8 +109,8 @@ def run_row(args, model_name, pairs, gap, decay_step):
     """Train one model on the task and score it on held-out sequences; returns the row's dict."""
     queries = args.queries or pairs
     task = dict(pairs=pairs, queries=queries, gap=gap, keys=args.keys, values=args.values,
-                fillers=args.fillers)
-    length = 2 * pairs + gap + 2 * queries - 1
+                fillers=args.fillers, sep=args.query_sep)
+    length = 2 * pairs + gap + (2 + args.query_sep) * queries - 1
     mcfg = S3.make_configs(args.preset, **dict(args.set, **MODELS[model_name], decay_step=decay_step,
                                                vocab_size=args.keys + args.values + args.fillers,
                                                context=args.context))[0]
@@ -175,6 +177,10 @@ def parse_args(argv=None):
     ap.add_argument("--keys", type=int, default=64, help="key token ids")
     ap.add_argument("--values", type=int, default=64, help="value token ids (chance is 1 / VALUES)")
     ap.add_argument("--fillers", type=int, default=32, help="filler token ids of the gap")
+    ap.add_argument("--query_sep", type=int, default=0,
+                    help="separator tokens between a queried key and its value (0: the value follows "
+                         "the key, as in the stored pairs; stage 6's '?' and <a> stand so between a cue "
+                         "and its answer)")
     ap.add_argument("--preset", default="small", choices=list(S3.PRESETS), help="stage 3 model preset")
     ap.add_argument("--set", type=field_setting, action="append", default=[], metavar="NAME=VALUE",
                     help="change a model field of every row, e.g. --set theta=1.0 (repeatable)")
@@ -203,11 +209,12 @@ def check_args(args):
         return f"--models {','.join(args.models)}: choose from {', '.join(MODELS)}"
     if min(args.steps, args.batch, args.keys, args.values, args.fillers, args.eval_seqs, args.warmup) < 1:
         return "--steps, --batch, --keys, --values, --fillers, --eval_seqs and --warmup must be >= 1"
-    if min(args.pairs) < 1 or min(args.gap) < 0 or args.queries < 0 or min(args.decay_step) <= 0:
-        return "--pairs must be >= 1, --gap and --queries >= 0, --decay_step > 0"
+    if min(args.pairs) < 1 or min(args.gap + [args.queries, args.query_sep]) < 0 or min(args.decay_step) <= 0:
+        return "--pairs must be >= 1, --gap, --queries and --query_sep >= 0, --decay_step > 0"
     if max(args.pairs) > args.keys:
         return f"--pairs {max(args.pairs)} is more than the {args.keys} keys (keys are distinct per sequence)"
-    longest = max(2 * p + g + 2 * (args.queries or p) - 1 for p in args.pairs for g in args.gap)
+    asked = 2 + args.query_sep                     # tokens per query: the key, the separators, the value
+    longest = max(2 * p + g + asked * (args.queries or p) - 1 for p in args.pairs for g in args.gap)
     if longest > args.context:
         return f"sequences of {longest} tokens are longer than --context {args.context}"
     try:
@@ -225,7 +232,8 @@ def table(args, rows):
         machine = f"GPU {gpu_model()}, " + machine
     lines = [f"MQAR on stage 5's `{args.preset}` model, batch {args.batch}, lr {args.lr}, "
              f"{args.keys} keys, {args.values} values, {args.fillers} fillers, queries "
-             f"{args.queries or 'as many as pairs'}, {args.eval_seqs} held-out sequences; "
+             f"{args.queries or 'as many as pairs'}, {args.query_sep} separators between a queried key and "
+             f"its value, {args.eval_seqs} held-out sequences; "
              f"chance = 1/{args.values} = {1 / args.values:.3f} (the stored values without their keys: "
              f"about 1/pairs); {machine}"
              + (f"; set {args.set}" if args.set else ""), "",

@@ -48,6 +48,19 @@ def test_sequences_recall_their_own_pairs():
         assert all(ys[p] in keys for p in range(2 * n + gap, length) if not ms[p])
 
 
+def test_separated_queries_ask_for_the_value_after_their_separators():
+    """--query_sep 2: each query is key, separator, separator, value; the scored inputs are the last
+    separators, the key two places before is a stored one, and the target is its value."""
+    x, y, mask = R.make_batch(np.random.default_rng(5), 16, **dict(TASK, sep=2))
+    n, q, gap = TASK["pairs"], TASK["queries"], TASK["gap"]
+    assert x.shape == (16, 2 * n + gap + 4 * q - 1) and mask.sum() == 16 * q
+    sep = R.token_ranges(TASK["keys"], TASK["values"], TASK["fillers"])[2].start
+    for xs, ys, ms in zip(x, y, mask):
+        table = stored_pairs(np.append(xs, ys[-1]), n)
+        for pos in np.flatnonzero(ms):
+            assert xs[pos] == xs[pos - 1] == sep and ys[pos] == table[xs[pos - 2]]
+
+
 def test_queries_are_spread_over_the_stored_keys():
     x, _, mask = R.make_batch(np.random.default_rng(4), 16, pairs=5, queries=5, gap=0, keys=8,
                               values=8, fillers=1)
@@ -80,6 +93,7 @@ def test_accuracy_on_hand_made_logits():
     (["--steps", "0"], "must be >= 1"),
     (["--set", "n_head=3"], "n_head"),
     (["--set", "decay_step=2"], "--decay_step"),
+    (["--query_sep", "-1"], "--query_sep"),
 ])
 def test_bad_options_give_one_error_line(argv, words, capsys, tmp_path):
     small = ["--preset", "tiny", "--steps", "2", "--batch", "2", "--eval_seqs", "2",
