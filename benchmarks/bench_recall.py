@@ -23,7 +23,9 @@ changed with --set NAME=VALUE), AdamW with a linear warm-up and a cosine decay, 
     python benchmarks/bench_recall.py --device cuda --batch 64 --steps 4000 ...     # a GPU (Triton)
 
 Models: lif (the default spiking model), twin (--spiking 0: ReLU, one timestep), sigmoid4x
-(--spike_fn sigmoid4x --quant round_ste). The Markdown table goes to stdout and to --out.
+(--spike_fn sigmoid4x --quant round_ste), rates (sigmoid4x's firing probabilities themselves,
+--quant identity: not spikes, a diagnostic of what rounding them to spikes costs). The Markdown
+table goes to stdout and to --out.
 """
 import argparse
 import math
@@ -47,7 +49,8 @@ from spikelib.torch_io import resolve_run  # noqa: E402
 S5 = load_stage("5_spike_llm_triton")
 S3 = S5.S3
 MODELS = {"lif": {}, "twin": {"spiking": False},
-          "sigmoid4x": {"spike_fn": "sigmoid4x", "quant": "round_ste"}}
+          "sigmoid4x": {"spike_fn": "sigmoid4x", "quant": "round_ste"},
+          "rates": {"spike_fn": "sigmoid4x", "quant": "identity"}}
 
 # ----------------------------------------------------------------------------- the task
 
