@@ -208,13 +208,14 @@ def running_mean(x, on):
 def token_shift(s, prev=None):
     """Stage 3's token_shift: out[:, :, l, :D/2] = s[:, :, l-1, :D/2] (at l = 0 the decode state's prev
     (T*B, D/2), or zeros), the rest of s unchanged; autograd differentiates it. s (T, B, L, D) spikes;
-    returns out and the last position's first half (T*B, D/2) fp32, the next call's prev."""
+    decoding (prev given) also returns the last position's first half (T*B, D/2) fp32, the next call's
+    prev; training (prev None) returns None there and copies nothing."""
     T, B, L, D = s.shape
     half = D // 2
     if prev is None:
         early = F.pad(s[:, :, :-1, :half], (0, 0, 1, 0))                      # zeros before position 0
-    else:
-        early = torch.cat([prev.view(T, B, 1, half).to(s.dtype), s[:, :, :-1, :half]], 2)
+        return torch.cat([early, s[..., half:]], -1), None
+    early = torch.cat([prev.view(T, B, 1, half).to(s.dtype), s[:, :, :-1, :half]], 2)
     return torch.cat([early, s[..., half:]], -1), s[:, :, -1, :half].reshape(T * B, half).float()
 
 
