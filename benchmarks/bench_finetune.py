@@ -84,6 +84,7 @@ def main():
                     help="stage 6's --prompt_order: <q> question \\n context <a>, or the context first")
     ap.add_argument("--methods", default="full,freeze,lora:8,lora:1", help="lora:R = LoRA of rank R")
     ap.add_argument("--max_steps", type=int, default=300, help="fine-tuning steps of every method")
+    ap.add_argument("--batch_size", type=int, default=16, help="Q&A pairs per fine-tuning step")
     ap.add_argument("--lr", type=float, default=0.0, help="0 = each method's default")
     ap.add_argument("--replay", type=float, default=0.5, help="corpus windows per Q&A pair in each batch")
     ap.add_argument("--eval_questions", type=int, default=400, help="held-out questions scored")
@@ -99,7 +100,8 @@ def main():
         method, _, rank = spec.partition(":")
         out_dir = f"{args.out_dir}/{spec.replace(':', '_r')}"
         cfg = F.FinetuneConfig(base=args.base, out_dir=out_dir, method=method, backend=args.backend,
-                               max_steps=args.max_steps, lr=args.lr, replay=args.replay,
+                               max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
+                               replay=args.replay,
                                eval_questions=args.eval_questions, prompt_order=args.prompt_order,
                                context_chars=args.context_chars)
         if rank:
@@ -112,8 +114,8 @@ def main():
 
 
 def write_tables(args, rows):
-    head = (f"stage 6 on {args.data}, base {args.base}, {args.max_steps} steps each, replay {args.replay}, "
-            f"backend {args.backend}; {hardware()}")
+    head = (f"stage 6 on {args.data}, base {args.base}, {args.max_steps} steps of {args.batch_size} pairs "
+            f"each, replay {args.replay}, backend {args.backend}; {hardware()}")
     text = f"{head}\n\n{F.print_table(rows)}\n\n{qa_table(rows)}\n"
     print("\n" + text)
     if args.out:
