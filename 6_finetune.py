@@ -67,6 +67,7 @@ class FinetuneConfig:
     lora_targets: str = "wq,wk,wv,wo,w1,w2"   # lora: the matrices of every block that get adapters
     max_steps: int = 300           # optimizer steps of fine-tuning (the schedule ends here)
     batch_size: int = 16           # Q&A pairs per step (GPU: 64+; spiking models learn recall in big batches)
+    grad_accum: int = 1            # micro-batches per step: the same batch in 1/grad_accum of the memory
     lr: float = 0.0                # peak learning rate (AdamW); 0 = the method's default (METHOD_LR)
     min_lr: float = 0.0            # learning rate at the end of the cosine decay; 0 = lr / 10
     warmup: int = 20               # steps of linear warm-up
@@ -99,6 +100,9 @@ class FinetuneConfig:
         for name, (allowed, words) in NUMBER_OPTIONS.items():
             if not allowed(getattr(self, name)):         # comparisons with NaN are false: refused too
                 raise ValueError(f"--{name} must be {words}, got {getattr(self, name)}")
+        if self.grad_accum > self.batch_size:
+            raise ValueError(f"--grad_accum {self.grad_accum} is more micro-batches than --batch_size "
+                             f"{self.batch_size} has pairs")
 
 
 def at_least(low):
@@ -110,6 +114,7 @@ NUMBER_OPTIONS = {
     "freeze_layers": (at_least(-1), "-1 (half the blocks) or a number of blocks >= 0"),
     "lora_rank": (at_least(1), ">= 1"), "lora_alpha": (lambda v: v > 0, "> 0"),
     "max_steps": (at_least(1), ">= 1"), "batch_size": (at_least(1), ">= 1"),
+    "grad_accum": (at_least(1), ">= 1"),
     "lr": (at_least(0), ">= 0 (0 = the method's default)"), "min_lr": (at_least(0), ">= 0 (0 = lr / 10)"),
     "warmup": (at_least(0), ">= 0"), "weight_decay": (at_least(0), ">= 0"),
     "grad_clip": (at_least(0), ">= 0 (0 = no clipping)"), "layer_lr_decay": (lambda v: v > 0, "> 0"),
@@ -274,6 +279,35 @@ BACKEND = {"numpy": numpy_backend, "mlx": mlx_backend, "triton": triton_backend}
 # ----------------------------------------------------------------------------- training
 
 
+def micro_grads(params, trainable, cfg, grad_fn, x, y, mask):
+    """(loss, grads of the trainable set) of one micro-batch; LoRA maps the model's dW to dA, dB."""
+    if cfg.method == "lora":
+        scale = cfg.lora_alpha / cfg.lora_rank
+        loss, grads = grad_fn(apply_lora(params, trainable, scale), x, y, mask)
+        return loss, lora_grads(grads, trainable, scale)
+    loss, grads = grad_fn(params, x, y, mask)
+    return loss, {n: grads[n].astype(trainable[n].dtype) for n in trainable}
+
+
+def accumulated_grads(params, trainable, cfg, grad_fn, x, y, mask):
+    """The batch's loss and grads from cfg.grad_accum micro-batches of its rows. The loss is
+    sum_i m_i nll_i / N over the batch (N = sum of all weights m); micro-batch k returns its own
+    mean over N_k = sum of its weights, so loss = sum_k (N_k / N) loss_k and the same for the
+    grads. Each micro-batch drops the columns after its last weighted token: the model is causal,
+    so the positions before them are unchanged."""
+    total = float(mask.sum())
+    loss, grads = 0.0, {n: np.zeros_like(v) for n, v in trainable.items()}
+    for rows in np.array_split(np.arange(len(x)), cfg.grad_accum):
+        end = int(np.nonzero(mask[rows].any(0))[0][-1]) + 1            # last column with a weight, + 1
+        xk, yk, mk = x[rows, :end], y[rows, :end], mask[rows, :end]
+        loss_k, grads_k = micro_grads(params, trainable, cfg, grad_fn, xk, yk, mk)
+        share = float(mk.sum()) / total                                 # N_k / N
+        loss += share * loss_k
+        for n in grads:
+            grads[n] += share * grads_k[n]
+    return loss, grads
+
+
 def finetune(params, mcfg, cfg, train_examples, grad_fn, progress=True, corpus=None):
     """AdamW on the trainable set; returns (trainable dict, losses). full/freeze update params in place.
     With cfg.replay and corpus (train split token ids), each batch also holds round(replay x batch)
@@ -283,7 +317,6 @@ def finetune(params, mcfg, cfg, train_examples, grad_fn, progress=True, corpus=N
     sched = S3.TrainConfig(lr=lr, min_lr=min_lr, warmup=cfg.warmup, max_steps=cfg.max_steps,
                            weight_decay=cfg.weight_decay, layer_lr_decay=cfg.layer_lr_decay)
     opt = S3.init_opt_state(trainable)
-    scale = cfg.lora_alpha / cfg.lora_rank
     losses = []
     bar = tqdm(range(cfg.max_steps), desc=f"finetune {cfg.method}", dynamic_ncols=True, disable=not progress)
     t0 = time.time()
@@ -294,12 +327,7 @@ def finetune(params, mcfg, cfg, train_examples, grad_fn, progress=True, corpus=N
         if n_win:
             batch += replay_windows(corpus, n_win, mcfg.context, S3.batch_rng(cfg.seed + 1, step))
         x, y, mask = make_batch(batch, pad_id=0, windows=n_win)
-        if cfg.method == "lora":
-            loss, grads = grad_fn(apply_lora(params, trainable, scale), x, y, mask)
-            grads = lora_grads(grads, trainable, scale)
-        else:
-            loss, grads = grad_fn(params, x, y, mask)
-            grads = {n: grads[n].astype(trainable[n].dtype) for n in trainable}
+        loss, grads = accumulated_grads(params, trainable, cfg, grad_fn, x, y, mask)
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss is {loss} at step {step}; try a lower --lr")
         grads, norm = S3.clip_grads(grads, cfg.grad_clip)

@@ -85,6 +85,7 @@ def main():
     ap.add_argument("--methods", default="full,freeze,lora:8,lora:1", help="lora:R = LoRA of rank R")
     ap.add_argument("--max_steps", type=int, default=300, help="fine-tuning steps of every method")
     ap.add_argument("--batch_size", type=int, default=16, help="Q&A pairs per fine-tuning step")
+    ap.add_argument("--grad_accum", type=int, default=1, help="micro-batches per step (less memory)")
     ap.add_argument("--lr", type=float, default=0.0, help="0 = each method's default")
     ap.add_argument("--replay", type=float, default=0.5, help="corpus windows per Q&A pair in each batch")
     ap.add_argument("--eval_questions", type=int, default=400, help="held-out questions scored")
@@ -100,8 +101,8 @@ def main():
         method, _, rank = spec.partition(":")
         out_dir = f"{args.out_dir}/{spec.replace(':', '_r')}"
         cfg = F.FinetuneConfig(base=args.base, out_dir=out_dir, method=method, backend=args.backend,
-                               max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
-                               replay=args.replay,
+                               max_steps=args.max_steps, batch_size=args.batch_size,
+                               grad_accum=args.grad_accum, lr=args.lr, replay=args.replay,
                                eval_questions=args.eval_questions, prompt_order=args.prompt_order,
                                context_chars=args.context_chars)
         if rank:

@@ -209,3 +209,36 @@ def test_lora_with_replay_leaves_the_base_bit_identical(tiny):
     assert any(not np.array_equal(tuned[k], before[k]) for k in params)
     for k in params:
         assert params[k].tobytes() == before[k].tobytes(), k
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_accumulated_micro_batches_equal_the_whole_batch(tiny, method):
+    """--grad_accum 3 splits a batch (Q&A pairs of several lengths and replay windows) into three
+    micro-batches, each cut after its last weighted column; weighing each by its share of the
+    batch's loss weights gives the whole batch's loss and gradients (float64, to 1e-10)."""
+    tok, mcfg, corpus, examples = tiny
+    params = S3.init_params(mcfg, 0, dtype=np.float64)
+    windows = F.replay_windows(corpus, 2, mcfg.context, np.random.default_rng(0))
+    qa = sorted(examples[:40], key=lambda e: len(e[0]) + len(e[1]))[::8]      # 5 pairs, shortest first
+    x, y, mask = F.make_batch(qa + windows, pad_id=0, windows=2)
+    ends = [np.nonzero(mask[r].any(0))[0][-1] + 1 for r in np.array_split(np.arange(len(x)), 3)]
+    assert min(ends) < x.shape[1]                                     # a micro-batch is cut short
+    grad_fn = F.numpy_backend(mcfg)
+    whole_cfg = F.FinetuneConfig(method=method, batch_size=5)
+    trainable = F.trainable_params(params, whole_cfg, mcfg)
+    if method == "lora":                                              # B = 0 at init: move it
+        rng = np.random.default_rng(1)
+        trainable = {n: v + 0.1 * rng.standard_normal(v.shape) for n, v in trainable.items()}
+    whole = F.accumulated_grads(params, trainable, whole_cfg, grad_fn, x, y, mask)
+    parts_cfg = F.FinetuneConfig(method=method, batch_size=5, grad_accum=3)
+    parts = F.accumulated_grads(params, trainable, parts_cfg, grad_fn, x, y, mask)
+    assert parts[0] == pytest.approx(whole[0], rel=1e-10)
+    for n in whole[1]:
+        np.testing.assert_allclose(parts[1][n], whole[1][n], rtol=1e-9, atol=1e-12, err_msg=n)
+
+
+def test_grad_accum_is_checked_against_the_batch():
+    with pytest.raises(ValueError, match="--grad_accum must be >= 1, got 0"):
+        F.FinetuneConfig(grad_accum=0)
+    with pytest.raises(ValueError, match="--grad_accum 5 is more micro-batches than --batch_size 4"):
+        F.FinetuneConfig(batch_size=4, grad_accum=5)
