@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from spikelib.cli import field_setting  # noqa: E402
 from spikelib.files import write_text_atomic  # noqa: E402
 from spikelib.finetune_io import qa_table  # noqa: E402
 from spikelib.hardware import cpu_model, usable_cpus  # noqa: E402
@@ -40,6 +41,7 @@ def pretrain(args):
     more = {"context": args.pretrain_context} if args.pretrain_context else {}
     more.update({"decay_step": args.pretrain_decay_step} if args.pretrain_decay_step else {})
     more.update({"token_shift": True} if args.pretrain_token_shift else {})
+    more.update(dict(args.pretrain_set))
     mcfg, tcfg = S3.make_configs(args.preset, max_steps=args.pretrain_steps, batch_size=args.pretrain_batch,
                                  max_minutes=args.pretrain_minutes, out_dir=str(Path(args.base).parent),
                                  **more)
@@ -76,6 +78,9 @@ def main():
     ap.add_argument("--pretrain_decay_step", type=float, default=0.0,
                     help="stage 3's --decay_step of a base it pretrains (0 = the preset's): head h "
                          "remembers about 2^(decay_start + decay_step h) positions")
+    ap.add_argument("--pretrain_set", type=field_setting(S3.ModelConfig), action="append", default=[],
+                    metavar="NAME=VALUE", help="any other model field of a base it pretrains, e.g. "
+                    "--pretrain_set neuron=ternary (repeatable)")
     ap.add_argument("--backend", default="numpy", choices=list(F.BACKENDS),
                     help="stage 6's --backend: the model that gives gradients and scores the answers")
     ap.add_argument("--context_chars", type=int, default=0,
@@ -95,7 +100,10 @@ def main():
     if args.context_chars < 0 or args.pretrain_decay_step < 0:
         ap.error("--context_chars and --pretrain_decay_step must be >= 0")
     if not Path(args.base).is_file():
-        pretrain(args)
+        try:
+            pretrain(args)
+        except ValueError as e:                  # a model field out of range: one line, nothing written
+            ap.error(str(e))
     rows = []
     for spec in args.methods.split(","):
         method, _, rank = spec.partition(":")

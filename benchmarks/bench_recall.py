@@ -31,7 +31,6 @@ import argparse
 import math
 import sys
 import time
-from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +39,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from spikelib.cli import field_type  # noqa: E402
+from spikelib.cli import field_setting  # noqa: E402
 from spikelib.files import atomic_write  # noqa: E402
 from spikelib.hardware import cpu_model, gpu_model, usable_cpus  # noqa: E402
 from spikelib.stages import load_stage  # noqa: E402
@@ -160,15 +159,6 @@ def float_list(text):
     return [float(t) for t in text.split(",")]
 
 
-def field_setting(text):
-    """NAME=VALUE for a ModelConfig field, VALUE parsed as the field's type."""
-    name, _, value = text.partition("=")
-    kinds = {f.name: field_type(f) for f in fields(S3.ModelConfig)}
-    if name not in kinds or not value:
-        raise argparse.ArgumentTypeError(f"{text!r}: give NAME=VALUE for a model field, one of {list(kinds)}")
-    return name, kinds[name](value)
-
-
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="lif,twin", help=f"comma-separated, of {', '.join(MODELS)}")
@@ -185,7 +175,8 @@ def parse_args(argv=None):
                          "the key, as in the stored pairs; stage 6's '?' and <a> stand so between a cue "
                          "and its answer)")
     ap.add_argument("--preset", default="small", choices=list(S3.PRESETS), help="stage 3 model preset")
-    ap.add_argument("--set", type=field_setting, action="append", default=[], metavar="NAME=VALUE",
+    ap.add_argument("--set", type=field_setting(S3.ModelConfig), action="append", default=[],
+                    metavar="NAME=VALUE",
                     help="change a model field of every row, e.g. --set theta=1.0 (repeatable)")
     ap.add_argument("--context", type=int, default=256, help="the model's context; sequences must fit")
     ap.add_argument("--steps", type=int, default=600, help="optimizer steps per row")

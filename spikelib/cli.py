@@ -47,6 +47,20 @@ def field_type(f):
     return parse_bool if kind is bool else kind
 
 
+def field_setting(config_cls):
+    """An argparse type for NAME=VALUE: a field of the dataclass config_cls, VALUE parsed as the
+    field's type; a bad one is argparse's one error line naming the fields."""
+    kinds = {f.name: field_type(f) for f in fields(config_cls)}
+
+    def parse(text):
+        name, _, value = text.partition("=")
+        if name not in kinds or not value:
+            raise argparse.ArgumentTypeError(f"{text!r}: give NAME=VALUE for a field of "
+                                             f"{config_cls.__name__}, one of {list(kinds)}")
+        return name, kinds[name](value)
+    return parse
+
+
 def bool_option(parser, name, **kwargs):
     """--name alone means 1, --name 0|1 sets it, and a hidden --no-name means 0."""
     parser.add_argument(f"--{name}", type=parse_bool, nargs="?", const=True, metavar="0|1", **kwargs)
