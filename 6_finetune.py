@@ -128,7 +128,7 @@ NUMBER_OPTIONS = {
 METHOD_LR = {"full": 1e-3, "freeze": 1e-3, "lora": 1e-2}     # the best of a sweep on `small` (README)
 PRESETS = {"default": {"finetune": {}},     # quick: a smoke run
            "quick": {"finetune": dict(max_steps=60, eval_questions=50, eval_tokens=2048)},
-           "keep_lm": {"finetune": dict(replay=0.5)}}     # corpus replay: BPC stays where it was
+           "keep_lm": {"finetune": dict(replay=1.0)}}     # corpus replay: BPC stays where it was (LoRA too)
 
 
 def resolved_lr(cfg):
