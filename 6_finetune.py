@@ -66,7 +66,7 @@ class FinetuneConfig:
     lora_alpha: float = 16.0       # lora: W_eff = W + s B A with scale s = alpha / rank
     lora_targets: str = "wq,wk,wv,wo,w1,w2"   # lora: the matrices of every block that get adapters
     max_steps: int = 300           # optimizer steps of fine-tuning (the schedule ends here)
-    batch_size: int = 16           # Q&A pairs per step (GPU: 64+; spiking models learn recall in big batches)
+    batch_size: int = 16           # Q&A pairs per step (GPU: 64+; spiking models need many pairs to learn)
     grad_accum: int = 1            # micro-batches per step: the same batch in 1/grad_accum of the memory
     lr: float = 0.0                # peak learning rate (AdamW); 0 = the method's default (METHOD_LR)
     min_lr: float = 0.0            # learning rate at the end of the cosine decay; 0 = lr / 10
