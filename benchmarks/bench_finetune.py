@@ -36,15 +36,34 @@ def hardware():
     return cpu
 
 
-def pretrain(args):
-    """Stage 3 (numpy) or stage 5 (triton) training of args.preset on args.data."""
+def pretrain_configs(args):
+    """Stage 3's (model, train) configs of the base to pretrain; a bad field is a ValueError."""
     more = {"context": args.pretrain_context} if args.pretrain_context else {}
     more.update({"decay_step": args.pretrain_decay_step} if args.pretrain_decay_step else {})
     more.update({"token_shift": True} if args.pretrain_token_shift else {})
     more.update(dict(args.pretrain_set))
-    mcfg, tcfg = S3.make_configs(args.preset, max_steps=args.pretrain_steps, batch_size=args.pretrain_batch,
-                                 max_minutes=args.pretrain_minutes, out_dir=str(Path(args.base).parent),
-                                 **more)
+    return S3.make_configs(args.preset, max_steps=args.pretrain_steps, batch_size=args.pretrain_batch,
+                           max_minutes=args.pretrain_minutes, out_dir=str(Path(args.base).parent), **more)
+
+
+def method_configs(args):
+    """(spec, stage 6 config) of every --methods entry; a bad option is a ValueError."""
+    configs = []
+    for spec in args.methods.split(","):
+        method, _, rank = spec.partition(":")
+        if rank and not rank.isdigit():
+            raise ValueError(f"--methods: {spec!r}: the rank R of lora:R must be a whole number")
+        cfg = F.FinetuneConfig(base=args.base, out_dir=f"{args.out_dir}/{spec.replace(':', '_r')}",
+                               method=method, backend=args.backend, max_steps=args.max_steps,
+                               batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+                               replay=args.replay, eval_questions=args.eval_questions,
+                               prompt_order=args.prompt_order, context_chars=args.context_chars)
+        configs.append((spec, replace(cfg, lora_rank=int(rank), lora_alpha=2.0 * int(rank)) if rank else cfg))
+    return configs
+
+
+def pretrain(args, mcfg, tcfg):
+    """Stage 3 (numpy) or stage 5 (triton) training of args.preset on args.data."""
     data = Path(args.data)
     if not (data / "tokens.json").exists():           # stages 1 and 2 for data/builtin, data/shakespeare
         S3.prepare_dataset(data.name, str(data.parent))
@@ -99,22 +118,15 @@ def main():
     args = ap.parse_args()
     if args.context_chars < 0 or args.pretrain_decay_step < 0:
         ap.error("--context_chars and --pretrain_decay_step must be >= 0")
-    if not Path(args.base).is_file():
-        try:
-            pretrain(args)
-        except ValueError as e:                  # a model field out of range: one line, nothing written
-            ap.error(str(e))
+    try:                                         # every option checked before any work: one line
+        base_configs = None if Path(args.base).is_file() else pretrain_configs(args)
+        configs = method_configs(args)
+    except ValueError as e:
+        ap.error(str(e))
+    if base_configs:
+        pretrain(args, *base_configs)
     rows = []
-    for spec in args.methods.split(","):
-        method, _, rank = spec.partition(":")
-        out_dir = f"{args.out_dir}/{spec.replace(':', '_r')}"
-        cfg = F.FinetuneConfig(base=args.base, out_dir=out_dir, method=method, backend=args.backend,
-                               max_steps=args.max_steps, batch_size=args.batch_size,
-                               grad_accum=args.grad_accum, lr=args.lr, replay=args.replay,
-                               eval_questions=args.eval_questions, prompt_order=args.prompt_order,
-                               context_chars=args.context_chars)
-        if rank:
-            cfg = replace(cfg, lora_rank=int(rank), lora_alpha=2.0 * int(rank))
+    for spec, cfg in configs:
         print(f"\n=== {spec}")
         row = F.run(cfg, progress=True)
         row["method"] = spec
