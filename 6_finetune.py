@@ -80,6 +80,8 @@ class FinetuneConfig:
     test_fraction: float = 0.1     # generator: share of questions held out
     context_chars: int = 0         # generator: contexts widened to ~this many chars; 0 = 2 x context
     no_answer: float = 0.2         # generator: share of questions also asked of another text (no answer)
+    copy_questions: int = 1        # generator: "What follows" questions per sentence; past the first,
+                                   # training only, from sentences that hold no held-out question
     prompt_order: str = "question_first"   # question_first: <q> question \n context <a> | context_first
     replay: float = 0.0            # corpus windows per Q&A pair in a batch (next-token loss): keeps the LM
     eval_questions: int = 400      # held-out questions scored (a fixed subset)
@@ -120,7 +122,8 @@ NUMBER_OPTIONS = {
     "grad_clip": (at_least(0), ">= 0 (0 = no clipping)"), "layer_lr_decay": (lambda v: v > 0, "> 0"),
     "max_len": (at_least(0), ">= 0 (0 = the model's context, at least 128)"),
     "max_questions": (at_least(1), ">= 1"), "context_chars": (at_least(0), ">= 0 (0 = 2 x the context)"),
-    "no_answer": (lambda v: 0 <= v <= 1, "in [0, 1]"), "replay": (at_least(0), ">= 0"),
+    "no_answer": (lambda v: 0 <= v <= 1, "in [0, 1]"), "copy_questions": (at_least(1), ">= 1"),
+    "replay": (at_least(0), ">= 0"),
     "test_fraction": (lambda v: 0 <= v <= 1, "in [0, 1]"), "eval_questions": (at_least(1), ">= 1"),
     "max_answer_tokens": (at_least(1), ">= 1"), "eval_tokens": (at_least(0), ">= 0"),
 }

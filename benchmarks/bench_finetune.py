@@ -57,7 +57,8 @@ def method_configs(args):
                                method=method, backend=args.backend, max_steps=args.max_steps,
                                batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
                                replay=args.replay, eval_questions=args.eval_questions,
-                               prompt_order=args.prompt_order, context_chars=args.context_chars)
+                               prompt_order=args.prompt_order, context_chars=args.context_chars,
+                               copy_questions=args.copy_questions)
         configs.append((spec, replace(cfg, lora_rank=int(rank), lora_alpha=2.0 * int(rank)) if rank else cfg))
     return configs
 
@@ -106,6 +107,9 @@ def main():
                     help="stage 6's --context_chars for the generated pairs (0 = 2 x the model's context)")
     ap.add_argument("--prompt_order", default="question_first", choices=["question_first", "context_first"],
                     help="stage 6's --prompt_order: <q> question \\n context <a>, or the context first")
+    ap.add_argument("--copy_questions", type=int, default=1,
+                    help="stage 6's --copy_questions: \"What follows\" questions per sentence (past the "
+                         "first: training only, from sentences without a held-out question)")
     ap.add_argument("--methods", default="full,freeze,lora:8,lora:1", help="lora:R = LoRA of rank R")
     ap.add_argument("--max_steps", type=int, default=300, help="fine-tuning steps of every method")
     ap.add_argument("--batch_size", type=int, default=16, help="Q&A pairs per fine-tuning step")
@@ -116,8 +120,8 @@ def main():
     ap.add_argument("--out", default="", help="also write the markdown tables to this file")
     ap.add_argument("--out_dir", default="out/bench_finetune", help="outputs of each method: OUT_DIR/METHOD")
     args = ap.parse_args()
-    if args.context_chars < 0 or args.pretrain_decay_step < 0:
-        ap.error("--context_chars and --pretrain_decay_step must be >= 0")
+    if args.context_chars < 0 or args.pretrain_decay_step < 0 or args.copy_questions < 1:
+        ap.error("--context_chars and --pretrain_decay_step must be >= 0, --copy_questions >= 1")
     try:                                         # every option checked before any work: one line
         base_configs = None if Path(args.base).is_file() else pretrain_configs(args)
         configs = method_configs(args)

@@ -63,12 +63,16 @@ def sections(doc):
     return out
 
 
+def body_sentences(para, starts_with_title):
+    """The sentences of a paragraph below its title (the title is not a sentence)."""
+    return sentences(para.partition("\n")[2] if starts_with_title else para)
+
+
 def questions_from_paragraph(title, para, starts_with_title):
     """(kind, question, answer, context) for every sentence a rule fits; the answer is a span of
     the context, and the context is a short piece of corpus text."""
     out = []
-    body = para.partition("\n")[2] if starts_with_title else para     # the title is not a sentence
-    sents = sentences(body)
+    sents = body_sentences(para, starts_with_title)
     if starts_with_title and sents:
         m = RETURNS.match(sents[0])
         returns = short_span(m.group(1)) if m else None
@@ -102,13 +106,14 @@ def questions_from_paragraph(title, para, starts_with_title):
     return out
 
 
-def next_words_question(sentence):
+def next_words_question(sentence, k=0):
     """A copy question any text gives: 'What follows "three words"?' -> the next two words. The
-    place in the sentence is fixed by its hash; the cue must occur once, so the answer is one span."""
+    place in the sentence is fixed by its hash (k > 0: another place, by the hash of k too); the cue
+    must occur once, so the answer is one span."""
     words = sentence.split()
     if not 8 <= len(words) <= 40:
         return []
-    i = int(stable_hash("next:" + sentence) * (len(words) - 4))
+    i = int(stable_hash(("next:" if k == 0 else f"next{k}:") + sentence) * (len(words) - 4))
     cue, answer = " ".join(words[i:i + 3]), " ".join(words[i + 3:i + 5]).rstrip(".,;:!?")
     if sentence.count(cue) != 1 or not re.search(r"\w", answer) or '"' in cue:
         return []
@@ -148,16 +153,16 @@ def speaker_questions(doc, max_chars=300):
 
 
 def generate_qa(text, separator="\n\n\n", category="", max_questions=20000, test_fraction=0.1,
-                context_chars=0, no_answer=0.0):
+                context_chars=0, no_answer=0.0, copies=1):
     """Deterministic extractive Q&A pairs from a corpus: a list of dicts with question, answer,
     context, split ("train"/"test", fixed by the question's hash), kind, article, section, category.
     A question asked twice keeps its first answer, so every question has one answer. context_chars
     > 0 widens each context with the text around it (widen); a no_answer share of the questions is
-    asked again of another document's context, with the answer NO_ANSWER (kind "none")."""
-    pairs, seen = [], set()
-    for d, doc in enumerate(text.split(separator)):
-        article = doc.strip().split("\n", 1)[0].strip()[:80]
-        flat = " ".join(doc.split())
+    asked again of another document's context, with the answer NO_ANSWER (kind "none"). copies > 1
+    adds training-only copy questions (copy_drills); the held-out pairs stay the same."""
+    pairs, seen, held = [], set(), set()
+    docs = text.split(separator)
+    for d, doc in enumerate(docs):
         found = [(k, q, a, c, f"d{d}.s0") for k, q, a, c in speaker_questions(doc)]
         for s, (title, para, starts) in enumerate(sections(doc)):
             asked = questions_from_paragraph(title, para, starts)
@@ -166,18 +171,48 @@ def generate_qa(text, separator="\n\n\n", category="", max_questions=20000, test
             if q in seen or a not in c:
                 continue
             seen.add(q)
-            c = widen(c, flat, context_chars, q) if context_chars else c
-            cat = category or ("help topic" if article.startswith("Python help topic") else
-                               "module" if article.startswith("Module ") else "")
-            pairs.append({"question": q, "answer": a, "context": c, "kind": kind, "article": article,
-                          "section": sec, "category": cat})
+            if stable_hash("split:" + q) < test_fraction:      # its sentences get no copy drills
+                held.update(sentence for line in c.split("\n") for sentence in sentences(line))
+            pairs.append(make_pair(doc, kind, q, a, c, sec, category, context_chars))
     if len(pairs) > max_questions:       # a fixed subset spread over the corpus, kept in corpus order
         keep = set(sorted(range(len(pairs)), key=lambda i: stable_hash(pairs[i]["question"]))[:max_questions])
         pairs = [p for i, p in enumerate(pairs) if i in keep]
     pairs += unanswerable(pairs, no_answer)
     for p in pairs:
         p["split"] = "test" if stable_hash("split:" + p["question"]) < test_fraction else "train"
-    return pairs
+    drills = copy_drills(docs, seen, held, copies, category, context_chars)
+    drills += unanswerable(drills, no_answer)
+    return pairs + [dict(p, split="train") for p in drills]
+
+
+def make_pair(doc, kind, question, answer, context, section, category="", context_chars=0):
+    """One pair's dict (without its split), the context widened within its document."""
+    article = doc.strip().split("\n", 1)[0].strip()[:80]
+    if context_chars:
+        context = widen(context, " ".join(doc.split()), context_chars, question)
+    category = category or ("help topic" if article.startswith("Python help topic") else
+                            "module" if article.startswith("Module ") else "")
+    return {"question": question, "answer": answer, "context": context, "kind": kind, "article": article,
+            "section": section, "category": category}
+
+
+def copy_drills(docs, seen, held, copies, category="", context_chars=0):
+    """'What follows' questions at copies - 1 more places of every sentence that holds no held-out
+    question: many more pairs to learn copying from (one per sentence gives ~9,000 on the builtin
+    corpus, and a model that sees them for many epochs learns them by heart instead), while no
+    held-out question, answer or cue sentence is ever trained on."""
+    out = []
+    for d, doc in enumerate(docs):
+        for s, (_, para, starts) in enumerate(sections(doc)):
+            for sentence in body_sentences(para, starts):
+                if len(sentence) > 300 or sentence in held:
+                    continue
+                for k in range(1, copies):
+                    for kind, q, a, c in next_words_question(sentence, k):
+                        if q not in seen:
+                            seen.add(q)
+                            out.append(make_pair(doc, kind, q, a, c, f"d{d}.s{s}", category, context_chars))
+    return out
 
 
 def unanswerable(pairs, share):
@@ -202,6 +237,6 @@ def write_qa(data_dir, cfg, model_context):
     meta = json.loads((data_dir / "meta.json").read_text()) if (data_dir / "meta.json").exists() else {}
     text = (data_dir / "train.txt").read_text(encoding="utf-8")
     pairs = generate_qa(text, meta.get("doc_separator", "\n\n\n"), "", cfg.max_questions, cfg.test_fraction,
-                        cfg.context_chars or 2 * model_context, cfg.no_answer)
+                        cfg.context_chars or 2 * model_context, cfg.no_answer, cfg.copy_questions)
     lines = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs)
     return write_text_atomic(data_dir / "qa.jsonl", lines), pairs

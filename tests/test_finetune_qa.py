@@ -59,6 +59,31 @@ def test_widened_contexts_hold_the_answer_at_varying_places():
     assert any(len(p["context"]) > len(narrow[q]["context"]) + 40 for q, p in wide.items())
 
 
+DRILLS = "\n\n\n".join(f"Module m{a}\n\n" + " ".join(
+    f"The m{a} part {i} keeps w{a}{i}a w{a}{i}b w{a}{i}c w{a}{i}d and w{a}{i}e in its own plain order."
+    for i in range(12)) for a in range(3))
+
+
+def test_copy_drills_add_training_questions_and_keep_the_held_out_set():
+    """copies=4: the pairs of copies=1 unchanged and first, then training-only 'What follows'
+    questions at other places of the sentences, never of a sentence that holds a held-out question."""
+    one = generate_qa(DRILLS, test_fraction=0.3, no_answer=0.2)
+    four = generate_qa(DRILLS, test_fraction=0.3, no_answer=0.2, copies=4)
+    assert four[:len(one)] == one and four == generate_qa(DRILLS, test_fraction=0.3, no_answer=0.2, copies=4)
+    drills = four[len(one):]
+    answerable = [p for p in drills if p["kind"] == "next"]
+    assert {p["kind"] for p in drills} == {"next", "none"} and {p["split"] for p in drills} == {"train"}
+    assert len(answerable) > 2 * len([p for p in one if p["kind"] == "next" and p["split"] == "train"])
+    assert not {p["question"] for p in answerable} & {p["question"] for p in one}
+    held = {p["context"] for p in one if p["split"] == "test" and p["kind"] != "none"}
+    assert held and all(p["answer"] in p["context"] and p["context"] not in held for p in answerable)
+    wide = generate_qa(DRILLS, test_fraction=0.3, no_answer=0.2, context_chars=150, copies=4)[len(one):]
+    assert [p["question"] for p in wide] == [p["question"] for p in drills]          # widened as the others
+    assert all(p["context"] in q["context"] for p, q in zip(answerable, wide))
+    widened = [len(q["context"]) > len(p["context"]) + 40 for p, q in zip(answerable, wide)]
+    assert sum(widened) > len(answerable) / 2
+
+
 def test_no_answer_is_eos_at_once():
     tok = TK.Tokenizer([])
     prompt, answer = F.encode_pair(tok, {"question": "Q?", "answer": "", "context": "C."})
