@@ -21,6 +21,7 @@ changed with --set NAME=VALUE), AdamW with a linear warm-up and a cosine decay, 
     python benchmarks/bench_recall.py --models lif,twin --pairs 8 --gap 0,64,192 --decay_step 1.5,2.33
     python benchmarks/bench_recall.py --models sigmoid4x --set theta=0.5 --set n_layer=2
     python benchmarks/bench_recall.py --device cuda --batch 64 --steps 4000 ...     # a GPU (Triton)
+    python benchmarks/bench_recall.py --train_seqs 1024 ...     # one fixed training set, not fresh sequences
 
 Models: lif (the default spiking model), twin (--spiking 0: ReLU, one timestep), sigmoid4x
 (--spike_fn sigmoid4x --quant round_ste), rates (sigmoid4x's firing probabilities themselves,
@@ -122,11 +123,16 @@ def run_row(args, model_name, pairs, gap, decay_step):
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, args))
     rng = np.random.default_rng(args.seed)         # training sequences; held-out ones use seed + 1
+    pool = make_batch(rng, args.train_seqs, **task) if args.train_seqs else None   # a fixed training set
     to_dev = lambda a: torch.from_numpy(a).to(run.device)  # noqa: E731
     start, losses = time.time(), []
     for _ in tqdm(range(args.steps), desc=f"{model_name} pairs {pairs} gap {gap} decay {decay_step}",
                   leave=False):
-        x, y, mask = map(to_dev, make_batch(rng, args.batch, **task))
+        if pool is None:                           # fresh sequences every step
+            x, y, mask = map(to_dev, make_batch(rng, args.batch, **task))
+        else:                                      # a batch drawn from the fixed set, with replacement
+            pick = rng.integers(0, args.train_seqs, args.batch)
+            x, y, mask = (to_dev(a[pick]) for a in pool)
         loss = masked_loss(model(x), y, mask)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -184,6 +190,9 @@ def parse_args(argv=None):
     ap.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW, no weight decay)")
     ap.add_argument("--warmup", type=int, default=20, help="linear warm-up steps")
     ap.add_argument("--eval_seqs", type=int, default=256, help="held-out sequences scored per row")
+    ap.add_argument("--train_seqs", type=int, default=0,
+                    help="0: fresh training sequences every step; N: batches drawn from one fixed set of N "
+                         "(can the model learn N sequences by heart instead of the rule?)")
     ap.add_argument("--seed", type=int, default=0, help="parameters and training sequences")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"),
                     help="cpu: torch ops; cuda: stage 5's Triton kernels")
@@ -203,6 +212,8 @@ def check_args(args):
         return f"--models {','.join(args.models)}: choose from {', '.join(MODELS)}"
     if min(args.steps, args.batch, args.keys, args.values, args.fillers, args.eval_seqs, args.warmup) < 1:
         return "--steps, --batch, --keys, --values, --fillers, --eval_seqs and --warmup must be >= 1"
+    if args.train_seqs < 0:
+        return "--train_seqs must be >= 0 (0: fresh sequences every step)"
     if min(args.pairs) < 1 or min(args.gap + [args.queries, args.query_sep]) < 0 or min(args.decay_step) <= 0:
         return "--pairs must be >= 1, --gap, --queries and --query_sep >= 0, --decay_step > 0"
     if max(args.pairs) > args.keys:
@@ -227,7 +238,8 @@ def table(args, rows):
     lines = [f"MQAR on stage 5's `{args.preset}` model, batch {args.batch}, lr {args.lr}, "
              f"{args.keys} keys, {args.values} values, {args.fillers} fillers, queries "
              f"{args.queries or 'as many as pairs'}, {args.query_sep} separators between a queried key and "
-             f"its value, {args.eval_seqs} held-out sequences; "
+             f"its value, training sequences {args.train_seqs or 'fresh every step'}, "
+             f"{args.eval_seqs} held-out sequences; "
              f"chance = 1/{args.values} = {1 / args.values:.3f} (the stored values without their keys: "
              f"about 1/pairs); {machine}"
              + (f"; set {args.set}" if args.set else ""), "",

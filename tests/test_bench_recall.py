@@ -110,3 +110,26 @@ def test_tiny_run_gives_a_finite_row(tmp_path):
     row = R.run_row(args, "lif", 2, 3, 1.5)
     assert math.isfinite(row["loss"]) and row["n"] == 8 * 2 and 0 <= row["acc"] <= 1
     assert row["length"] == 2 * 2 + 3 + 2 * 2 - 1
+
+
+@pytest.mark.parametrize("train_seqs", [0, 3])
+def test_fixed_training_set_is_the_only_source_of_batches(train_seqs, tmp_path, monkeypatch):
+    """--train_seqs 3: every training batch's rows are among the 3 sequences made once from the
+    training seed; 0: fresh sequences, no row seen twice in 10 steps."""
+    args = R.parse_args(["--preset", "tiny", "--pairs", "2", "--steps", "10", "--batch", "4", "--warmup", "2",
+                         "--eval_seqs", "4", "--context", "32", "--train_seqs", str(train_seqs),
+                         "--out", str(tmp_path / "t.md")])
+    seen, loss = [], R.masked_loss
+
+    def recording_loss(logits, y, mask):
+        seen.append(y.cpu().numpy())
+        return loss(logits, y, mask)
+    monkeypatch.setattr(R, "masked_loss", recording_loss)
+    R.run_row(args, "twin", 2, 0, 1.5)
+    rows = {tuple(r) for batch in seen[:10] for r in batch}                    # the 10 training batches
+    if train_seqs:
+        pool = R.make_batch(np.random.default_rng(0), 3, pairs=2, queries=2, gap=0, keys=64, values=64,
+                            fillers=32)[1]
+        assert 1 < len(rows) and rows <= {tuple(r) for r in pool}
+    else:
+        assert len(rows) == 40
