@@ -42,6 +42,7 @@ def pretrain_configs(args):
     more.update({"decay_step": args.pretrain_decay_step} if args.pretrain_decay_step else {})
     more.update({"token_shift": True} if args.pretrain_token_shift else {})
     more.update(dict(args.pretrain_set))
+    more.update({"lr": args.pretrain_lr, "min_lr": args.pretrain_lr / 10} if args.pretrain_lr else {})
     return S3.make_configs(args.preset, max_steps=args.pretrain_steps, batch_size=args.pretrain_batch,
                            max_minutes=args.pretrain_minutes, out_dir=str(Path(args.base).parent), **more)
 
@@ -79,7 +80,7 @@ def pretrain(args, mcfg, tcfg):
     print(f"pretrained {args.base} in {time.time() - t0:.0f} s")
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--base", default="out/bench_finetune/base.npz",
                     help="the pretrained checkpoint every method starts from (pretrained here if missing)")
@@ -101,6 +102,9 @@ def main():
     ap.add_argument("--pretrain_set", type=field_setting(S3.ModelConfig), action="append", default=[],
                     metavar="NAME=VALUE", help="any other model field of a base it pretrains, e.g. "
                     "--pretrain_set neuron=ternary (repeatable)")
+    ap.add_argument("--pretrain_lr", type=float, default=0.0,
+                    help="peak learning rate of a base it pretrains, the cosine ending at a tenth (0 = the "
+                         "preset's; the ANN twin of `small` needs less than its 3e-3)")
     ap.add_argument("--backend", default="numpy", choices=list(F.BACKENDS),
                     help="stage 6's --backend: the model that gives gradients and scores the answers")
     ap.add_argument("--context_chars", type=int, default=0,
@@ -119,9 +123,10 @@ def main():
     ap.add_argument("--eval_questions", type=int, default=400, help="held-out questions scored")
     ap.add_argument("--out", default="", help="also write the markdown tables to this file")
     ap.add_argument("--out_dir", default="out/bench_finetune", help="outputs of each method: OUT_DIR/METHOD")
-    args = ap.parse_args()
-    if args.context_chars < 0 or args.pretrain_decay_step < 0 or args.copy_questions < 1:
-        ap.error("--context_chars and --pretrain_decay_step must be >= 0, --copy_questions >= 1")
+    args = ap.parse_args(argv)
+    if min(args.context_chars, args.pretrain_decay_step, args.pretrain_lr) < 0 or args.copy_questions < 1:
+        ap.error("--context_chars, --pretrain_decay_step and --pretrain_lr must be >= 0, "
+                 "--copy_questions >= 1")
     try:                                         # every option checked before any work: one line
         base_configs = None if Path(args.base).is_file() else pretrain_configs(args)
         configs = method_configs(args)

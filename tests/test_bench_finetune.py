@@ -1,0 +1,57 @@
+"""benchmarks/bench_finetune.py: every option reaches the base it pretrains and the stage 6 runs,
+and a bad one is one error line before any work (no pretraining, no fine-tuning)."""
+import importlib.util
+
+import pytest
+
+from conftest import ROOT
+
+spec = importlib.util.spec_from_file_location("bench_finetune", ROOT / "benchmarks" / "bench_finetune.py")
+B = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(B)
+
+
+@pytest.fixture
+def calls(monkeypatch, tmp_path):
+    """Pretraining and fine-tuning replaced by recorders: what they would have been given."""
+    seen = {"pretrain": [], "run": []}
+    monkeypatch.setattr(B, "pretrain", lambda args, mcfg, tcfg: seen["pretrain"].append((mcfg, tcfg)))
+    monkeypatch.setattr(B.F, "run", lambda cfg, progress=True: seen["run"].append(cfg) or {})
+    monkeypatch.setattr(B, "write_tables", lambda args, rows: None)
+    monkeypatch.chdir(tmp_path)                     # out/bench_finetune/base.npz does not exist here
+    return seen
+
+
+def test_options_reach_the_base_and_every_method(calls):
+    B.main(["--preset", "tiny", "--pretrain_lr", "1e-3", "--pretrain_set", "neuron=ternary",
+            "--pretrain_token_shift", "1", "--pretrain_decay_step", "2.33", "--methods", "full,lora:4",
+            "--copy_questions", "8", "--batch_size", "64", "--grad_accum", "2", "--replay", "1.0"])
+    [(mcfg, tcfg)] = calls["pretrain"]
+    assert (tcfg.lr, tcfg.min_lr) == (1e-3, 1e-4)
+    assert (mcfg.neuron, mcfg.token_shift, mcfg.decay_step) == ("ternary", True, 2.33)
+    full, lora = calls["run"]
+    assert (full.method, lora.method, lora.lora_rank, lora.lora_alpha) == ("full", "lora", 4, 8.0)
+    for cfg in (full, lora):
+        assert (cfg.copy_questions, cfg.batch_size, cfg.grad_accum, cfg.replay) == (8, 64, 2, 1.0)
+
+
+def test_the_presets_learning_rate_by_default(calls):
+    B.main(["--preset", "tiny", "--methods", "full"])
+    [(_, tcfg)] = calls["pretrain"]
+    assert tcfg.lr == B.S3.PRESETS["tiny"]["train"]["lr"]
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--methods", "lora:x"], "whole number"),
+    (["--pretrain_lr", "-1"], "--pretrain_lr"),
+    (["--copy_questions", "0"], "--copy_questions"),
+    (["--pretrain_set", "bogus=1"], "bogus"),
+    (["--batch_size", "0"], "batch_size"),
+])
+def test_bad_option_is_one_line_before_any_work(argv, words, calls, capsys):
+    with pytest.raises(SystemExit) as stop:
+        B.main(["--preset", "tiny"] + argv)
+    assert stop.value.code == 2 and calls == {"pretrain": [], "run": []}
+    err = capsys.readouterr().err.strip().splitlines()        # argparse: the usage, then one error line
+    assert err[0].startswith("usage:") and ": error: " in err[-1] and words in err[-1]
+    assert not any(": error: " in line for line in err[:-1])
