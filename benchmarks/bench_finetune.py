@@ -104,7 +104,7 @@ def main(argv=None):
                     "--pretrain_set neuron=ternary (repeatable)")
     ap.add_argument("--pretrain_lr", type=float, default=0.0,
                     help="peak learning rate of a base it pretrains, the cosine ending at a tenth (0 = the "
-                         "preset's; the ANN twin of `small` trained badly at its 3e-3)")
+                         "preset's)")
     ap.add_argument("--backend", default="numpy", choices=list(F.BACKENDS),
                     help="stage 6's --backend: the model that gives gradients and scores the answers")
     ap.add_argument("--context_chars", type=int, default=0,
