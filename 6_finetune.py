@@ -5,7 +5,8 @@ questions whose answer is a span of a short context from its own corpus.
 
     1. Q&A pairs: a deterministic generator turns sentences of the stage 1 corpus into
        questions ("X is Y" definitions, what a function returns, versions, dates, places, who
-       speaks a line), data/<name>/qa.jsonl, split by question; or --qa FILE of your own.
+       speaks a line, what follows three words), data/<name>/qa.jsonl, split by question, with
+       --copy_questions N - 1 more copy questions per sentence for training; or --qa FILE of your own.
     2. Prompts use the tokenizer's role tokens, <q> question \n context <a> answer <eos> (or context
        first); the loss is the cross-entropy of the answer tokens (and <eos>) only.
     3. Methods: full, freeze (embedding and the first k blocks fixed), lora (W + s B A on the
