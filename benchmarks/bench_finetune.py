@@ -129,6 +129,9 @@ def main(argv=None):
                  "--copy_questions >= 1")
     try:                                         # every option checked before any work: one line
         base_configs = None if Path(args.base).is_file() else pretrain_configs(args)
+    except ValueError as e:                      # stage 3's names: --max_steps is --pretrain_steps here
+        ap.error(f"the base to pretrain (--preset, --pretrain_*): {e}")
+    try:
         configs = method_configs(args)
     except ValueError as e:
         ap.error(str(e))

@@ -57,7 +57,11 @@ def field_setting(config_cls):
         if name not in kinds or not value:
             raise argparse.ArgumentTypeError(f"{text!r}: give NAME=VALUE for a field of "
                                              f"{config_cls.__name__}, one of {list(kinds)}")
-        return name, kinds[name](value)
+        try:
+            return name, kinds[name](value)
+        except ValueError:                       # int("abc"), float("x"): parse_bool says its own
+            words = {int: "a whole number", float: "a number"}.get(kinds[name], kinds[name].__name__)
+            raise argparse.ArgumentTypeError(f"{text!r}: {name} must be {words}") from None
     return parse
 
 

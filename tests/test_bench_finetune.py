@@ -46,6 +46,8 @@ def test_the_presets_learning_rate_by_default(calls):
     (["--pretrain_lr", "-1"], "--pretrain_lr"),
     (["--copy_questions", "0"], "--copy_questions"),
     (["--pretrain_set", "bogus=1"], "bogus"),
+    (["--pretrain_set", "d_model=abc"], "d_model must be a whole number"),
+    (["--pretrain_steps", "0"], "the base to pretrain (--preset, --pretrain_*): --max_steps"),
     (["--batch_size", "0"], "batch_size"),
 ])
 def test_bad_option_is_one_line_before_any_work(argv, words, calls, capsys):
