@@ -163,6 +163,7 @@ def generate_qa(text, separator="\n\n\n", category="", max_questions=20000, test
     pairs, seen, held = [], set(), set()
     docs = text.split(separator)
     for d, doc in enumerate(docs):
+        where = document_place(doc, category)
         found = [(k, q, a, c, f"d{d}.s0") for k, q, a, c in speaker_questions(doc)]
         for s, (title, para, starts) in enumerate(sections(doc)):
             asked = questions_from_paragraph(title, para, starts)
@@ -173,7 +174,7 @@ def generate_qa(text, separator="\n\n\n", category="", max_questions=20000, test
             seen.add(q)
             if stable_hash("split:" + q) < test_fraction:      # its sentences get no copy drills
                 held.update(sentence for line in c.split("\n") for sentence in sentences(line))
-            pairs.append(make_pair(doc, kind, q, a, c, sec, category, context_chars))
+            pairs.append(make_pair(where, kind, q, a, c, sec, context_chars))
     if len(pairs) > max_questions:       # a fixed subset spread over the corpus, kept in corpus order
         keep = set(sorted(range(len(pairs)), key=lambda i: stable_hash(pairs[i]["question"]))[:max_questions])
         pairs = [p for i, p in enumerate(pairs) if i in keep]
@@ -185,13 +186,19 @@ def generate_qa(text, separator="\n\n\n", category="", max_questions=20000, test
     return pairs + [dict(p, split="train") for p in drills]
 
 
-def make_pair(doc, kind, question, answer, context, section, category="", context_chars=0):
-    """One pair's dict (without its split), the context widened within its document."""
+def document_place(doc, category=""):
+    """(its text with whitespace collapsed, for widen; its article title; its category), once per document."""
     article = doc.strip().split("\n", 1)[0].strip()[:80]
-    if context_chars:
-        context = widen(context, " ".join(doc.split()), context_chars, question)
     category = category or ("help topic" if article.startswith("Python help topic") else
                             "module" if article.startswith("Module ") else "")
+    return " ".join(doc.split()), article, category
+
+
+def make_pair(where, kind, question, answer, context, section, context_chars=0):
+    """One pair's dict (without its split), the context widened within its document."""
+    flat, article, category = where
+    if context_chars:
+        context = widen(context, flat, context_chars, question)
     return {"question": question, "answer": answer, "context": context, "kind": kind, "article": article,
             "section": section, "category": category}
 
@@ -203,16 +210,19 @@ def copy_drills(docs, seen, held, copies, category="", context_chars=0):
     held-out question, answer or cue sentence is ever trained on."""
     out = []
     for d, doc in enumerate(docs):
+        where = document_place(doc, category)
         for s, (_, para, starts) in enumerate(sections(doc)):
-            for sentence in body_sentences(para, starts):
-                if len(sentence) > 300 or sentence in held:
-                    continue
-                for k in range(1, copies):
-                    for kind, q, a, c in next_words_question(sentence, k):
-                        if q not in seen:
-                            seen.add(q)
-                            out.append(make_pair(doc, kind, q, a, c, f"d{d}.s{s}", category, context_chars))
+            free = [t for t in body_sentences(para, starts) if len(t) <= 300 and t not in held]
+            for kind, q, a, c in [found for sentence in free for found in other_places(sentence, copies)]:
+                if q not in seen:
+                    seen.add(q)
+                    out.append(make_pair(where, kind, q, a, c, f"d{d}.s{s}", context_chars))
     return out
+
+
+def other_places(sentence, copies):
+    """The copy questions at places 1 .. copies - 1 of a sentence (place 0 is the rule's own)."""
+    return [found for k in range(1, copies) for found in next_words_question(sentence, k)]
 
 
 def unanswerable(pairs, share):
