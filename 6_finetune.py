@@ -6,7 +6,8 @@ questions whose answer is a span of a short context from its own corpus.
     1. Q&A pairs: a deterministic generator turns sentences of the stage 1 corpus into
        questions ("X is Y" definitions, what a function returns, versions, dates, places, who
        speaks a line, what follows three words), data/<name>/qa.jsonl, split by question, with
-       --copy_questions N - 1 more copy questions per sentence for training; or --qa FILE of your own.
+       --copy_questions N - 1 more copy questions per sentence for training, --fresh_copies a share
+       of each batch drawn anew every step (nothing to learn by heart); or --qa FILE of your own.
     2. Prompts use the tokenizer's role tokens, <q> question \n context <a> answer <eos> (or context
        first); the loss is the cross-entropy of the answer tokens (and <eos>) only.
     3. Methods: full, freeze (embedding and the first k blocks fixed), lora (W + s B A on the
@@ -39,7 +40,7 @@ from spikelib.finetune_backends import TorchReader, mlx_backend, triton_backend 
 from spikelib.finetune_io import (append_result, load_lora, normalize, print_result,  # noqa: E402, F401
                                   print_table, read_qa, save_lora, stable_hash)
 from spikelib.loop import progress_fields  # noqa: E402
-from spikelib.qa_data import write_qa  # noqa: E402
+from spikelib.qa_data import fresh_drills, write_qa  # noqa: E402
 from spikelib.report import print_stream  # noqa: E402
 from spikelib.runs import load_tokenizer  # noqa: E402
 from spikelib.stages import load_stage  # noqa: E402
@@ -83,6 +84,8 @@ class FinetuneConfig:
     no_answer: float = 0.2         # generator: share of questions also asked of another text (no answer)
     copy_questions: int = 1        # generator: "What follows" questions per sentence; past the first,
                                    # training only, from sentences that hold no held-out question
+    fresh_copies: float = 0.0      # share of each batch that is "What follows" questions drawn anew every
+                                   # step (FreshDrills; generated pairs only): nothing to learn by heart
     prompt_order: str = "question_first"   # question_first: <q> question \n context <a> | context_first
     replay: float = 0.0            # corpus windows per Q&A pair in a batch (next-token loss): keeps the LM
     eval_questions: int = 400      # held-out questions scored (a fixed subset)
@@ -103,6 +106,9 @@ class FinetuneConfig:
         for name, (allowed, words) in NUMBER_OPTIONS.items():
             if not allowed(getattr(self, name)):         # comparisons with NaN are false: refused too
                 raise ValueError(f"--{name} must be {words}, got {getattr(self, name)}")
+        if self.fresh_copies and self.qa:
+            raise ValueError("--fresh_copies draws questions from the base's corpus, held out as the "
+                             "generated pairs are; it does not go with --qa")
         if self.grad_accum > self.batch_size:
             raise ValueError(f"--grad_accum {self.grad_accum} is more micro-batches than --batch_size "
                              f"{self.batch_size} has pairs")
@@ -124,7 +130,7 @@ NUMBER_OPTIONS = {
     "max_len": (at_least(0), ">= 0 (0 = the model's context, at least 128)"),
     "max_questions": (at_least(1), ">= 1"), "context_chars": (at_least(0), ">= 0 (0 = 2 x the context)"),
     "no_answer": (lambda v: 0 <= v <= 1, "in [0, 1]"), "copy_questions": (at_least(1), ">= 1"),
-    "replay": (at_least(0), ">= 0"),
+    "replay": (at_least(0), ">= 0"), "fresh_copies": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "test_fraction": (lambda v: 0 <= v <= 1, "in [0, 1]"), "eval_questions": (at_least(1), ">= 1"),
     "max_answer_tokens": (at_least(1), ">= 1"), "eval_tokens": (at_least(0), ">= 0"),
 }
@@ -312,10 +318,12 @@ def accumulated_grads(params, trainable, cfg, grad_fn, x, y, mask):
     return loss, grads
 
 
-def finetune(params, mcfg, cfg, train_examples, grad_fn, progress=True, corpus=None):
+def finetune(params, mcfg, cfg, train_examples, grad_fn, progress=True, corpus=None, fresh=None):
     """AdamW on the trainable set; returns (trainable dict, losses). full/freeze update params in place.
-    With cfg.replay and corpus (train split token ids), each batch also holds round(replay x batch)
-    windows of the corpus, their loss the pretraining loss: the model keeps modelling language."""
+    With cfg.fresh_copies and fresh (rng -> one new encoded pair), that share of each batch is pairs
+    never seen before. With cfg.replay and corpus (train split token ids), each batch also holds
+    round(replay x batch) windows of the corpus, their loss the pretraining loss: the model keeps
+    modelling language."""
     trainable = trainable_params(params, cfg, mcfg)
     lr, min_lr = resolved_lr(cfg)
     sched = S3.TrainConfig(lr=lr, min_lr=min_lr, warmup=cfg.warmup, max_steps=cfg.max_steps,
@@ -325,8 +333,11 @@ def finetune(params, mcfg, cfg, train_examples, grad_fn, progress=True, corpus=N
     bar = tqdm(range(cfg.max_steps), desc=f"finetune {cfg.method}", dynamic_ncols=True, disable=not progress)
     t0 = time.time()
     for step in bar:
-        pick = S3.batch_rng(cfg.seed, step).integers(0, len(train_examples), cfg.batch_size)
+        n_fresh = round(cfg.fresh_copies * cfg.batch_size) if fresh else 0
+        pick = S3.batch_rng(cfg.seed, step).integers(0, len(train_examples), cfg.batch_size - n_fresh)
         batch = [train_examples[i] for i in pick]
+        drill_rng = S3.batch_rng(cfg.seed + 2, step)
+        batch += [fresh(drill_rng) for _ in range(n_fresh)]
         n_win = round(cfg.replay * cfg.batch_size) if corpus is not None else 0
         if n_win:
             batch += replay_windows(corpus, n_win, mcfg.context, S3.batch_rng(cfg.seed + 1, step))
@@ -568,6 +579,20 @@ def split_pairs(cfg, tok, pairs, source, max_len):
     return train, test, train_eval
 
 
+def fresh_pairs(cfg, data_dir, mcfg, tok, max_len):
+    """rng -> one encoded "What follows" pair drawn anew that fits max_len (--fresh_copies)."""
+    drills = fresh_drills(data_dir, cfg, mcfg.context)
+
+    def draw(rng):
+        for _ in range(100):
+            prompt, answer = encode_pair(tok, drills.draw(rng), cfg.prompt_order)
+            if len(prompt) + len(answer) <= max_len:
+                return prompt, answer
+        raise ValueError(f"100 fresh copy questions in a row are longer than max_len={max_len} tokens; "
+                         "raise --max_len or lower --context_chars")
+    return draw
+
+
 def memory_note(mcfg, examples):
     """A warning line when the median prompt is longer than the model's memory. The slowest head
     decays as gamma = 1 - 2^-a, a = decay_start + decay_step (H - 1), and gamma^(2^a) ~ 1/e: a token
@@ -586,8 +611,10 @@ def run(cfg, progress=True):
     params, mcfg, config, tok = load_base(cfg.base)
     pairs, source = qa_pairs(cfg, config, mcfg)
     data_dir = config.get("data", {}).get("dir", "")
-    train, test, train_eval = split_pairs(cfg, tok, pairs, source, cfg.max_len or max(128, mcfg.context))
+    max_len = cfg.max_len or max(128, mcfg.context)
+    train, test, train_eval = split_pairs(cfg, tok, pairs, source, max_len)
     memory_note(mcfg, train)
+    fresh = fresh_pairs(cfg, data_dir, mcfg, tok, max_len) if cfg.fresh_copies else None
     corpus = S3.open_split(data_dir, "train") if cfg.replay and data_dir else None
     if cfg.replay and (corpus is None or len(corpus) < mcfg.context + 2):
         raise ValueError(f"--replay {cfg.replay} needs the base's corpus train split ({data_dir!r})")
@@ -606,7 +633,8 @@ def run(cfg, progress=True):
     print(f"before: held-out EM {100 * before['em']:.1f}%, F1 {100 * before['f1']:.1f}%, "
           f"val BPC {bpc_before:.3f}")
     t0 = time.time()
-    trainable, losses = finetune(params, mcfg, cfg, train, BACKEND[cfg.backend](mcfg), progress, corpus)
+    grad_fn = BACKEND[cfg.backend](mcfg)
+    trainable, losses = finetune(params, mcfg, cfg, train, grad_fn, progress, corpus, fresh)
     seconds = time.time() - t0
     if cfg.method == "lora":       # the adapters alone are saved
         tuned = apply_lora(params, trainable, cfg.lora_alpha / cfg.lora_rank)
@@ -620,7 +648,7 @@ def run(cfg, progress=True):
     keep = ("em", "f1", "em_se", "em_has", "f1_has", "n_has", "em_none", "f1_none", "n_none")
     result = {"method": cfg.method, "backend": cfg.backend, "trained": int(n_trained),
               "fraction": n_trained / n_total, "seconds": seconds, "steps": cfg.max_steps,
-              "replay": cfg.replay, "prompt_order": cfg.prompt_order,
+              "replay": cfg.replay, "fresh_copies": cfg.fresh_copies, "prompt_order": cfg.prompt_order,
               "loss_first": losses[0], "loss_last": float(np.mean(losses[-10:])), "decode": cfg.decode,
               "em_before": before["em"], "em_test": after["em"], "f1_test": after["f1"],
               "em_test_free": free["em"], "f1_test_free": free["f1"],

@@ -59,7 +59,7 @@ def method_configs(args):
                                batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
                                replay=args.replay, eval_questions=args.eval_questions,
                                prompt_order=args.prompt_order, context_chars=args.context_chars,
-                               copy_questions=args.copy_questions)
+                               copy_questions=args.copy_questions, fresh_copies=args.fresh_copies)
         configs.append((spec, replace(cfg, lora_rank=int(rank), lora_alpha=2.0 * int(rank)) if rank else cfg))
     return configs
 
@@ -114,6 +114,9 @@ def main(argv=None):
     ap.add_argument("--copy_questions", type=int, default=1,
                     help="stage 6's --copy_questions: \"What follows\" questions per sentence (past the "
                          "first: training only, from sentences without a held-out question)")
+    ap.add_argument("--fresh_copies", type=float, default=0.0,
+                    help="stage 6's --fresh_copies: the share of each batch that is \"What follows\" "
+                         "questions drawn anew every step")
     ap.add_argument("--methods", default="full,freeze,lora:8,lora:1", help="lora:R = LoRA of rank R")
     ap.add_argument("--max_steps", type=int, default=300, help="fine-tuning steps of every method")
     ap.add_argument("--batch_size", type=int, default=16, help="Q&A pairs per fine-tuning step")

@@ -108,7 +108,8 @@ def questions_from_paragraph(title, para, starts_with_title):
 
 def next_words_question(sentence, k=0):
     """A copy question any text gives: 'What follows "three words"?' -> the next two words. The
-    place in the sentence is fixed by its hash (k > 0: another place, by the hash of k too); the cue
+    place in the sentence is fixed by its hash (k != 0, a number or a string: another place, by the
+    hash of k too); the cue
     must occur once, so the answer is one span."""
     words = sentence.split()
     if not 8 <= len(words) <= 40:
@@ -160,8 +161,23 @@ def generate_qa(text, separator="\n\n\n", category="", max_questions=20000, test
     > 0 widens each context with the text around it (widen); a no_answer share of the questions is
     asked again of another document's context, with the answer NO_ANSWER (kind "none"). copies > 1
     adds training-only copy questions (copy_drills); the held-out pairs stay the same."""
-    pairs, seen, held = [], set(), set()
     docs = text.split(separator)
+    pairs, seen, held = rule_pairs(docs, category, test_fraction, context_chars)
+    if len(pairs) > max_questions:       # a fixed subset spread over the corpus, kept in corpus order
+        keep = set(sorted(range(len(pairs)), key=lambda i: stable_hash(pairs[i]["question"]))[:max_questions])
+        pairs = [p for i, p in enumerate(pairs) if i in keep]
+    pairs += unanswerable(pairs, no_answer)
+    for p in pairs:
+        p["split"] = "test" if stable_hash("split:" + p["question"]) < test_fraction else "train"
+    drills = copy_drills(docs, seen, held, copies, category, context_chars)
+    drills += unanswerable(drills, no_answer)
+    return pairs + [dict(p, split="train") for p in drills]
+
+
+def rule_pairs(docs, category, test_fraction, context_chars):
+    """(the rules' pairs in corpus order, without split; the questions asked; the sentences that
+    hold a held-out question, which copy drills never use)."""
+    pairs, seen, held = [], set(), set()
     for d, doc in enumerate(docs):
         where = document_place(doc, category)
         found = [(k, q, a, c, f"d{d}.s0") for k, q, a, c in speaker_questions(doc)]
@@ -175,15 +191,7 @@ def generate_qa(text, separator="\n\n\n", category="", max_questions=20000, test
             if stable_hash("split:" + q) < test_fraction:      # its sentences get no copy drills
                 held.update(sentence for line in c.split("\n") for sentence in sentences(line))
             pairs.append(make_pair(where, kind, q, a, c, sec, context_chars))
-    if len(pairs) > max_questions:       # a fixed subset spread over the corpus, kept in corpus order
-        keep = set(sorted(range(len(pairs)), key=lambda i: stable_hash(pairs[i]["question"]))[:max_questions])
-        pairs = [p for i, p in enumerate(pairs) if i in keep]
-    pairs += unanswerable(pairs, no_answer)
-    for p in pairs:
-        p["split"] = "test" if stable_hash("split:" + p["question"]) < test_fraction else "train"
-    drills = copy_drills(docs, seen, held, copies, category, context_chars)
-    drills += unanswerable(drills, no_answer)
-    return pairs + [dict(p, split="train") for p in drills]
+    return pairs, seen, held
 
 
 def document_place(doc, category=""):
@@ -194,11 +202,12 @@ def document_place(doc, category=""):
     return " ".join(doc.split()), article, category
 
 
-def make_pair(where, kind, question, answer, context, section, context_chars=0):
-    """One pair's dict (without its split), the context widened within its document."""
+def make_pair(where, kind, question, answer, context, section, context_chars=0, key=""):
+    """One pair's dict (without its split), the context widened within its document (the text's
+    share before the core fixed by the hash of key, the question unless given)."""
     flat, article, category = where
     if context_chars:
-        context = widen(context, flat, context_chars, question)
+        context = widen(context, flat, context_chars, key or question)
     return {"question": question, "answer": answer, "context": context, "kind": kind, "article": article,
             "section": section, "category": category}
 
@@ -209,15 +218,51 @@ def copy_drills(docs, seen, held, copies, category="", context_chars=0):
     corpus, and a model that sees them for many epochs learns them by heart instead), while no
     held-out question, answer or cue sentence is ever trained on."""
     out = []
+    for where, section, sentence in drill_sentences(docs, held, category):
+        for kind, q, a, c in other_places(sentence, copies):
+            if q not in seen:
+                seen.add(q)
+                out.append(make_pair(where, kind, q, a, c, section, context_chars))
+    return out
+
+
+def drill_sentences(docs, held, category=""):
+    """(document place, section, sentence) for every body sentence of at most 300 characters that
+    holds no held-out question: the sentences copy drills may ask about."""
     for d, doc in enumerate(docs):
         where = document_place(doc, category)
         for s, (_, para, starts) in enumerate(sections(doc)):
-            free = [t for t in body_sentences(para, starts) if len(t) <= 300 and t not in held]
-            for kind, q, a, c in [found for sentence in free for found in other_places(sentence, copies)]:
-                if q not in seen:
-                    seen.add(q)
-                    out.append(make_pair(where, kind, q, a, c, f"d{d}.s{s}", context_chars))
-    return out
+            for sentence in body_sentences(para, starts):
+                if len(sentence) <= 300 and sentence not in held:
+                    yield where, f"d{d}.s{s}", sentence
+
+
+class FreshDrills:
+    """'What follows' questions drawn anew for every batch: a random sentence of drill_sentences,
+    a random place in it, a random share of the widened context before it. About 50 places x the
+    context's many offsets per sentence: a model cannot learn them by heart, only learn to copy.
+    The held-out set is generate_qa's with the same text and test_fraction; none of its sentences
+    is ever asked about."""
+
+    def __init__(self, text, separator="\n\n\n", test_fraction=0.1, context_chars=0, category=""):
+        docs = text.split(separator)
+        _, _, held = rule_pairs(docs, category, test_fraction, 0)
+        self.context_chars = context_chars
+        sources = drill_sentences(docs, held, category)
+        self.sources = [src for src in sources if 8 <= len(src[2].split()) <= 40]
+        if not self.sources:
+            raise ValueError("the corpus has no sentence of 8 to 40 words outside the held-out set "
+                             "to draw copy questions from")
+
+    def draw(self, rng):
+        """One fresh pair (split "train"); rng is a numpy Generator, so a seed and step fix it."""
+        while True:                      # a place whose cue occurs twice in its sentence is redrawn
+            where, section, sentence = self.sources[int(rng.integers(len(self.sources)))]
+            key = f"fresh{int(rng.integers(1 << 62))}"
+            found = next_words_question(sentence, key)
+            if found:
+                kind, q, a, c = found[0]
+                return dict(make_pair(where, kind, q, a, c, section, self.context_chars, key), split="train")
 
 
 def other_places(sentence, copies):
@@ -243,10 +288,21 @@ def unanswerable(pairs, share):
 
 def write_qa(data_dir, cfg, model_context):
     """data/<name>/qa.jsonl from the dataset's train.txt (rewritten each time: it is cheap and fixed)."""
-    data_dir = Path(data_dir)
-    meta = json.loads((data_dir / "meta.json").read_text()) if (data_dir / "meta.json").exists() else {}
-    text = (data_dir / "train.txt").read_text(encoding="utf-8")
-    pairs = generate_qa(text, meta.get("doc_separator", "\n\n\n"), "", cfg.max_questions, cfg.test_fraction,
+    text, separator = corpus_text(data_dir)
+    pairs = generate_qa(text, separator, "", cfg.max_questions, cfg.test_fraction,
                         cfg.context_chars or 2 * model_context, cfg.no_answer, cfg.copy_questions)
     lines = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs)
-    return write_text_atomic(data_dir / "qa.jsonl", lines), pairs
+    return write_text_atomic(Path(data_dir) / "qa.jsonl", lines), pairs
+
+
+def fresh_drills(data_dir, cfg, model_context):
+    """The FreshDrills of the dataset's train.txt, held out as write_qa holds out."""
+    text, separator = corpus_text(data_dir)
+    return FreshDrills(text, separator, cfg.test_fraction, cfg.context_chars or 2 * model_context)
+
+
+def corpus_text(data_dir):
+    """(the dataset's train.txt, the separator of its documents from meta.json)."""
+    data_dir = Path(data_dir)
+    meta = json.loads((data_dir / "meta.json").read_text()) if (data_dir / "meta.json").exists() else {}
+    return (data_dir / "train.txt").read_text(encoding="utf-8"), meta.get("doc_separator", "\n\n\n")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from spikelib.finetune_io import normalize
-from spikelib.qa_data import generate_qa
+from spikelib.qa_data import FreshDrills, generate_qa, sentences
 from spikelib.stages import load_stage
 
 F = load_stage("6_finetune")
@@ -82,6 +82,29 @@ def test_copy_drills_add_training_questions_and_keep_the_held_out_set():
     assert all(p["context"] in q["context"] for p, q in zip(answerable, wide))
     widened = [len(q["context"]) > len(p["context"]) + 40 for p, q in zip(answerable, wide)]
     assert sum(widened) > len(answerable) / 2
+
+
+def test_fresh_drills_are_new_copy_questions_never_about_a_held_out_sentence():
+    """FreshDrills: every pair a 'What follows' question whose cue and answer follow each other in
+    its context; the draws of one seed repeat, and 400 of them hold far more questions than the
+    fixed drills of copies=4; no cue or answer is ever taken from a sentence of a held-out question."""
+    fixed = generate_qa(DRILLS, test_fraction=0.3, copies=4)
+    held = {p["context"] for p in generate_qa(DRILLS, test_fraction=0.3) if p["split"] == "test"}
+    free = [t for para in DRILLS.split("\n\n") for t in sentences(para) if t not in held]
+    assert held and free
+    drills = FreshDrills(DRILLS, test_fraction=0.3, context_chars=150)
+    draws = [drills.draw(np.random.default_rng(1)) for _ in range(2)]
+    assert draws[0] == draws[1]
+    rng = np.random.default_rng(0)
+    fresh = [drills.draw(rng) for _ in range(400)]
+    assert {(p["kind"], p["split"]) for p in fresh} == {("next", "train")}
+    for p in fresh:
+        cue = p["question"].removeprefix('What follows "').removesuffix('"?')
+        assert f"{cue} {p['answer']}" in p["context"], p
+        assert any(f"{cue} {p['answer']}" in t for t in free), p              # not a held-out sentence
+    questions = {p["question"] for p in fresh}
+    assert len(questions) > 1.5 * len({p["question"] for p in fixed if p["kind"] == "next"})
+    assert len({p["context"] for p in fresh}) > len(questions)              # one question, other offsets
 
 
 def test_no_answer_is_eos_at_once():
@@ -216,6 +239,31 @@ def test_undecided_model_is_pushed_to_the_no_answer_share_not_to_empty_answers()
         dlogits = F.masked_cross_entropy(logits, y, mask)[1]
         g = sum(dlogits[b, t, tok.eos_id] for b, t in enumerate(first))
         assert (g == pytest.approx(0, abs=1e-9)) if sign == 0 else g > 1e-3, (p_eos, g)
+
+
+def test_fresh_pairs_take_their_share_of_each_batch(tiny):
+    """--fresh_copies 0.5 at batch 4: each step's batch is 2 pairs of the training set, then 2 drawn
+    by `fresh` from that step's generator, then the replay windows; at 0 the batch is as before."""
+    tok, mcfg, corpus, examples = tiny
+    seen = []
+
+    def grad_fn(params, x, y, mask):
+        seen.append(x[:, 0].copy())
+        return 1.0, {n: np.zeros_like(v) for n, v in params.items()}
+
+    def fresh(rng):
+        return [int(rng.integers(200, 250))], [7]
+    cfg = F.FinetuneConfig(method="full", max_steps=3, batch_size=4, replay=0.5, fresh_copies=0.5)
+    F.finetune(S3.init_params(mcfg, 0), mcfg, cfg, examples, grad_fn, False, corpus, fresh)
+    for step, first in enumerate(seen):
+        pick = S3.batch_rng(0, step).integers(0, len(examples), 2)
+        drawn = S3.batch_rng(2, step).integers(200, 250, 2)
+        windows = F.replay_windows(corpus, 2, mcfg.context, S3.batch_rng(1, step))
+        assert list(first) == [examples[i][0][0] for i in pick] + list(drawn) + [w[0] for w, _ in windows]
+    seen.clear()
+    F.finetune(S3.init_params(mcfg, 0), mcfg, F.FinetuneConfig(method="full", max_steps=1, batch_size=4),
+               examples, grad_fn, False, None, fresh)
+    assert list(seen[0]) == [examples[i][0][0] for i in S3.batch_rng(0, 0).integers(0, len(examples), 4)]
 
 
 def test_lora_with_replay_leaves_the_base_bit_identical(tiny):
