@@ -241,21 +241,35 @@ class FreshDrills:
     """'What follows' questions drawn anew for every batch: a random sentence of drill_sentences,
     a random place in it, a random share of the widened context before it. About 50 places x the
     context's many offsets per sentence: a model cannot learn them by heart, only learn to copy.
-    The held-out set is generate_qa's with the same text and test_fraction; none of its sentences
-    is ever asked about."""
+    A no_answer share is asked of another article's context instead (answer NO_ANSWER), as in
+    generate_qa. The held-out set is generate_qa's with the same text and test_fraction; none of
+    its sentences is ever asked about."""
 
-    def __init__(self, text, separator="\n\n\n", test_fraction=0.1, context_chars=0, category=""):
+    def __init__(self, text, separator="\n\n\n", test_fraction=0.1, context_chars=0, no_answer=0.0,
+                 category=""):
         docs = text.split(separator)
         _, _, held = rule_pairs(docs, category, test_fraction, 0)
-        self.context_chars = context_chars
+        self.context_chars, self.no_answer = context_chars, no_answer
         sources = drill_sentences(docs, held, category)
         self.sources = [src for src in sources if 8 <= len(src[2].split()) <= 40]
-        if not self.sources:
-            raise ValueError("the corpus has no sentence of 8 to 40 words outside the held-out set "
-                             "to draw copy questions from")
+        if len({where[1] for where, _, _ in self.sources}) < 2:
+            raise ValueError("the corpus has no sentences of 8 to 40 words outside the held-out set "
+                             "in two articles or more to draw copy questions from")
 
     def draw(self, rng):
         """One fresh pair (split "train"); rng is a numpy Generator, so a seed and step fix it."""
+        pair = self.copy_question(rng)
+        if rng.random() >= self.no_answer:
+            return pair
+        for _ in range(20):              # the context of a place in another article, without the answer
+            other = self.copy_question(rng)
+            elsewhere = other["article"] != pair["article"]
+            if elsewhere and normalize(pair["answer"]) not in normalize(other["context"]):
+                return dict(pair, answer=NO_ANSWER, context=other["context"], kind="none", is_impossible=True)
+        return pair
+
+    def copy_question(self, rng):
+        """A 'What follows' pair at a random place of a random sentence, its context widened."""
         while True:                      # a place whose cue occurs twice in its sentence is redrawn
             where, section, sentence = self.sources[int(rng.integers(len(self.sources)))]
             key = f"fresh{int(rng.integers(1 << 62))}"
@@ -298,7 +312,8 @@ def write_qa(data_dir, cfg, model_context):
 def fresh_drills(data_dir, cfg, model_context):
     """The FreshDrills of the dataset's train.txt, held out as write_qa holds out."""
     text, separator = corpus_text(data_dir)
-    return FreshDrills(text, separator, cfg.test_fraction, cfg.context_chars or 2 * model_context)
+    chars = cfg.context_chars or 2 * model_context
+    return FreshDrills(text, separator, cfg.test_fraction, chars, cfg.no_answer)
 
 
 def corpus_text(data_dir):

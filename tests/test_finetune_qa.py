@@ -2,6 +2,7 @@
 the SQuAD JSON reader, SQuAD 2.0 scoring, replay batches against a per-sequence reference, and
 LoRA leaving the base bit-identical."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -86,25 +87,31 @@ def test_copy_drills_add_training_questions_and_keep_the_held_out_set():
 
 def test_fresh_drills_are_new_copy_questions_never_about_a_held_out_sentence():
     """FreshDrills: every pair a 'What follows' question whose cue and answer follow each other in
-    its context; the draws of one seed repeat, and 400 of them hold far more questions than the
-    fixed drills of copies=4; no cue or answer is ever taken from a sentence of a held-out question."""
+    its context, or (a no_answer share) the same question of another article's context with no
+    answer; the draws of one seed repeat, and 400 of them hold far more questions than the fixed
+    drills of copies=4; no cue or answer is ever taken from a sentence of a held-out question."""
     fixed = generate_qa(DRILLS, test_fraction=0.3, copies=4)
     held = {p["context"] for p in generate_qa(DRILLS, test_fraction=0.3) if p["split"] == "test"}
     free = [t for para in DRILLS.split("\n\n") for t in sentences(para) if t not in held]
     assert held and free
-    drills = FreshDrills(DRILLS, test_fraction=0.3, context_chars=150)
+    drills = FreshDrills(DRILLS, test_fraction=0.3, context_chars=150, no_answer=0.3)
     draws = [drills.draw(np.random.default_rng(1)) for _ in range(2)]
     assert draws[0] == draws[1]
     rng = np.random.default_rng(0)
     fresh = [drills.draw(rng) for _ in range(400)]
-    assert {(p["kind"], p["split"]) for p in fresh} == {("next", "train")}
-    for p in fresh:
+    answerable = [p for p in fresh if p["kind"] == "next"]
+    none = [p for p in fresh if p["kind"] == "none"]
+    assert {p["split"] for p in fresh} == {"train"} and len(answerable) + len(none) == 400
+    assert 0.2 < len(none) / 400 < 0.4
+    for p in answerable:
         cue = p["question"].removeprefix('What follows "').removesuffix('"?')
         assert f"{cue} {p['answer']}" in p["context"], p
         assert any(f"{cue} {p['answer']}" in t for t in free), p              # not a held-out sentence
-    questions = {p["question"] for p in fresh}
+    for p in none:                                     # "Module mA": the context holds no word of mA
+        assert p["answer"] == "" and p["article"][-1] not in "".join(re.findall(r"\bm(\d)\b", p["context"]))
+    questions = {p["question"] for p in answerable}
     assert len(questions) > 1.5 * len({p["question"] for p in fixed if p["kind"] == "next"})
-    assert len({p["context"] for p in fresh}) > len(questions)              # one question, other offsets
+    assert len({p["context"] for p in answerable}) > len(questions)        # one question, other offsets
 
 
 def test_no_answer_is_eos_at_once():
