@@ -282,7 +282,9 @@ class Attention(nn.Module):
         linear = cfg.attention == "linear"
         decay = (cfg.decay_start, cfg.decay_step)
         qkv = [running_mean(a, cfg.rate_coding).reshape(T * B, L, H, dh) for a in (q, k, v)]  # (TB,L,H,dh)
-        fused = run.kernels == "triton" and dh >= 16 and dh == triton.next_power_of_2(dh)
+        # Triton: heads of 16 to 64 channels (a power of two). A dh x dh fp32 state and the chunk's
+        # tiles of a 128-channel head ask 352 KB of shared memory, more than an H200's 227 KB.
+        fused = run.kernels == "triton" and 16 <= dh <= 64 and dh == triton.next_power_of_2(dh)
         fused = fused and not cfg.rate_coding            # rates are reals: the torch path, in fp32
         if fused and state is None:                                             # training form
             y = attention_triton(*qkv, linear, run.chunk, decay)
