@@ -590,6 +590,7 @@ def fresh_pairs(cfg, data_dir, mcfg, tok, max_len):
                 return prompt, answer
         raise ValueError(f"100 fresh copy questions in a row are longer than max_len={max_len} tokens; "
                          "raise --max_len or lower --context_chars")
+    draw(np.random.default_rng(cfg.seed))          # a setting that cannot work fails before training
     return draw
 
 

@@ -151,7 +151,8 @@ def main(argv=None):
 
 def write_tables(args, rows):
     head = (f"stage 6 on {args.data}, base {args.base}, {args.max_steps} steps of {args.batch_size} pairs "
-            f"each, replay {args.replay}, backend {args.backend}; {hardware()}")
+            f"each, replay {args.replay}, fresh copies {args.fresh_copies}, context_chars "
+            f"{args.context_chars}, backend {args.backend}; {hardware()}")
     text = f"{head}\n\n{F.print_table(rows)}\n\n{qa_table(rows)}\n"
     print("\n" + text)
     if args.out:

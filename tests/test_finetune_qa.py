@@ -114,6 +114,19 @@ def test_fresh_drills_are_new_copy_questions_never_about_a_held_out_sentence():
     assert len({p["context"] for p in answerable}) > len(questions)        # one question, other offsets
 
 
+def test_fresh_pairs_fit_max_len_or_fail_before_training(tmp_path):
+    """stage 6's fresh_pairs: every draw fits max_len; a max_len no draw fits is a ValueError when
+    it is built, before any training step."""
+    (tmp_path / "train.txt").write_text(DRILLS, encoding="utf-8")
+    tok, mcfg = TK.Tokenizer([]), S3.make_configs("tiny")[0]
+    cfg = F.FinetuneConfig(fresh_copies=0.5, context_chars=150, test_fraction=0.3)
+    draw = F.fresh_pairs(cfg, tmp_path, mcfg, tok, max_len=400)
+    rng = np.random.default_rng(0)
+    assert all(len(p) + len(a) <= 400 for p, a in (draw(rng) for _ in range(50)))
+    with pytest.raises(ValueError, match="longer than max_len=20"):
+        F.fresh_pairs(cfg, tmp_path, mcfg, tok, max_len=20)
+
+
 def test_no_answer_is_eos_at_once():
     tok = TK.Tokenizer([])
     prompt, answer = F.encode_pair(tok, {"question": "Q?", "answer": "", "context": "C."})
