@@ -646,6 +646,10 @@ def run(cfg, progress=True):
     n_trained = sum(p.size for p in trainable.values())
     decoded = {d: score(tuned, test, d) for d in DECODINGS}
     after, free = decoded[cfg.decode], decoded["free"]
+    # The answerable held-out questions without their contexts: what is recalled (generated
+    # questions come from the pretraining corpus), not read. Free decoding: there is no span.
+    blind = [dict(p, context="") for p in test if p["answer"]]
+    blind_em = score(tuned, blind, "free")["em"] if blind else 0.0
     keep = ("em", "f1", "em_se", "em_has", "f1_has", "n_has", "em_none", "f1_none", "n_none")
     result = {"method": cfg.method, "backend": cfg.backend, "trained": int(n_trained),
               "fraction": n_trained / n_total, "seconds": seconds, "steps": cfg.max_steps,
@@ -653,6 +657,7 @@ def run(cfg, progress=True):
               "loss_first": losses[0], "loss_last": float(np.mean(losses[-10:])), "decode": cfg.decode,
               "em_before": before["em"], "em_test": after["em"], "f1_test": after["f1"],
               "em_test_free": free["em"], "f1_test_free": free["f1"],
+              "em_blind": blind_em, "n_blind": len(blind),
               "em_train": score(tuned, train_eval)["em"], "n_test": after["n"],
               "bpc_before": bpc_before, "bpc_after": bpc(tuned),
               "output": str(saved), "em_by_kind": matches_by_kind(test, after["answers"]),

@@ -57,6 +57,9 @@ def print_result(result, test, answers):
     print(f"held-out exact matches by kind: {kinds}")
     for p, a in list(zip(test, answers))[:5]:
         print(f"  Q: {p['question']}\n     gold: {p['answer']!r}  model: {a!r}")
+    if result["n_blind"]:
+        print(f"without their contexts, {100 * result['em_blind']:.1f}% of the {result['n_blind']} "
+              "answerable held-out questions are answered (free decoding): recalled, not read")
     print(print_table([result]))
     print(qa_table([result]))
     print(f"saved {result['output']}")
