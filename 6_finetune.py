@@ -336,8 +336,9 @@ def finetune(params, mcfg, cfg, train_examples, grad_fn, progress=True, corpus=N
         n_fresh = round(cfg.fresh_copies * cfg.batch_size) if fresh else 0
         pick = S3.batch_rng(cfg.seed, step).integers(0, len(train_examples), cfg.batch_size - n_fresh)
         batch = [train_examples[i] for i in pick]
-        drill_rng = S3.batch_rng(cfg.seed + 2, step)
-        batch += [fresh(drill_rng) for _ in range(n_fresh)]
+        if n_fresh:
+            drill_rng = S3.batch_rng(cfg.seed + 2, step)
+            batch += [fresh(drill_rng) for _ in range(n_fresh)]
         n_win = round(cfg.replay * cfg.batch_size) if corpus is not None else 0
         if n_win:
             batch += replay_windows(corpus, n_win, mcfg.context, S3.batch_rng(cfg.seed + 1, step))
@@ -646,9 +647,9 @@ def run(cfg, progress=True):
     n_trained = sum(p.size for p in trainable.values())
     decoded = {d: score(tuned, test, d) for d in DECODINGS}
     after, free = decoded[cfg.decode], decoded["free"]
-    # The answerable held-out questions without their contexts: what is recalled (generated
-    # questions come from the pretraining corpus), not read. Free decoding: there is no span.
-    blind = [dict(p, context="") for p in test if p["answer"]]
+    # The answerable held-out questions that have a context, without it: what is recalled
+    # (generated questions come from the pretraining corpus), not read. Free decoding: no span.
+    blind = [dict(p, context="") for p in test if p["answer"] and p.get("context")]
     blind_em = score(tuned, blind, "free")["em"] if blind else 0.0
     keep = ("em", "f1", "em_se", "em_has", "f1_has", "n_has", "em_none", "f1_none", "n_none")
     result = {"method": cfg.method, "backend": cfg.backend, "trained": int(n_trained),

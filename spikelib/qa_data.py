@@ -109,8 +109,7 @@ def questions_from_paragraph(title, para, starts_with_title):
 def next_words_question(sentence, k=0):
     """A copy question any text gives: 'What follows "three words"?' -> the next two words. The
     place in the sentence is fixed by its hash (k != 0, a number or a string: another place, by the
-    hash of k too); the cue
-    must occur once, so the answer is one span."""
+    hash of k too); the cue must occur once, so the answer is one span."""
     words = sentence.split()
     if not 8 <= len(words) <= 40:
         return []

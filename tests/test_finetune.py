@@ -374,13 +374,15 @@ def test_cli_help_and_missing_base(tmp_path, capsys):
 
 def test_run_scores_answerable_held_out_questions_without_their_contexts(tmp_path, monkeypatch):
     """After fine-tuning, run scores the answerable held-out questions once more with their contexts
-    removed and free decoding (what the model recalls rather than reads); the row keeps that EM."""
+    removed and free decoding (what the model recalls rather than reads); the row keeps that EM.
+    Questions that had no context are left out (their free score is already that)."""
     base = tiny_base(tmp_path)
     qa = tmp_path / "qa.jsonl"
     rows = [{"question": q, "answer": a, "context": f"Note: {a} here.",
              "split": "test" if i % 3 == 0 else "train"} for i, (q, a) in enumerate(QA)]
     rows.append({"question": "Moon color?", "answer": "", "is_impossible": True, "context": "No moon.",
                  "split": "test"})
+    rows.append({"question": "Sun color?", "answer": "yellow", "split": "test"})      # no context: not scored
     qa.write_text("".join(json.dumps(row) + "\n" for row in rows))
     calls, real = [], F.qa_scores
 
@@ -391,7 +393,7 @@ def test_run_scores_answerable_held_out_questions_without_their_contexts(tmp_pat
     cfg = F.FinetuneConfig(base=str(base), out_dir=str(tmp_path / "out"), qa=str(qa), max_steps=2,
                            batch_size=2, max_answer_tokens=3, eval_tokens=256)
     row = F.run(cfg, progress=False)
-    held = [r for r in rows if r["split"] == "test" and r["answer"]]
+    held = [r for r in rows if r["split"] == "test" and r["answer"] and r.get("context")]
     blind = [(pairs, decode) for pairs, decode in calls if all(p["context"] == "" for p in pairs)]
     assert len(blind) == 1 and blind[0][1] == "free"
     assert sorted(p["question"] for p in blind[0][0]) == sorted(r["question"] for r in held)
