@@ -52,7 +52,7 @@ S3 = load_stage("3_spike_llm_numpy")      # the reference model, optimizer, chec
 METHODS = ("full", "freeze", "lora")
 BACKENDS = ("numpy", "mlx", "triton")
 DECODINGS = ("span", "free")
-PROMPT_ORDERS = ("question_first", "context_first")
+PROMPT_ORDERS = ("question_first", "context_first", "question_twice")
 LORA_SITES = {w: f"attn.{w}" for w in ("wq", "wk", "wv", "wo")} | {w: f"mlp.{w}" for w in ("w1", "w2")}
 
 
@@ -87,6 +87,7 @@ class FinetuneConfig:
     fresh_copies: float = 0.0      # share of each batch that is "What follows" questions drawn anew every
                                    # step (FreshDrills; generated pairs only): nothing to learn by heart
     prompt_order: str = "question_first"   # question_first: <q> question \n context <a> | context_first
+                                           # | question_twice: <q> question \n context \n question <a>
     replay: float = 0.0            # corpus windows per Q&A pair in a batch (next-token loss): keeps the LM
     eval_questions: int = 400      # held-out questions scored (a fixed subset)
     max_answer_tokens: int = 24    # greedy decoding stops here if <eos> does not come first
@@ -153,10 +154,13 @@ def resolved_lr(cfg):
 
 
 def prompt_ids(tok, question, context="", order="question_first"):
-    """<q> question \\n context <a> (question_first) or <q> context \\n question <a>; the model writes
-    the answer, then <eos>, or <eos> at once for no answer. A recurrent model reads its prompt once,
-    left to right: told the question first, it knows what to keep while it reads the context."""
-    parts = (question, context) if order == "question_first" else (context, question)
+    """<q> question \\n context <a> (question_first), <q> context \\n question <a> (context_first) or
+    <q> question \\n context \\n question <a> (question_twice); the model writes the answer, then <eos>,
+    or <eos> at once for no answer. A recurrent model reads its prompt once, left to right: told the
+    question first, it knows what to keep while it reads the context; asked again at the end, the
+    question sits next to the answer it cues."""
+    parts = {"question_first": (question, context), "context_first": (context, question),
+             "question_twice": (question, context, question) if context else (question,)}[order]
     text = "\n".join(t for t in parts if t)
     return [tok.token_id("<q>")] + tok.encode(text) + [tok.token_id("<a>")]
 

@@ -109,8 +109,9 @@ def main(argv=None):
                     help="stage 6's --backend: the model that gives gradients and scores the answers")
     ap.add_argument("--context_chars", type=int, default=0,
                     help="stage 6's --context_chars for the generated pairs (0 = 2 x the model's context)")
-    ap.add_argument("--prompt_order", default="question_first", choices=["question_first", "context_first"],
-                    help="stage 6's --prompt_order: <q> question \\n context <a>, or the context first")
+    ap.add_argument("--prompt_order", default="question_first", choices=list(F.PROMPT_ORDERS),
+                    help="stage 6's --prompt_order: <q> question \\n context <a>, the context first, or the "
+                         "question before and after the context")
     ap.add_argument("--copy_questions", type=int, default=1,
                     help="stage 6's --copy_questions: \"What follows\" questions per sentence (past the "
                          "first: training only, from sentences without a held-out question)")

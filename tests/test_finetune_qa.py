@@ -133,6 +133,8 @@ def test_no_answer_is_eos_at_once():
     assert answer == [tok.eos_id] and prompt[0] == tok.token_id("<q>") and prompt[-1] == tok.token_id("<a>")
     assert tok.decode(prompt[1:-1]) == "Q?\nC."                                    # question first
     assert tok.decode(F.prompt_ids(tok, "Q?", "C.", "context_first")[1:-1]) == "C.\nQ?"
+    assert tok.decode(F.prompt_ids(tok, "Q?", "C.", "question_twice")[1:-1]) == "Q?\nC.\nQ?"
+    assert tok.decode(F.prompt_ids(tok, "Q?", "", "question_twice")[1:-1]) == "Q?"     # no context: once
 
 # ----------------------------------------------------------------------------- SQuAD files
 
