@@ -3,9 +3,10 @@ with every method (corpus replay in the batches) and write exact match / F1 with
 decoding, answerable and unanswerable questions apart, and the corpus BPC before and after.
 
     python benchmarks/bench_finetune.py                                  # numpy everywhere (slow on 2 cores)
-    python benchmarks/bench_finetune.py --pretrain triton --backend triton --pretrain_steps 6000 \
-        --pretrain_batch 64 --pretrain_minutes 4 --pretrain_context 256 --max_steps 1500 \
-        --methods full,lora:8 --replay 0.5 --out qa_results.md           # the targets, one H200
+    python benchmarks/bench_finetune.py --pretrain triton --backend triton --pretrain_steps 1500 \
+        --pretrain_batch 64 --pretrain_context 256 --pretrain_decay_step 2.33 --pretrain_token_shift 1 \
+        --pretrain_set neuron=ternary --batch_size 64 --replay 0.5 --fresh_copies 0.5 \
+        --context_chars 128 --methods full --max_steps 4000 --out qa_results.md   # the best, one H200
     python benchmarks/bench_finetune.py --base out/numpy/ckpt.npz --max_steps 200
 """
 import argparse
