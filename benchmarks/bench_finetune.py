@@ -58,7 +58,7 @@ def method_configs(args):
         cfg = F.FinetuneConfig(base=args.base, out_dir=f"{args.out_dir}/{spec.replace(':', '_r')}",
                                method=method, backend=args.backend, max_steps=args.max_steps,
                                batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
-                               replay=args.replay, eval_questions=args.eval_questions,
+                               replay=args.replay, eval_questions=args.eval_questions, seed=args.seed,
                                prompt_order=args.prompt_order, context_chars=args.context_chars,
                                copy_questions=args.copy_questions, fresh_copies=args.fresh_copies)
         configs.append((spec, replace(cfg, lora_rank=int(rank), lora_alpha=2.0 * int(rank)) if rank else cfg))
@@ -126,6 +126,8 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=0.0, help="0 = each method's default")
     ap.add_argument("--replay", type=float, default=0.5, help="corpus windows per Q&A pair in each batch")
     ap.add_argument("--eval_questions", type=int, default=400, help="held-out questions scored")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="stage 6's --seed: the order of the batches, the fresh questions and LoRA's start")
     ap.add_argument("--out", default="", help="also write the markdown tables to this file")
     ap.add_argument("--out_dir", default="out/bench_finetune", help="outputs of each method: OUT_DIR/METHOD")
     args = ap.parse_args(argv)
