@@ -76,7 +76,7 @@ class FinetuneConfig:
     weight_decay: float = 0.0      # AdamW decoupled weight decay on matrices
     grad_clip: float = 1.0         # clip the global gradient norm to this
     layer_lr_decay: float = 1.0    # < 1: lower learning rates for layers nearer the input
-    seed: int = 0                  # LoRA initialization and the order of the batches
+    seed: int = 0                  # LoRA initialization, the batches, fresh questions, replay windows
     max_len: int = 0               # longest prompt + answer in tokens (longer: skipped); 0 = max(128, ctx)
     max_questions: int = 20000     # generator: at most this many answerable pairs (a spread-out subset)
     test_fraction: float = 0.1     # generator: share of questions held out
