@@ -6,6 +6,11 @@ Each sequence is n key-value pairs, an optional gap of filler tokens, then q que
 
     k1 v1 k2 v2 ... kn vn | f f ... f (gap) | ki vi  kj vj ...   (keys of the queries: stored ones)
 
+or, with --query_first 1 (stage 6's question first), the queried keys before the pairs and a cue
+token c (the first filler id) where each key stood:
+
+    ki kj ... | k1 v1 k2 v2 ... kn vn | f f ... f (gap) | c vi  c vj ...
+
 Keys are distinct within a sequence, values uniform; keys, values and fillers use three disjoint
 ranges of token ids, so the vocabulary is KEYS + VALUES + FILLERS (every sequence has the same
 length: nothing is padded). The loss and the accuracy count only the positions whose next token is
@@ -60,10 +65,12 @@ def token_ranges(keys, values, fillers):
     return range(0, keys), range(keys, keys + values), range(keys + values, keys + values + fillers)
 
 
-def make_batch(rng, batch, pairs, queries, gap, keys, values, fillers, sep=0):
+def make_batch(rng, batch, pairs, queries, gap, keys, values, fillers, sep=0, query_first=False):
     """(x, y, mask), each (batch, L) with L = 2 pairs + gap + (2 + sep) queries - 1: x the tokens, y the
     next tokens, mask 1 where y is the value of a queried key (at the query key itself, or at the last
-    of the sep separator tokens that follow it: the first filler id)."""
+    of the sep separator tokens that follow it: the first filler id). query_first: the queried keys
+    open the sequence (L grows by queries) and a cue token, the first filler id, stands for each key
+    at the end: the model is told what to look for before it reads the pairs."""
     key_ids, value_ids, filler_ids = token_ranges(keys, values, fillers)
     k = np.stack([rng.choice(keys, pairs, replace=False) for _ in range(batch)]) + key_ids.start  # (B, n)
     v = rng.integers(value_ids.start, value_ids.stop, (batch, pairs))                             # (B, n)
@@ -73,10 +80,13 @@ def make_batch(rng, batch, pairs, queries, gap, keys, values, fillers, sep=0):
     rows = np.arange(batch)[:, None]
     stored = np.stack([k, v], axis=2).reshape(batch, 2 * pairs)                      # k1 v1 k2 v2 ...
     seps = np.full((batch, queries, sep), filler_ids.start)                          # (B, q, sep)
-    asked = np.concatenate([k[rows, pick][..., None], seps, v[rows, pick][..., None]], axis=2)
-    seq = np.concatenate([stored, f, asked.reshape(batch, -1)], axis=1)              # (B, L + 1)
+    first = k[rows, pick] if query_first else k[:, :0]                              # (B, q) or (B, 0)
+    cue = np.full_like(first, filler_ids.start) if query_first else k[rows, pick]    # (B, q)
+    asked = np.concatenate([cue[..., None], seps, v[rows, pick][..., None]], axis=2)
+    seq = np.concatenate([first, stored, f, asked.reshape(batch, -1)], axis=1)       # (B, L + 1)
     mask = np.zeros(seq.shape, np.float32)
-    mask[:, 2 * pairs + gap + 1 + sep::2 + sep] = 1.0     # the queried values' positions in seq...
+    start = first.shape[1] + 2 * pairs + gap + 1 + sep
+    mask[:, start::2 + sep] = 1.0                         # the queried values' positions in seq...
     return seq[:, :-1], seq[:, 1:], mask[:, 1:]           # ...are the targets of the tokens before them
 
 
@@ -112,8 +122,8 @@ def run_row(args, model_name, pairs, gap, decay_step):
     """Train one model on the task and score it on held-out sequences; returns the row's dict."""
     queries = args.queries or pairs
     task = dict(pairs=pairs, queries=queries, gap=gap, keys=args.keys, values=args.values,
-                fillers=args.fillers, sep=args.query_sep)
-    length = 2 * pairs + gap + (2 + args.query_sep) * queries - 1
+                fillers=args.fillers, sep=args.query_sep, query_first=args.query_first)
+    length = 2 * pairs + gap + (2 + args.query_sep + args.query_first) * queries - 1
     mcfg = S3.make_configs(args.preset, **dict(args.set, **MODELS[model_name], decay_step=decay_step,
                                                vocab_size=args.keys + args.values + args.fillers,
                                                context=args.context))[0]
@@ -180,6 +190,9 @@ def parse_args(argv=None):
                     help="separator tokens between a queried key and its value (0: the value follows "
                          "the key, as in the stored pairs; stage 6's '?' and <a> stand so between a cue "
                          "and its answer)")
+    ap.add_argument("--query_first", type=int, default=0, choices=(0, 1),
+                    help="1: the queried keys come before the pairs and a cue token stands for each at the "
+                         "end (stage 6's --prompt_order question_first)")
     ap.add_argument("--preset", default="small", choices=list(S3.PRESETS), help="stage 3 model preset")
     ap.add_argument("--set", type=field_setting(S3.ModelConfig), action="append", default=[],
                     metavar="NAME=VALUE",
@@ -218,7 +231,7 @@ def check_args(args):
         return "--pairs must be >= 1, --gap, --queries and --query_sep >= 0, --decay_step > 0"
     if max(args.pairs) > args.keys:
         return f"--pairs {max(args.pairs)} is more than the {args.keys} keys (keys are distinct per sequence)"
-    asked = 2 + args.query_sep                     # tokens per query: the key, the separators, the value
+    asked = 2 + args.query_sep + args.query_first  # tokens per query: key (and cue), separators, value
     longest = max(2 * p + g + asked * (args.queries or p) - 1 for p in args.pairs for g in args.gap)
     if longest > args.context:
         return f"sequences of {longest} tokens are longer than --context {args.context}"
@@ -237,8 +250,9 @@ def table(args, rows):
         machine = f"GPU {gpu_model()}, " + machine
     lines = [f"MQAR on stage 5's `{args.preset}` model, batch {args.batch}, lr {args.lr}, "
              f"{args.keys} keys, {args.values} values, {args.fillers} fillers, queries "
-             f"{args.queries or 'as many as pairs'}, {args.query_sep} separators between a queried key and "
-             f"its value, training sequences {args.train_seqs or 'fresh every step'}, "
+             f"{args.queries or 'as many as pairs'}{', asked before the pairs' if args.query_first else ''}, "
+             f"{args.query_sep} separators between a queried key and its value, "
+             f"training sequences {args.train_seqs or 'fresh every step'}, "
              f"{args.eval_seqs} held-out sequences; "
              f"chance = 1/{args.values} = {1 / args.values:.3f} (the stored values without their keys: "
              f"about 1/pairs); {machine}"

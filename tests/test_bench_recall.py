@@ -61,6 +61,21 @@ def test_separated_queries_ask_for_the_value_after_their_separators():
             assert xs[pos] == xs[pos - 1] == sep and ys[pos] == table[xs[pos - 2]]
 
 
+def test_keys_asked_first_are_answered_in_their_order_after_a_cue():
+    """--query_first 1: the q keys open the sequence, the pairs follow, and the i-th scored input is
+    the cue token whose target is the value stored with the i-th key asked."""
+    x, y, mask = R.make_batch(np.random.default_rng(6), 16, **dict(TASK, query_first=True))
+    n, q, gap = TASK["pairs"], TASK["queries"], TASK["gap"]
+    assert x.shape == (16, q + 2 * n + gap + 2 * q - 1) and mask.sum() == 16 * q
+    cue = R.token_ranges(TASK["keys"], TASK["values"], TASK["fillers"])[2].start
+    for xs, ys, ms in zip(x, y, mask):
+        seq = np.append(xs, ys[-1])
+        table = stored_pairs(seq[q:], n)
+        scored = np.flatnonzero(ms)
+        assert all(xs[pos] == cue for pos in scored)
+        assert [ys[pos] for pos in scored] == [table[k] for k in seq[:q]]
+
+
 def test_queries_are_spread_over_the_stored_keys():
     x, _, mask = R.make_batch(np.random.default_rng(4), 16, pairs=5, queries=5, gap=0, keys=8,
                               values=8, fillers=1)
