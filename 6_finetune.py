@@ -9,7 +9,8 @@ questions whose answer is a span of a short context from its own corpus.
        --copy_questions N - 1 more copy questions per sentence for training, --fresh_copies a share
        of each batch drawn anew every step (nothing to learn by heart); or --qa FILE of your own.
     2. Prompts use the tokenizer's role tokens, <q> question \n context <a> answer <eos> (or context
-       first); the loss is the cross-entropy of the answer tokens (and <eos>) only.
+       first, or the question before and after it); the loss is the cross-entropy of the answer
+       tokens (and <eos>) only.
     3. Methods: full, freeze (embedding and the first k blocks fixed), lora (W + s B A on the
        projections, s = alpha / r: dB = s dW A^T, dA = s B^T dW, from any backend's dW).
     4. Backends (numpy, mlx, triton) only return gradients; the AdamW update is stage 3's. Answers and
@@ -132,6 +133,7 @@ NUMBER_OPTIONS = {
     "max_questions": (at_least(1), ">= 1"), "context_chars": (at_least(0), ">= 0 (0 = 2 x the context)"),
     "no_answer": (lambda v: 0 <= v <= 1, "in [0, 1]"), "copy_questions": (at_least(1), ">= 1"),
     "replay": (at_least(0), ">= 0"), "fresh_copies": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "seed": (at_least(0), ">= 0 (numpy's generators take no negative seed)"),
     "test_fraction": (lambda v: 0 <= v <= 1, "in [0, 1]"), "eval_questions": (at_least(1), ">= 1"),
     "max_answer_tokens": (at_least(1), ">= 1"), "eval_tokens": (at_least(0), ">= 0"),
 }

@@ -269,13 +269,15 @@ class FreshDrills:
 
     def copy_question(self, rng):
         """A 'What follows' pair at a random place of a random sentence, its context widened."""
-        while True:                      # a place whose cue occurs twice in its sentence is redrawn
+        for _ in range(1000):            # a place whose cue occurs twice in its sentence is redrawn
             where, section, sentence = self.sources[int(rng.integers(len(self.sources)))]
             key = f"fresh{int(rng.integers(1 << 62))}"
             found = next_words_question(sentence, key)
             if found:
                 kind, q, a, c = found[0]
                 return dict(make_pair(where, kind, q, a, c, section, self.context_chars, key), split="train")
+        raise ValueError("1000 random places of the corpus gave no copy question (each cue must occur "
+                         "once in its sentence, without quotes, before a word)")
 
 
 def other_places(sentence, copies):

@@ -110,6 +110,7 @@ CASES = [
     case("6-method", "6_finetune", B6 + "--method bogus", "--method must be one of full, freeze, lora", True),
     case("6-fresh-copies", "6_finetune", B6 + "--fresh_copies 2", "--fresh_copies must be in [0, 1], got 2.0",
          True),
+    case("6-negative-seed", "6_finetune", B6 + "--seed -1", "--seed must be >= 0", True),
     case("6-fresh-copies-qa", "6_finetune", B6 + "--fresh_copies 0.5 --qa {w}/latin_qa.jsonl",
          "--fresh_copies draws questions from the base's corpus", True),
     case("6-latin1-qa", "6_finetune", B6 + "--qa {w}/latin_qa.jsonl", "latin_qa.jsonl: not UTF-8", True),

@@ -51,6 +51,7 @@ def test_the_presets_learning_rate_by_default(calls):
     (["--pretrain_set", "d_model=abc"], "d_model must be a whole number"),
     (["--pretrain_steps", "0"], "the base to pretrain (--preset, --pretrain_*): --max_steps"),
     (["--batch_size", "0"], "batch_size"),
+    (["--seed", "-1"], "--seed must be >= 0"),
 ])
 def test_bad_option_is_one_line_before_any_work(argv, words, calls, capsys):
     with pytest.raises(SystemExit) as stop:

@@ -114,6 +114,16 @@ def test_fresh_drills_are_new_copy_questions_never_about_a_held_out_sentence():
     assert len({p["context"] for p in answerable}) > len(questions)        # one question, other offsets
 
 
+def test_fresh_drills_that_find_no_question_say_so_instead_of_searching_forever():
+    """Sentences of 8 to 40 words whose every cue holds a quote give no copy question: draw is a
+    ValueError, not an endless redraw."""
+    quoted = "\n\n\n".join(f"Module m{a}\n\n" + " ".join(f'"w{a}{i}"' for i in range(12)) + "."
+                             for a in range(3))
+    drills = FreshDrills(quoted, test_fraction=0.0)
+    with pytest.raises(ValueError, match="gave no copy question"):
+        drills.draw(np.random.default_rng(0))
+
+
 def test_fresh_pairs_fit_max_len_or_fail_before_training(tmp_path):
     """stage 6's fresh_pairs: every draw fits max_len; a max_len no draw fits is a ValueError when
     it is built, before any training step."""
