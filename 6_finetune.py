@@ -16,7 +16,8 @@ questions whose answer is a span of a short context from its own corpus.
     4. Backends (numpy, mlx, triton) only return gradients; the AdamW update is stage 3's. Answers and
        BPC are scored with stage 3's model, or with stage 5's for triton (a GPU's parallel prefill).
     5. Results: exact match and token F1 on held-out questions (--decode span keeps an answer a
-       span of its context; free decoding beside it), and the corpus BPC before and after.
+       span of its context; free and majority decoding beside it: any tokens, <eos> the argmax or
+       over half the probability), and the corpus BPC before and after.
 
     python 3_spike_llm_numpy.py                           # pretrain first: out/numpy/ckpt.npz
     python 6_finetune.py --method full                    # -> out/finetune/full.npz
@@ -52,7 +53,7 @@ S3 = load_stage("3_spike_llm_numpy")      # the reference model, optimizer, chec
 
 METHODS = ("full", "freeze", "lora")
 BACKENDS = ("numpy", "mlx", "triton")
-DECODINGS = ("span", "free")
+DECODINGS = ("span", "free", "majority")
 PROMPT_ORDERS = ("question_first", "context_first", "question_twice")
 LORA_SITES = {w: f"attn.{w}" for w in ("wq", "wk", "wv", "wo")} | {w: f"mlp.{w}" for w in ("w1", "w2")}
 
@@ -93,6 +94,7 @@ class FinetuneConfig:
     eval_questions: int = 400      # held-out questions scored (a fixed subset)
     max_answer_tokens: int = 24    # greedy decoding stops here if <eos> does not come first
     decode: str = "span"           # span: the answer is kept a span of the context (extractive); free: any
+                                   # tokens, greedy; majority: any tokens, <eos> only when p(<eos>) > 1/2
     eval_tokens: int = 0           # validation tokens of the corpus for BPC; 0 = the whole validation split
 
     def __post_init__(self):
@@ -361,7 +363,12 @@ def finetune(params, mcfg, cfg, train_examples, grad_fn, progress=True, corpus=N
 # ----------------------------------------------------------------------------- evaluation
 
 
-def pick_token(logits, source, nexts, eos_id, started):
+def logsumexp(z):
+    """log sum_i exp(z_i), computed without overflow."""
+    return z.max() + np.log(np.exp(z - z.max()).sum())
+
+
+def pick_token(logits, source, nexts, eos_id, started, majority=False):
     """The greedy next token: the argmax (source None), or extractive decoding, which keeps the
     answer a span of source.
 
@@ -375,12 +382,20 @@ def pick_token(logits, source, nexts, eos_id, started):
     spread over many words. Before the start, <eos> (no answer) wins when p(<eos>) beats the
     probability of starting any span, z_eos > logsumexp(z of the source's tokens), as a SQuAD 2.0
     reader weighs the null score against the spans: against the single best start, <eos> would win
-    whenever the model is unsure where the answer starts. Returns (token, the positions after it)."""
-    if not source:
+    whenever the model is unsure where the answer starts. Returns (token, the positions after it).
+
+    majority (source None) is free decoding with that end rule everywhere: any token may come, and
+    <eos> (the end, or no answer at the start) only when p(<eos>) > 1/2; else the best other token.
+    It differs from span decoding only in not keeping the answer in the context."""
+    if not source and not majority:
         return int(logits.argmax()), None
+    if not source:
+        if logits[eos_id] > logsumexp(np.delete(logits, eos_id)):
+            return eos_id, None
+        return int(np.argmax(np.where(np.arange(logits.size) == eos_id, -np.inf, logits))), None
     cont = sorted({source[k] for k in nexts if k < len(source)})
     rest = np.delete(logits, eos_id) if started else logits[cont]      # go on: any token; start: a span
-    if not cont or logits[eos_id] > rest.max() + np.log(np.exp(rest - rest.max()).sum()):
+    if not cont or logits[eos_id] > logsumexp(rest):
         return eos_id, []
     token = cont[int(np.argmax(logits[cont]))]
     return token, [k + 1 for k in nexts if k < len(source) and source[k] == token]
@@ -410,12 +425,14 @@ class NumpyReader:
 READER = {"numpy": NumpyReader, "mlx": NumpyReader, "triton": TorchReader}    # scoring, per backend
 
 
-def greedy_answers(params, mcfg, prompts, eos_id, max_new=24, batch=64, sources=None, reader=NumpyReader):
+def greedy_answers(params, mcfg, prompts, eos_id, max_new=24, batch=64, sources=None, reader=NumpyReader,
+                   majority=False):
     """Greedy answers for many prompts at once: each sequence reads its own prompt, then feeds back its
     choice until <eos>; sequences of different lengths share the steps. Batches hold prompts of
     similar lengths (sorted; answers come back in the order given) and read the m tokens every
     prompt of the batch has in one call, a parallel prefill for stage 5, then go a position at a time.
-    sources[i] (token ids, or None = free decoding) keeps answer i a span of it (pick_token)."""
+    sources[i] (token ids, or None = free decoding) keeps answer i a span of it (pick_token);
+    majority: free answers end only when p(<eos>) > 1/2."""
     model = reader(params, mcfg)                                     # forward only
     sources = sources or [None] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -434,7 +451,7 @@ def greedy_answers(params, mcfg, prompts, eos_id, max_new=24, batch=64, sources=
                 if pos + 1 < len(p):                                  # still reading its prompt
                     cur[b] = p[pos + 1]
                 elif not done[b]:
-                    nxt, nexts[b] = pick_token(logits[b], srcs[b], nexts[b], eos_id, bool(out[b]))
+                    nxt, nexts[b] = pick_token(logits[b], srcs[b], nexts[b], eos_id, bool(out[b]), majority)
                     done[b] = nxt == eos_id or len(out[b]) >= max_new
                     if not done[b]:
                         out[b].append(nxt)
@@ -447,15 +464,15 @@ def greedy_answers(params, mcfg, prompts, eos_id, max_new=24, batch=64, sources=
     return answers
 
 
-def stream_answer(params, mcfg, prompt, eos_id, max_new, source=None, reader=NumpyReader):
+def stream_answer(params, mcfg, prompt, eos_id, max_new, source=None, reader=NumpyReader, majority=False):
     """One prompt's greedy answer, a token at a time (for printing as it comes), ending before <eos>;
-    kept a span of source when one is given (pick_token)."""
+    kept a span of source when one is given, or free with majority's end rule (pick_token)."""
     model = reader(params, mcfg)
     state = model.start(1)
     logits = model.read(state, np.array([prompt]))[0]              # (V,): what follows the prompt
     nexts = range(len(source)) if source else None
     for j in range(max_new):
-        cur, nexts = pick_token(logits, source, nexts, eos_id, j > 0)
+        cur, nexts = pick_token(logits, source, nexts, eos_id, j > 0, majority)
         if cur == eos_id:
             return
         yield cur
@@ -492,13 +509,14 @@ def qa_scores(params, mcfg, tok, pairs, max_new=24, decode="free", order="questi
               reader=NumpyReader):
     """SQuAD 2.0 scores of greedy answers: exact match (with its standard error) and F1 (the best
     over the gold answers), also on the answerable (has) and unanswerable (none) questions, and
-    the answers. decode="span" keeps the answer to a question with a context a span of it (pick_token);
-    reader: the forward-only model that decodes (READER)."""
+    the answers. decode="span" keeps the answer to a question with a context a span of it, "majority"
+    ends a free answer only when p(<eos>) > 1/2 (pick_token); reader: the forward-only model (READER)."""
     if not pairs:
         return {"em": float("nan"), "f1": float("nan"), "n": 0, "answers": []}
     prompts = [prompt_ids(tok, p["question"], p.get("context", ""), order) for p in pairs]
     sources = [tok.encode(p["context"]) if decode == "span" and p.get("context") else None for p in pairs]
-    ids = greedy_answers(params, mcfg, prompts, tok.eos_id, max_new, sources=sources, reader=reader)
+    ids = greedy_answers(params, mcfg, prompts, tok.eos_id, max_new, sources=sources, reader=reader,
+                         majority=decode == "majority")
     answers = [tok.decode(a, skip_special=True).strip() for a in ids]
     em = np.array([exact(a, p) for a, p in zip(answers, pairs)])
     f1 = np.array([max(token_f1(a, g) for g in golds(p)) for a, p in zip(answers, pairs)])
@@ -669,6 +687,7 @@ def run(cfg, progress=True):
               "bpc_before": bpc_before, "bpc_after": bpc(tuned),
               "output": str(saved), "em_by_kind": matches_by_kind(test, after["answers"]),
               "em_by_kind_free": matches_by_kind(test, free["answers"]),
+              "em_by_kind_majority": matches_by_kind(test, decoded["majority"]["answers"]),
               "scores": {d: {k: r[k] for k in keep} for d, r in decoded.items()}}
     print_result(result, test, after["answers"])
     append_result(Path(cfg.out_dir) / "results.jsonl", result)
@@ -696,7 +715,8 @@ def ask(cfg, question, context="", ckpt=None, adapters=None, out=None):
         params = apply_lora(params, lora, scale)
     ids = prompt_ids(tok, question, context, cfg.prompt_order)
     source = tok.encode(context) if context and cfg.decode == "span" else None
-    answer = stream_answer(params, mcfg, ids, tok.eos_id, cfg.max_answer_tokens, source, READER[cfg.backend])
+    answer = stream_answer(params, mcfg, ids, tok.eos_id, cfg.max_answer_tokens, source, READER[cfg.backend],
+                           cfg.decode == "majority")
     return print_stream(tok, "", [], answer, out).strip()
 
 

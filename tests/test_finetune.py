@@ -426,7 +426,7 @@ def test_cli_finetunes_merges_and_answers(tmp_path, capsys):
     answer = capsys.readouterr().out.strip()
     assert answer and answer in context, answer
     assert F.main(args + ["--decode", "beam"]) == 1
-    assert "--decode must be one of span, free, got 'beam'" in capsys.readouterr().err
+    assert "--decode must be one of span, free, majority, got 'beam'" in capsys.readouterr().err
 
 
 def test_help_explains_every_config_field():
@@ -506,3 +506,49 @@ def test_span_answer_ends_when_eos_has_over_half_the_probability():
     assert F.pick_token(logits_with(0.9, 0.05), source, range(3), 0, started=False) == (0, [])
     assert F.pick_token(logits_with(0.3, 0.2), [1, 2, 3], range(3), 0, started=False) == (1, [1])
     assert F.pick_token(logits_with(0.1, 0.8), source, [3], 0, started=True)[0] == 0
+
+
+def test_majority_decoding_ends_only_when_eos_has_over_half_the_probability():
+    """Free decoding with span decoding's end rule, on hand-made logits (<eos> token 2, the
+    continuation token 1, four others): at p(<eos>) = 0.4 the plain argmax ends, majority goes on
+    with the best other token, also one that is not <eos>'s neighbour; at 0.6 both end, at the
+    start too (no answer); no source keeps the answer anywhere."""
+    def logits_with(p_eos, p_cont):
+        p = np.array([0.1, p_cont, p_eos] + [(0.9 - p_eos - p_cont) / 3] * 3)
+        return np.log(p)
+    assert F.pick_token(logits_with(0.4, 0.2), None, None, 2, started=True) == (2, None)
+    for started in (False, True):
+        assert F.pick_token(logits_with(0.4, 0.2), None, None, 2, started, majority=True) == (1, None)
+        assert F.pick_token(logits_with(0.6, 0.2), None, None, 2, started, majority=True) == (2, None)
+    beyond = np.log(np.array([0.05, 0.05, 0.45, 0.05, 0.3, 0.1]))          # the best other token: 4
+    assert F.pick_token(beyond, None, None, 2, True, majority=True) == (4, None)
+
+
+def test_majority_decoding_matches_a_brute_force_reference():
+    """Batched majority decoding (greedy_answers) and one prompt at a time (stream_answer) against
+    a reference on the full forward, float64, untied random head, <eos> = 34: stop when softmax
+    gives <eos> over 1/2, else append the argmax of the other tokens. <eos>'s readout is scaled up
+    so that answers end at the start, midway and not at all; they differ from plain greedy
+    decoding, which stops whenever <eos> is the single best token."""
+    mcfg = S3.make_configs("tiny", vocab_size=40, tie_embeddings=False)[0]
+    rng = np.random.default_rng(3)
+    params = {k: v.astype(np.float64) + rng.normal(0, 0.5, v.shape) for k, v in S3.init_params(mcfg).items()}
+    params["head.weight"][:, 34] *= 1.5
+    prompts = [[3] + list(rng.integers(3, 40, n)) + [4] for n in (12, 5, 9, 20, 7, 15, 3, 8)]
+
+    def reference(prompt, max_new=6):
+        answer = []
+        while len(answer) < max_new:
+            logits = S3.forward(params, mcfg, np.array([prompt + answer]))[0][0, -1]
+            p = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+            if p[34] > 0.5:
+                break
+            answer.append(max((t for t in range(40) if t != 34), key=lambda t: logits[t]))
+        return answer
+
+    want = [reference(p) for p in prompts]
+    assert {len(w) for w in want} >= {0, 5, 6}
+    got = F.greedy_answers(params, mcfg, prompts, eos_id=34, max_new=6, batch=3, majority=True)
+    assert got == want
+    assert [list(F.stream_answer(params, mcfg, p, 34, 6, majority=True)) for p in prompts] == want
+    assert F.greedy_answers(params, mcfg, prompts, eos_id=34, max_new=6, batch=3) != want

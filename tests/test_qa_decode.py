@@ -99,16 +99,17 @@ def test_torch_reader_reads_numpy_readers_logits():
         assert rel(torch_reader.read(s5, ids[:, j:j + 1]), numpy_reader.read(s3, ids[:, j:j + 1])) < 1e-4
 
 
-@pytest.mark.parametrize("span", [False, True])
-def test_torch_reader_gives_the_same_answers(span):
-    """greedy_answers with stage 5's reader (float32) equals stage 3's (float64), free and span."""
+@pytest.mark.parametrize("decode", F.DECODINGS)
+def test_torch_reader_gives_the_same_answers(decode):
+    """greedy_answers with stage 5's reader (float32) equals stage 3's (float64), every decoding."""
     params, mcfg = random_model(2, np.float32)
     p64 = {k: v.astype(np.float64) for k, v in params.items()}
     prompts, sources = prompts_and_sources(2)
-    sources = sources if span else None
-    want = F.greedy_answers(p64, mcfg, prompts, EOS, max_new=6, batch=4, sources=sources)
+    sources = sources if decode == "span" else None
+    majority = decode == "majority"
+    want = F.greedy_answers(p64, mcfg, prompts, EOS, max_new=6, batch=4, sources=sources, majority=majority)
     got = F.greedy_answers(params, mcfg, prompts, EOS, max_new=6, batch=4, sources=sources,
-                           reader=F.TorchReader)
+                           reader=F.TorchReader, majority=majority)
     assert got == want and any(want)
 
 
