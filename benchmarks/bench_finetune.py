@@ -1,12 +1,13 @@
 """Stage 6 results table: pretrain a preset on a corpus (if no base checkpoint), then fine-tune it
-with every method (corpus replay in the batches) and write exact match / F1 with span and free
-decoding, answerable and unanswerable questions apart, and the corpus BPC before and after.
+with every method (corpus replay in the batches) and write exact match / F1 with span, free and
+majority decoding, answerable and unanswerable questions apart, and the corpus BPC before and after.
 
     python benchmarks/bench_finetune.py                                  # numpy everywhere (slow on 2 cores)
     python benchmarks/bench_finetune.py --pretrain triton --backend triton --pretrain_steps 1500 \
         --pretrain_batch 64 --pretrain_context 256 --pretrain_decay_step 2.33 --pretrain_token_shift 1 \
         --pretrain_set neuron=ternary --batch_size 64 --replay 0.5 --fresh_copies 0.5 \
-        --context_chars 128 --methods full --max_steps 4000 --out qa_results.md   # the best, one H200
+        --prompt_order question_first --context_chars 128 --methods full --max_steps 6000 --lr 3e-3 \
+        --out qa_results.md                                              # the best (8 minutes, one H200)
     python benchmarks/bench_finetune.py --base out/numpy/ckpt.npz --max_steps 200
 """
 import argparse
