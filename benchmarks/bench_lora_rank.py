@@ -1,0 +1,144 @@
+"""How low a rank does full fine-tuning's update need? The best rank-r part of each update.
+
+LoRA trains W + s B A with B (in, r), A (r, out): the update it can make to a matrix has rank r at
+most. Full fine-tuning's own update, D = W_tuned - W_base, is not limited. Cut each D of the
+matrices LoRA adapts (stage 6's --lora_targets) to its best rank-r approximation in the Frobenius
+norm (the SVD's r largest singular values, Eckart-Young) and keep every other array (embedding,
+norms, neuron parameters) at the base's: that is the most a rank-r adapter placed there could
+carry over from the full run. If exact match survives the cut at r = 1, LoRA rank 1 fails at
+finding such an update, not at holding one; if it does not, full fine-tuning's answer needs more.
+
+Rows: the base, the fine-tuned model, the target matrices alone tuned (every rank), the other
+arrays alone tuned, then each rank r with the other arrays at the base's and, to see what rank the
+matrices need once the rest is tuned, at the tuned ones: exact match (held-out, stage 6's scoring,
+span and free decoding), the share of the update's squared norm kept, and the parameters a rank-r
+LoRA trains.
+
+    python benchmarks/bench_lora_rank.py --base out/c/base.npz --tuned out/NAME/full/full.npz \\
+        --context_chars 128 --prompt_order question_first --out lora_rank.md
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from spikelib.files import write_text_atomic  # noqa: E402
+from spikelib.hardware import cpu_model, usable_cpus  # noqa: E402
+from spikelib.stages import load_stage  # noqa: E402
+
+F = load_stage("6_finetune")
+
+
+def best_rank(delta, r):
+    """The rank-r matrix nearest to delta (Frobenius norm): U_r S_r V_r^T of its SVD, float64."""
+    u, s, vt = np.linalg.svd(delta.astype(np.float64), full_matrices=False)
+    return (u[:, :r] * s[:r]) @ vt[:r]
+
+
+def with_rank(start, base, tuned, names, r):
+    """Parameters: start's (the base's or the tuned ones), with W_base + (the best rank-r part of
+    W_tuned - W_base) at every name; r = 0 keeps the whole update. Also the share of the updates'
+    squared norm kept."""
+    params, kept, total = dict(start), 0.0, 0.0
+    for n in names:
+        delta = tuned[n].astype(np.float64) - base[n]
+        part = best_rank(delta, r) if r else delta
+        params[n] = (base[n] + part).astype(base[n].dtype)
+        kept, total = kept + float((part ** 2).sum()), total + float((delta ** 2).sum())
+    return params, kept / total if total else 1.0
+
+
+def lora_size(base, names, r):
+    """Parameters a rank-r LoRA trains on these matrices: r (in + out) each."""
+    return sum(r * sum(base[n].shape) for n in names)
+
+
+def variants(base, tuned, names, ranks):
+    """(row name, parameters, squared-norm share kept or None, LoRA parameters or None): each rank r
+    with the other arrays at the base's (what LoRA can change) and at the tuned ones."""
+    others = {n: tuned[n] for n in tuned if n not in names}
+    rows = [("base", base, None, None), ("fine-tuned (every array)", tuned, None, None),
+            ("target matrices tuned, the rest base", with_rank(base, base, tuned, names, 0)[0], 1.0, None),
+            ("the rest tuned, target matrices base", dict(base, **others), None, None)]
+    for rest, start in (("base", base), ("tuned", tuned)):
+        for r in ranks:
+            params, kept = with_rank(start, base, tuned, names, r)
+            rows.append((f"rank {r} of each target update, the rest {rest}", params, kept,
+                         lora_size(base, names, r)))
+    return rows
+
+
+def check_pair(base, tuned, mcfg, tuned_mcfg):
+    """Same model, same arrays: else one ValueError naming the difference."""
+    if mcfg != tuned_mcfg:
+        raise ValueError("--tuned is not a fine-tuned copy of --base: their model configs differ")
+    if set(base) != set(tuned) or any(base[n].shape != tuned[n].shape for n in base):
+        raise ValueError("--tuned is not a fine-tuned copy of --base: their arrays differ")
+
+
+def table(rows, n_total, decodings):
+    heads = [f"EM {d}" for d in decodings]
+    lines = ["| parameters | " + " | ".join(heads) + " | update kept (squared norm) | LoRA of that rank |",
+             "|" + "---|" * (len(heads) + 3)]
+    for name, scores, kept, size in rows:
+        ems = [f"{100 * s['em']:.1f}% ± {100 * s['em_se']:.1f}" for s in scores]
+        kept_cell = f"{100 * kept:.1f}%" if kept is not None else "-"
+        size_cell = f"{size:,} ({100 * size / n_total:.2f}%)" if size else "-"
+        lines.append(f"| {name} | " + " | ".join(ems) + f" | {kept_cell} | {size_cell} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--base", required=True, help="the pretrained checkpoint fine-tuning started from")
+    ap.add_argument("--tuned", required=True, help="stage 6's full fine-tuning of it (OUT_DIR/full.npz)")
+    ap.add_argument("--ranks", default="1,2,4,8,16,32", help="comma-separated ranks r to cut each update to")
+    ap.add_argument("--lora_targets", default=F.FinetuneConfig.lora_targets,
+                    help="the matrices of every block that LoRA adapts (stage 6's --lora_targets)")
+    ap.add_argument("--context_chars", type=int, default=0,
+                    help="stage 6's --context_chars of the fine-tuning run (the held-out questions)")
+    ap.add_argument("--prompt_order", default="question_first", choices=list(F.PROMPT_ORDERS),
+                    help="stage 6's --prompt_order of the fine-tuning run")
+    ap.add_argument("--eval_questions", type=int, default=400, help="held-out questions scored")
+    ap.add_argument("--decodings", default="span,free", help=f"comma-separated, of {', '.join(F.DECODINGS)}")
+    ap.add_argument("--out", default="", help="also write the markdown table to this file")
+    args = ap.parse_args(argv)
+    try:
+        ranks = [int(r) for r in args.ranks.split(",")]
+    except ValueError:
+        ap.error(f"--ranks must be comma-separated whole numbers, got {args.ranks!r}")
+    decodings = [d.strip() for d in args.decodings.split(",")]
+    if min(ranks) < 1 or not set(decodings) <= set(F.DECODINGS):
+        ap.error(f"--ranks must be >= 1 and --decodings of {', '.join(F.DECODINGS)}")
+    try:
+        cfg = F.FinetuneConfig(base=args.base, context_chars=args.context_chars,
+                               prompt_order=args.prompt_order, eval_questions=args.eval_questions,
+                               lora_targets=args.lora_targets)
+        base, mcfg, config, tok = F.load_base(args.base)
+        tuned, tuned_mcfg, _, _ = F.load_base(args.tuned)
+        check_pair(base, tuned, mcfg, tuned_mcfg)
+        pairs, source = F.qa_pairs(cfg, config, mcfg)
+        _, test, _ = F.split_pairs(cfg, tok, pairs, source, cfg.max_len or max(128, mcfg.context))
+    except F.S3.ERRORS as err:
+        return F.fail(err)
+    names = F.lora_names(base, args.lora_targets)
+    rows = []
+    for name, params, kept, size in variants(base, tuned, names, ranks):
+        scores = [F.qa_scores(params, mcfg, tok, test, cfg.max_answer_tokens, d, cfg.prompt_order)
+                  for d in decodings]
+        ems = ", ".join(f"{d} {100 * s['em']:.1f}%" for d, s in zip(decodings, scores))
+        print(f"{name}: {ems}", flush=True)
+        rows.append((name, scores, kept, size))
+    n_total = sum(p.size for p in base.values())
+    text = (f"{args.tuned} against {args.base}: {len(test)} held-out questions, stage 6's scoring (NumPy); "
+            f"{cpu_model()}, {usable_cpus()} CPU cores\n\n" + table(rows, n_total, decodings))
+    print(text)
+    if args.out:
+        write_text_atomic(Path(args.out), text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""benchmarks/bench_lora_rank.py: the best rank-r part of an update against one built from known
+singular vectors, the parameters of each row, a LoRA's size against stage 6's own adapters, and
+bad options as one error line."""
+import importlib.util
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+
+spec = importlib.util.spec_from_file_location("bench_lora_rank", ROOT / "benchmarks" / "bench_lora_rank.py")
+B = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(B)
+S3 = B.F.S3
+
+
+def known_update(rng, shape, singular):
+    """U diag(singular) V^T with orthonormal U, V from QR: its SVD is known without computing one."""
+    u = np.linalg.qr(rng.normal(size=(shape[0], len(singular))))[0]
+    v = np.linalg.qr(rng.normal(size=(shape[1], len(singular))))[0]
+    return u, v, (u * singular) @ v.T
+
+
+def tiny_pair(seed=0, singular=(3.0, 2.0, 0.5)):
+    """A tiny model's parameters and a 'tuned' copy: every target matrix moved by a known update of
+    the given singular values, every other array moved by noise."""
+    mcfg = S3.make_configs("tiny", vocab_size=40)[0]
+    base = S3.init_params(mcfg, seed)
+    rng = np.random.default_rng(seed)
+    names = B.F.lora_names(base, B.F.FinetuneConfig.lora_targets)
+    tuned, parts = {}, {}
+    for n, w in base.items():
+        if n in names:
+            u, v, delta = known_update(rng, w.shape, np.array(singular))
+            parts[n] = (u, v)
+            tuned[n] = (w + delta).astype(w.dtype)
+        else:
+            tuned[n] = (w + rng.normal(0, 0.1, w.shape)).astype(w.dtype)
+    return mcfg, base, tuned, names, parts
+
+
+def test_best_rank_keeps_the_largest_singular_directions():
+    """Rank 2 of U diag(3, 2, 0.5) V^T is U_2 diag(3, 2) V_2^T; rank 3 is all of it."""
+    u, v, delta = known_update(np.random.default_rng(1), (9, 7), np.array([3.0, 2.0, 0.5]))
+    np.testing.assert_allclose(B.best_rank(delta, 2), (u[:, :2] * [3.0, 2.0]) @ v[:, :2].T, atol=1e-12)
+    np.testing.assert_allclose(B.best_rank(delta, 3), delta, atol=1e-12)
+
+
+def test_each_row_holds_the_arrays_it_names():
+    """Rank r: targets at base + the known rank-r part, kept share (sum of the r largest s^2) / (sum
+    of all); rank 3 and 'target matrices tuned' are the tuned targets; every other array the base's
+    or, in the rows that say so, the tuned one ('the rest tuned': targets the base's)."""
+    mcfg, base, tuned, names, parts = tiny_pair()
+    rows = {name: (params, kept) for name, params, kept, _ in B.variants(base, tuned, names, [1, 3])}
+    others = [n for n in base if n not in names]
+    assert names and others and len(rows) == 8
+    for rest, source in (("base", base), ("tuned", tuned)):
+        params, kept = rows[f"rank 1 of each target update, the rest {rest}"]
+        assert kept == pytest.approx(9 / (9 + 4 + 0.25))
+        for n in names:
+            u, v = parts[n]
+            np.testing.assert_allclose(params[n], base[n] + 3.0 * np.outer(u[:, 0], v[:, 0]), atol=1e-5)
+        assert all(params[n] is source[n] for n in others)
+    for name in ("rank 3 of each target update, the rest base", "target matrices tuned, the rest base"):
+        params, kept = rows[name]
+        assert kept == pytest.approx(1.0)
+        assert all(np.allclose(params[n], tuned[n], atol=1e-5) for n in names)
+        assert all(params[n] is base[n] for n in others)
+    rest = rows["the rest tuned, target matrices base"][0]
+    assert all(rest[n] is base[n] for n in names) and all(rest[n] is tuned[n] for n in others)
+    assert rows["fine-tuned (every array)"][0] is tuned and rows["base"][0] is base
+
+
+def test_lora_size_is_what_stage_6_trains():
+    """r (in + out) per target matrix: the number of values in stage 6's own rank-r adapters."""
+    _, base, _, names, _ = tiny_pair()
+    for r in (1, 4):
+        assert B.lora_size(base, names, r) == sum(a.size for a in B.F.init_lora(base, names, r).values())
+
+
+def test_a_checkpoint_of_another_model_is_refused():
+    mcfg, base, tuned, _, _ = tiny_pair()
+    other = S3.make_configs("tiny", vocab_size=41)[0]
+    with pytest.raises(ValueError, match="model configs differ"):
+        B.check_pair(base, tuned, mcfg, other)
+    with pytest.raises(ValueError, match="arrays differ"):
+        B.check_pair(base, {**tuned, "extra": np.zeros(1)}, mcfg, mcfg)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--ranks", "1,x"], "--ranks must be comma-separated whole numbers"),
+    (["--ranks", "0"], "--ranks must be >= 1"),
+    (["--decodings", "span,beam"], "--decodings of span, free, majority"),
+])
+def test_bad_option_is_one_line(argv, words, capsys):
+    with pytest.raises(SystemExit) as stop:
+        B.main(["--base", "b.npz", "--tuned", "t.npz"] + argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and words in err[-1] and err[0].startswith("usage:")
+
+
+def test_a_missing_checkpoint_is_one_line(tmp_path, capsys):
+    assert B.main(["--base", str(tmp_path / "none.npz"), "--tuned", str(tmp_path / "t.npz")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "none.npz" in err[0]
