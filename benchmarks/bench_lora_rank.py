@@ -9,10 +9,11 @@ carry over from the full run. If exact match survives the cut at r = 1, LoRA ran
 finding such an update, not at holding one; if it does not, full fine-tuning's answer needs more.
 
 Rows: the base, the fine-tuned model, the target matrices alone tuned (every rank), the other
-arrays alone tuned, then each rank r with the other arrays at the base's and, to see what rank the
-matrices need once the rest is tuned, at the tuned ones: exact match (held-out, stage 6's scoring,
-span and free decoding), the share of the update's squared norm kept, and the parameters a rank-r
-LoRA trains.
+arrays alone tuned, the matrices with the embedding or with the rest but the embedding, then each
+rank r of the matrices with the other arrays at the base's and, to see what rank the matrices need
+once the rest is tuned, at the tuned ones, and each rank r of the embedding's update: exact match
+(held-out, stage 6's scoring, span and free decoding), the share of the update's squared norm
+kept, and the parameters a rank-r LoRA of those arrays trains.
 
     python benchmarks/bench_lora_rank.py --base out/c/base.npz --tuned out/NAME/full/full.npz \\
         --context_chars 128 --prompt_order question_first --out lora_rank.md
@@ -55,18 +56,34 @@ def lora_size(base, names, r):
     return sum(r * sum(base[n].shape) for n in names)
 
 
+def tuned_at(base, tuned, keys):
+    """The base's parameters with the tuned arrays at keys."""
+    return dict(base, **{k: tuned[k] for k in keys})
+
+
 def variants(base, tuned, names, ranks):
-    """(row name, parameters, squared-norm share kept or None, LoRA parameters or None): each rank r
-    with the other arrays at the base's (what LoRA can change) and at the tuned ones."""
-    others = {n: tuned[n] for n in tuned if n not in names}
+    """(row name, parameters, squared-norm share kept or None, LoRA parameters or None): which
+    arrays' updates answer, then each rank r of the target matrices' updates with the other arrays
+    at the base's (what LoRA can change) and at the tuned ones, and each rank r of the embedding's
+    update (with the readout, when it is a matrix of its own) with every other array tuned."""
+    embedding = [n for n in ("embed.weight", "head.weight") if n in base]
+    norms = [n for n in base if n not in names and n not in embedding]
     rows = [("base", base, None, None), ("fine-tuned (every array)", tuned, None, None),
-            ("target matrices tuned, the rest base", with_rank(base, base, tuned, names, 0)[0], 1.0, None),
-            ("the rest tuned, target matrices base", dict(base, **others), None, None)]
+            ("target matrices tuned, the rest base", tuned_at(base, tuned, names), None, None),
+            ("the rest tuned, target matrices base", tuned_at(base, tuned, embedding + norms), None, None),
+            ("target matrices and embedding tuned, the rest base", tuned_at(base, tuned, names + embedding),
+             None, None),
+            ("target matrices and the rest but the embedding tuned", tuned_at(base, tuned, names + norms),
+             None, None)]
     for rest, start in (("base", base), ("tuned", tuned)):
         for r in ranks:
             params, kept = with_rank(start, base, tuned, names, r)
             rows.append((f"rank {r} of each target update, the rest {rest}", params, kept,
                          lora_size(base, names, r)))
+    for r in ranks:
+        params, kept = with_rank(tuned, base, tuned, embedding, r)
+        rows.append((f"rank {r} of the embedding's update, the rest tuned", params, kept,
+                     lora_size(base, embedding, r)))
     return rows
 
 

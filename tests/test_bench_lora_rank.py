@@ -22,15 +22,15 @@ def known_update(rng, shape, singular):
 
 
 def tiny_pair(seed=0, singular=(3.0, 2.0, 0.5)):
-    """A tiny model's parameters and a 'tuned' copy: every target matrix moved by a known update of
-    the given singular values, every other array moved by noise."""
+    """A tiny model's parameters and a 'tuned' copy: every target matrix and the embedding moved by
+    a known update of the given singular values, every other array (the norm gains) by noise."""
     mcfg = S3.make_configs("tiny", vocab_size=40)[0]
     base = S3.init_params(mcfg, seed)
     rng = np.random.default_rng(seed)
     names = B.F.lora_names(base, B.F.FinetuneConfig.lora_targets)
     tuned, parts = {}, {}
     for n, w in base.items():
-        if n in names:
+        if n in names or n == "embed.weight":
             u, v, delta = known_update(rng, w.shape, np.array(singular))
             parts[n] = (u, v)
             tuned[n] = (w + delta).astype(w.dtype)
@@ -48,12 +48,15 @@ def test_best_rank_keeps_the_largest_singular_directions():
 
 def test_each_row_holds_the_arrays_it_names():
     """Rank r: targets at base + the known rank-r part, kept share (sum of the r largest s^2) / (sum
-    of all); rank 3 and 'target matrices tuned' are the tuned targets; every other array the base's
-    or, in the rows that say so, the tuned one ('the rest tuned': targets the base's)."""
+    of all), every other array the base's or, in the rows that say so, the tuned one; rank 3 is the
+    whole update; the rank-r rows of the embedding alike; the other rows take the tuned arrays they
+    name and the base's elsewhere."""
     mcfg, base, tuned, names, parts = tiny_pair()
+    assert "head.weight" not in base                       # tied: the embedding is the readout too
     rows = {name: (params, kept) for name, params, kept, _ in B.variants(base, tuned, names, [1, 3])}
     others = [n for n in base if n not in names]
-    assert names and others and len(rows) == 8
+    norms = [n for n in others if n != "embed.weight"]
+    assert names and norms and len(rows) == 12
     for rest, source in (("base", base), ("tuned", tuned)):
         params, kept = rows[f"rank 1 of each target update, the rest {rest}"]
         assert kept == pytest.approx(9 / (9 + 4 + 0.25))
@@ -61,11 +64,20 @@ def test_each_row_holds_the_arrays_it_names():
             u, v = parts[n]
             np.testing.assert_allclose(params[n], base[n] + 3.0 * np.outer(u[:, 0], v[:, 0]), atol=1e-5)
         assert all(params[n] is source[n] for n in others)
-    for name in ("rank 3 of each target update, the rest base", "target matrices tuned, the rest base"):
-        params, kept = rows[name]
-        assert kept == pytest.approx(1.0)
-        assert all(np.allclose(params[n], tuned[n], atol=1e-5) for n in names)
-        assert all(params[n] is base[n] for n in others)
+    params, kept = rows["rank 3 of each target update, the rest base"]
+    assert kept == pytest.approx(1.0)
+    assert all(np.allclose(params[n], tuned[n], atol=1e-5) for n in names)
+    assert all(params[n] is base[n] for n in others)
+    params, kept = rows["rank 1 of the embedding's update, the rest tuned"]
+    u, v = parts["embed.weight"]
+    want = base["embed.weight"] + 3.0 * np.outer(u[:, 0], v[:, 0])
+    np.testing.assert_allclose(params["embed.weight"], want, atol=1e-5)
+    assert kept == pytest.approx(9 / (9 + 4 + 0.25)) and all(params[n] is tuned[n] for n in names + norms)
+    for name, keys in (("target matrices tuned, the rest base", names),
+                       ("target matrices and embedding tuned, the rest base", names + ["embed.weight"]),
+                       ("target matrices and the rest but the embedding tuned", names + norms)):
+        params = rows[name][0]
+        assert all(params[n] is (tuned[n] if n in keys else base[n]) for n in base), name
     rest = rows["the rest tuned, target matrices base"][0]
     assert all(rest[n] is base[n] for n in names) and all(rest[n] is tuned[n] for n in others)
     assert rows["fine-tuned (every array)"][0] is tuned and rows["base"][0] is base

@@ -509,10 +509,10 @@ def test_span_answer_ends_when_eos_has_over_half_the_probability():
 
 
 def test_majority_decoding_ends_only_when_eos_has_over_half_the_probability():
-    """Free decoding with span decoding's end rule, on hand-made logits (<eos> token 2, the
-    continuation token 1, four others): at p(<eos>) = 0.4 the plain argmax ends, majority goes on
-    with the best other token, also one that is not <eos>'s neighbour; at 0.6 both end, at the
-    start too (no answer); no source keeps the answer anywhere."""
+    """Free decoding with span decoding's end rule, on hand-made logits (<eos> token 2, token 1 the
+    likeliest other, four more): at p(<eos>) = 0.4 the plain argmax ends, majority goes on with the
+    best other token; at 0.6 it ends, at the start too (no answer). The best other token keeps its
+    vocabulary id when it comes after <eos> (token 4); without a source it may be any token."""
     def logits_with(p_eos, p_cont):
         p = np.array([0.1, p_cont, p_eos] + [(0.9 - p_eos - p_cont) / 3] * 3)
         return np.log(p)
