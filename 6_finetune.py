@@ -56,6 +56,7 @@ BACKENDS = ("numpy", "mlx", "triton")
 DECODINGS = ("span", "free", "majority")
 PROMPT_ORDERS = ("question_first", "context_first", "question_twice")
 LORA_SITES = {w: f"attn.{w}" for w in ("wq", "wk", "wv", "wo")} | {w: f"mlp.{w}" for w in ("w1", "w2")}
+LORA_TARGETS = (*LORA_SITES, "embed")     # embed: the token embedding (with tied weights, the readout)
 
 
 @dataclass
@@ -68,7 +69,8 @@ class FinetuneConfig:
     freeze_layers: int = -1        # freeze: blocks 0..k-1 (and the embedding) fixed; -1 = half
     lora_rank: int = 8             # lora: rank r of the adapters B (in, r) and A (r, out)
     lora_alpha: float = 16.0       # lora: W_eff = W + s B A with scale s = alpha / rank
-    lora_targets: str = "wq,wk,wv,wo,w1,w2"   # lora: the matrices of every block that get adapters
+    lora_targets: str = "wq,wk,wv,wo,w1,w2"   # lora: the matrices of every block that get adapters;
+                                              # embed adds the token embedding (the tied readout too)
     max_steps: int = 300           # optimizer steps of fine-tuning (the schedule ends here)
     batch_size: int = 16           # Q&A pairs per step (GPU: 64+; spiking models need many pairs to learn)
     grad_accum: int = 1            # micro-batches per step: the same batch in 1/grad_accum of the memory
@@ -104,8 +106,8 @@ class FinetuneConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         targets = [t.strip() for t in self.lora_targets.split(",")]
-        if not all(t in LORA_SITES for t in targets):
-            raise ValueError(f"--lora_targets must be a comma-separated list of {', '.join(LORA_SITES)}, "
+        if not all(t in LORA_TARGETS for t in targets):
+            raise ValueError(f"--lora_targets must be a comma-separated list of {', '.join(LORA_TARGETS)}, "
                              f"got {self.lora_targets!r}")
         for name, (allowed, words) in NUMBER_OPTIONS.items():
             if not allowed(getattr(self, name)):         # comparisons with NaN are false: refused too
@@ -221,9 +223,13 @@ def masked_cross_entropy(logits, y, mask):
 
 
 def lora_names(params, targets):
-    """The (in, out) matrices that get adapters, e.g. blocks.0.attn.wq for target "wq"."""
-    sites = [LORA_SITES[t.strip()] for t in targets.split(",") if t.strip()]
-    return [n for n in params if n.startswith("blocks.") and n.split(".", 2)[2] in sites]
+    """The (in, out) matrices that get adapters, e.g. blocks.0.attn.wq for target "wq", and
+    embed.weight (vocab, d) for "embed": full fine-tuning's answers need its change to the
+    embedding (benchmarks/bench_lora_rank.py), which with tied weights is the readout as well."""
+    wanted = [t.strip() for t in targets.split(",") if t.strip()]
+    sites = [LORA_SITES[t] for t in wanted if t in LORA_SITES]
+    names = [n for n in params if n.startswith("blocks.") and n.split(".", 2)[2] in sites]
+    return names + (["embed.weight"] if "embed" in wanted else [])
 
 
 def init_lora(params, names, rank, seed=0):
@@ -276,7 +282,7 @@ def trainable_params(params, cfg, mcfg):
     names = lora_names(params, cfg.lora_targets)
     if not names:
         raise ValueError(f"lora_targets={cfg.lora_targets!r} selects no matrix; "
-                         f"use names from {list(LORA_SITES)}")
+                         f"use names from {list(LORA_TARGETS)}")
     return init_lora(params, names, cfg.lora_rank, cfg.seed)
 
 # ----------------------------------------------------------------------------- backends

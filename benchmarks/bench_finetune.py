@@ -61,7 +61,8 @@ def method_configs(args):
                                batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
                                replay=args.replay, eval_questions=args.eval_questions, seed=args.seed,
                                prompt_order=args.prompt_order, context_chars=args.context_chars,
-                               copy_questions=args.copy_questions, fresh_copies=args.fresh_copies)
+                               copy_questions=args.copy_questions, fresh_copies=args.fresh_copies,
+                               lora_targets=args.lora_targets)
         configs.append((spec, replace(cfg, lora_rank=int(rank), lora_alpha=2.0 * int(rank)) if rank else cfg))
     return configs
 
@@ -121,6 +122,8 @@ def main(argv=None):
                     help="stage 6's --fresh_copies: the share of each batch that is \"What follows\" "
                          "questions drawn anew every step")
     ap.add_argument("--methods", default="full,freeze,lora:8,lora:1", help="lora:R = LoRA of rank R")
+    ap.add_argument("--lora_targets", default=F.FinetuneConfig.lora_targets,
+                    help=f"stage 6's --lora_targets: what LoRA adapts, of {', '.join(F.LORA_TARGETS)}")
     ap.add_argument("--max_steps", type=int, default=300, help="fine-tuning steps of every method")
     ap.add_argument("--batch_size", type=int, default=16, help="Q&A pairs per fine-tuning step")
     ap.add_argument("--grad_accum", type=int, default=1, help="micro-batches per step (less memory)")

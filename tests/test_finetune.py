@@ -146,16 +146,17 @@ def test_masked_cross_entropy_matches_reference_and_finite_differences():
 def test_lora_gradients_match_finite_differences(monkeypatch):
     """dB = s dW A^T and dA = s B^T dW through the numpy backend, against central differences
     (h = 1e-6) of the masked loss in float64: relative error < 1e-5 for every adapter tensor, all
-    entries. Stage 3's smooth forward (each spike H(u) replaced by its surrogate S(u), as in its
-    own gradient checks) makes the loss differentiable; A is random so that dB is not zero."""
+    entries, the tied embedding's (lookup and readout in one dW) too. Stage 3's smooth forward (each
+    spike H(u) replaced by its surrogate S(u), as in its own gradient checks) makes the loss
+    differentiable; A is random so that dB is not zero."""
     mcfg = S3.make_configs("tiny", vocab_size=11, d_model=8, d_ff=12, n_head=2)[0]
     rng = np.random.default_rng(0)
     params = {k: v.astype(np.float64) + rng.normal(0, 0.1, v.shape) for k, v in S3.init_params(mcfg).items()}
-    lora = F.init_lora(params, F.lora_names(params, "wq,wk,wv,wo,w1,w2"), rank=2)
+    lora = F.init_lora(params, F.lora_names(params, "wq,wk,wv,wo,w1,w2,embed"), rank=2)
     for k in lora:
         if k.endswith(".A"):
             lora[k] = rng.normal(0, 0.3, lora[k].shape)
-    assert len(lora) == 2 * 6 * mcfg.n_layer
+    assert len(lora) == 2 * (6 * mcfg.n_layer + 1) and "embed.weight.B" in lora
     x, y = rng.integers(0, mcfg.vocab_size, (2, 2, 5))
     mask = np.array([[0, 0, 1, 1, 1], [0, 1, 1, 1, 0]], np.float64)
     scale = 1.5
@@ -344,14 +345,16 @@ def test_backend_gradients_equal_numpy(qa_setup, backend, package):
 
 @pytest.mark.parametrize("backend, package", [("mlx", "mlx.core"), ("triton", "torch")])
 def test_lora_finetuning_equals_numpy_step_for_step(qa_setup, backend, package):
-    """Twenty LoRA steps (the chain rule and AdamW of stage 6 on each backend's dW_eff) end in the
-    same adapters and losses as with the numpy backend: relative error < 1e-3 (float32, ANN twin)."""
+    """Twenty LoRA steps (the chain rule and AdamW of stage 6 on each backend's dW_eff), the
+    embedding adapted too, end in the same adapters and losses as with the numpy backend: relative
+    error < 1e-3 (float32, ANN twin)."""
     pytest.importorskip(package)
     _, _, examples, spiking = qa_setup
     mcfg = S3.make_configs("tiny", vocab_size=spiking.vocab_size, spiking=False)[0]
     rng = np.random.default_rng(0)
     base = {k: (v + rng.normal(0, 0.1, v.shape)).astype(np.float32) for k, v in S3.init_params(mcfg).items()}
-    cfg = F.FinetuneConfig(method="lora", max_steps=20, warmup=2, batch_size=4, lora_rank=2, lora_alpha=4.0)
+    cfg = F.FinetuneConfig(method="lora", max_steps=20, warmup=2, batch_size=4, lora_rank=2, lora_alpha=4.0,
+                           lora_targets="wq,wk,wv,wo,w1,w2,embed")
     runs = [F.finetune(dict(base), mcfg, cfg, examples, F.BACKEND[b](mcfg), progress=False)
             for b in ("numpy", backend)]
     (want, want_losses), (got, got_losses) = runs
