@@ -113,7 +113,8 @@ def main(argv=None):
     ap.add_argument("--tuned", required=True, help="stage 6's full fine-tuning of it (OUT_DIR/full.npz)")
     ap.add_argument("--ranks", default="1,2,4,8,16,32", help="comma-separated ranks r to cut each update to")
     ap.add_argument("--lora_targets", default=F.FinetuneConfig.lora_targets,
-                    help="the matrices of every block that LoRA adapts (stage 6's --lora_targets)")
+                    help="the block matrices LoRA adapts (stage 6's --lora_targets without embed: the "
+                         "embedding has rows of its own)")
     ap.add_argument("--context_chars", type=int, default=0,
                     help="stage 6's --context_chars of the fine-tuning run (the held-out questions)")
     ap.add_argument("--prompt_order", default="question_first", choices=list(F.PROMPT_ORDERS),
@@ -129,6 +130,8 @@ def main(argv=None):
     decodings = [d.strip() for d in args.decodings.split(",")]
     if min(ranks) < 1 or not set(decodings) <= set(F.DECODINGS):
         ap.error(f"--ranks must be >= 1 and --decodings of {', '.join(F.DECODINGS)}")
+    if "embed" in [t.strip() for t in args.lora_targets.split(",")]:
+        ap.error("--lora_targets: the block matrices only (the embedding has rows of its own)")
     try:
         cfg = F.FinetuneConfig(base=args.base, context_chars=args.context_chars,
                                prompt_order=args.prompt_order, eval_questions=args.eval_questions,

@@ -103,6 +103,7 @@ def test_a_checkpoint_of_another_model_is_refused():
     (["--ranks", "1,x"], "--ranks must be comma-separated whole numbers"),
     (["--ranks", "0"], "--ranks must be >= 1"),
     (["--decodings", "span,beam"], "--decodings of span, free, majority"),
+    (["--lora_targets", "wq,embed"], "--lora_targets: the block matrices only"),
 ])
 def test_bad_option_is_one_line(argv, words, capsys):
     with pytest.raises(SystemExit) as stop:
