@@ -40,12 +40,11 @@ def best_rank(delta, r):
 
 def with_rank(start, base, tuned, names, r):
     """Parameters: start's (the base's or the tuned ones), with W_base + (the best rank-r part of
-    W_tuned - W_base) at every name; r = 0 keeps the whole update. Also the share of the updates'
-    squared norm kept."""
+    W_tuned - W_base) at every name. Also the share of the updates' squared norm kept."""
     params, kept, total = dict(start), 0.0, 0.0
     for n in names:
         delta = tuned[n].astype(np.float64) - base[n]
-        part = best_rank(delta, r) if r else delta
+        part = best_rank(delta, r)
         params[n] = (base[n] + part).astype(base[n].dtype)
         kept, total = kept + float((part ** 2).sum()), total + float((delta ** 2).sum())
     return params, kept / total if total else 1.0
