@@ -3,12 +3,12 @@
 LoRA trains W + s B A with B (in, r), A (r, out): the update it can make to a matrix has rank r at
 most. Full fine-tuning's own update, D = W_tuned - W_base, is not limited. Cut each D of the
 matrices LoRA adapts (stage 6's --lora_targets) to its best rank-r approximation in the Frobenius
-norm (the SVD's r largest singular values, Eckart-Young) and keep every other array (embedding,
-norms, neuron parameters) at the base's: that is the most a rank-r adapter placed there could
+norm (the SVD's r largest singular values, Eckart-Young) and keep every other array (the
+embedding, the norm gains) at the base's: that is the most a rank-r adapter placed there could
 carry over from the full run. If exact match survives the cut at r = 1, LoRA rank 1 fails at
 finding such an update, not at holding one; if it does not, full fine-tuning's answer needs more.
 
-Rows: the base, the fine-tuned model, the target matrices alone tuned (every rank), the other
+Rows: the base, the fine-tuned model, the target matrices alone tuned (their whole update), the other
 arrays alone tuned, the matrices with the embedding or with the rest but the embedding, then each
 rank r of the matrices with the other arrays at the base's and, to see what rank the matrices need
 once the rest is tuned, at the tuned ones, and each rank r of the embedding's update: exact match
@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from spikelib.files import write_text_atomic  # noqa: E402
@@ -118,6 +119,8 @@ def main(argv=None):
                     help="stage 6's --context_chars of the fine-tuning run (the held-out questions)")
     ap.add_argument("--prompt_order", default="question_first", choices=list(F.PROMPT_ORDERS),
                     help="stage 6's --prompt_order of the fine-tuning run")
+    ap.add_argument("--qa", default="", help="stage 6's --qa: a Q&A file of your own (default: the pairs "
+                    "generated from the base's corpus, as fine-tuning made them)")
     ap.add_argument("--eval_questions", type=int, default=400, help="held-out questions scored")
     ap.add_argument("--decodings", default="span,free", help=f"comma-separated, of {', '.join(F.DECODINGS)}")
     ap.add_argument("--out", default="", help="also write the markdown table to this file")
@@ -132,7 +135,7 @@ def main(argv=None):
     if "embed" in [t.strip() for t in args.lora_targets.split(",")]:
         ap.error("--lora_targets: the block matrices only (the embedding has rows of its own)")
     try:
-        cfg = F.FinetuneConfig(base=args.base, context_chars=args.context_chars,
+        cfg = F.FinetuneConfig(base=args.base, context_chars=args.context_chars, qa=args.qa,
                                prompt_order=args.prompt_order, eval_questions=args.eval_questions,
                                lora_targets=args.lora_targets)
         base, mcfg, config, tok = F.load_base(args.base)
@@ -144,11 +147,11 @@ def main(argv=None):
         return F.fail(err)
     names = F.lora_names(base, args.lora_targets)
     rows = []
-    for name, params, kept, size in variants(base, tuned, names, ranks):
+    for name, params, kept, size in tqdm(variants(base, tuned, names, ranks), desc="rows", unit="row"):
         scores = [F.qa_scores(params, mcfg, tok, test, cfg.max_answer_tokens, d, cfg.prompt_order)
                   for d in decodings]
         ems = ", ".join(f"{d} {100 * s['em']:.1f}%" for d, s in zip(decodings, scores))
-        print(f"{name}: {ems}", flush=True)
+        tqdm.write(f"{name}: {ems}")
         rows.append((name, scores, kept, size))
     n_total = sum(p.size for p in base.values())
     text = (f"{args.tuned} against {args.base}: {len(test)} held-out questions, stage 6's scoring (NumPy); "

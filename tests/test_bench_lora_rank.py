@@ -2,6 +2,7 @@
 singular vectors, the parameters of each row, a LoRA's size against stage 6's own adapters, and
 bad options as one error line."""
 import importlib.util
+import json
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ spec = importlib.util.spec_from_file_location("bench_lora_rank", ROOT / "benchma
 B = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(B)
 S3 = B.F.S3
+TK = B.F.load_stage("2_tokenizer")
 
 
 def known_update(rng, shape, singular):
@@ -116,3 +118,36 @@ def test_a_missing_checkpoint_is_one_line(tmp_path, capsys):
     assert B.main(["--base", str(tmp_path / "none.npz"), "--tuned", str(tmp_path / "t.npz")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "none.npz" in err[0]
+
+
+def test_the_table_scores_each_row_as_stage_6_does(tmp_path, monkeypatch):
+    """End to end on a tiny byte-level model and a Q&A file: stage 6's scoring runs once per
+    variant (4 + 2 + 2 ranks x 2 + 2 = 12) on the held-out questions, first on the base's
+    parameters and then on the fine-tuned checkpoint's, and the table has a row for each."""
+    tok = TK.Tokenizer([])
+    tok.save(tmp_path / "tokenizer.json")
+    info = {"path": str(tmp_path / "tokenizer.json"), "sha256": tok.sha256(), "vocab_size": tok.vocab_size}
+    mcfg, tcfg = S3.make_configs("tiny", vocab_size=tok.vocab_size)
+    base = S3.init_params(mcfg, 0)
+    rng = np.random.default_rng(2)
+    tuned = {n: (w + rng.normal(0, 0.5, w.shape)).astype(w.dtype) for n, w in base.items()}
+    paths = [S3.save_model(tmp_path / f"{name}.npz", p, mcfg, tcfg, 0, None, info)
+             for name, p in (("base", base), ("tuned", tuned))]
+    qa = tmp_path / "qa.jsonl"
+    rows = [{"question": f"Colour {i}?", "answer": a, "context": f"It is {a} today.", "split": split}
+            for i, (a, split) in enumerate([("red", "train"), ("blue", "test"), ("green", "test")])]
+    qa.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    scored, real = [], B.F.qa_scores
+
+    def spy(params, mcfg, tok, pairs, *args):
+        scored.append((params, [p["question"] for p in pairs]))
+        return real(params, mcfg, tok, pairs, *args)
+    monkeypatch.setattr(B.F, "qa_scores", spy)
+    out = tmp_path / "table.md"
+    assert B.main(["--base", str(paths[0]), "--tuned", str(paths[1]), "--qa", str(qa), "--ranks", "1,2",
+                   "--decodings", "span", "--out", str(out)]) == 0
+    assert len(scored) == 12 and all(sorted(q) == ["Colour 1?", "Colour 2?"] for _, q in scored)
+    for (params, _), want in zip(scored, (base, tuned)):
+        assert all(np.array_equal(params[n], want[n]) for n in base)
+    lines = [line for line in out.read_text().splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(lines) == 1 + 12 and lines[1].startswith("| base |") and lines[2].startswith("| fine-tuned")
