@@ -7,7 +7,7 @@ majority decoding, answerable and unanswerable questions apart, and the corpus B
         --pretrain_batch 64 --pretrain_context 256 --pretrain_decay_step 2.33 --pretrain_token_shift 1 \
         --pretrain_set neuron=ternary --batch_size 64 --replay 0.5 --fresh_copies 0.5 \
         --prompt_order question_first --context_chars 128 --methods full --max_steps 6000 --lr 3e-3 \
-        --out qa_results.md                                              # the best (8 minutes, one H200)
+        --out qa_results.md                                    # the best (8 minutes on a shared H200)
     python benchmarks/bench_finetune.py --base out/numpy/ckpt.npz --max_steps 200
 """
 import argparse

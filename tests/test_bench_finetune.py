@@ -63,3 +63,16 @@ def test_bad_option_is_one_line_before_any_work(argv, words, calls, capsys):
     err = capsys.readouterr().err.strip().splitlines()        # argparse: the usage, then one error line
     assert err[0].startswith("usage:") and ": error: " in err[-1] and words in err[-1]
     assert not any(": error: " in line for line in err[:-1])
+
+
+def test_stage_6s_gpu_preset_is_the_best_command(calls):
+    """python 6_finetune.py --preset gpu fine-tunes as the best command of the README and of this
+    script's docstring does (its fine-tuning options): the same stage 6 config, field for field."""
+    tuning = ["--prompt_order", "question_first", "--batch_size", "64", "--replay", "0.5", "--fresh_copies",
+              "0.5", "--context_chars", "128", "--methods", "full", "--max_steps", "6000", "--lr", "3e-3"]
+    doc = " ".join(word for word in B.__doc__.split() if word != "\\")
+    assert all(f"{name} {value}" in doc for name, value in zip(tuning[::2], tuning[1::2]))
+    B.main(["--pretrain", "triton", "--backend", "triton", "--pretrain_set", "neuron=ternary"] + tuning)
+    [bench] = calls["run"]
+    paths = {"base": bench.base, "out_dir": bench.out_dir}
+    assert B.F.preset_configs(B.F.PRESETS, "gpu", paths, finetune=B.F.FinetuneConfig)[0] == bench
