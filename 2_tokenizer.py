@@ -1,4 +1,4 @@
-"""Stage 2: a syllable tokenizer.
+r"""Stage 2: a syllable tokenizer.
 
 A language model reads integers, not text. This stage learns a vocabulary of
 frequent *syllables* from data/<name>/train.txt and turns both splits into flat

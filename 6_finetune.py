@@ -1,4 +1,4 @@
-"""Stage 6: question answering by fine-tuning the pretrained spiking LLM -- full, frozen layers, LoRA.
+r"""Stage 6: question answering by fine-tuning the pretrained spiking LLM -- full, frozen layers, LoRA.
 
 A model pretrained by stage 3 (or 4, 5: one checkpoint format) learns to answer extractive
 questions whose answer is a span of a short context from its own corpus.
