@@ -62,7 +62,7 @@ def method_configs(args):
                                replay=args.replay, eval_questions=args.eval_questions, seed=args.seed,
                                prompt_order=args.prompt_order, context_chars=args.context_chars,
                                copy_questions=args.copy_questions, fresh_copies=args.fresh_copies,
-                               lora_targets=args.lora_targets)
+                               no_answer=args.no_answer, lora_targets=args.lora_targets)
         configs.append((spec, replace(cfg, lora_rank=int(rank), lora_alpha=2.0 * int(rank)) if rank else cfg))
     return configs
 
@@ -121,7 +121,11 @@ def main(argv=None):
     ap.add_argument("--fresh_copies", type=float, default=0.0,
                     help="stage 6's --fresh_copies: the share of each batch that is \"What follows\" "
                          "questions drawn anew every step")
-    ap.add_argument("--methods", default="full,freeze,lora:8,lora:1", help="lora:R = LoRA of rank R")
+    ap.add_argument("--no_answer", type=float, default=F.FinetuneConfig.no_answer,
+                    help="stage 6's --no_answer: the share of questions also asked of another text, "
+                         "whose answer is none")
+    ap.add_argument("--methods", default="full,freeze,lora:8,lora:1",
+                    help="lora:R = LoRA of rank R with alpha 2R (scale alpha / R = 2 at every rank)")
     ap.add_argument("--lora_targets", default=F.FinetuneConfig.lora_targets,
                     help=f"stage 6's --lora_targets: what LoRA adapts, of {', '.join(F.LORA_TARGETS)}")
     ap.add_argument("--max_steps", type=int, default=300, help="fine-tuning steps of every method")

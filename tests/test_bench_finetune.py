@@ -27,7 +27,7 @@ def test_options_reach_the_base_and_every_method(calls):
             "--pretrain_token_shift", "1", "--pretrain_decay_step", "2.33", "--methods", "full,lora:4",
             "--copy_questions", "8", "--fresh_copies", "0.25", "--batch_size", "64", "--grad_accum", "2",
             "--replay", "1.0", "--seed", "3", "--prompt_order", "question_twice",
-            "--lora_targets", "wq,embed"])
+            "--lora_targets", "wq,embed", "--no_answer", "0"])
     [(mcfg, tcfg)] = calls["pretrain"]
     assert (tcfg.lr, tcfg.min_lr) == (1e-3, 1e-4)
     assert (mcfg.neuron, mcfg.token_shift, mcfg.decay_step) == ("ternary", True, 2.33)
@@ -36,7 +36,7 @@ def test_options_reach_the_base_and_every_method(calls):
     assert lora.lora_targets == "wq,embed"
     for cfg in (full, lora):
         assert (cfg.copy_questions, cfg.fresh_copies, cfg.batch_size, cfg.grad_accum, cfg.replay, cfg.seed,
-                cfg.prompt_order) == (8, 0.25, 64, 2, 1.0, 3, "question_twice")
+                cfg.prompt_order, cfg.no_answer) == (8, 0.25, 64, 2, 1.0, 3, "question_twice", 0.0)
 
 
 def test_the_presets_learning_rate_by_default(calls):
@@ -54,6 +54,7 @@ def test_the_presets_learning_rate_by_default(calls):
     (["--pretrain_steps", "0"], "the base to pretrain (--preset, --pretrain_*): --max_steps"),
     (["--batch_size", "0"], "batch_size"),
     (["--seed", "-1"], "--seed must be >= 0"),
+    (["--no_answer", "1.5"], "--no_answer must be in [0, 1]"),
     (["--lora_targets", "wq,head"], "--lora_targets must be a comma-separated list"),
 ])
 def test_bad_option_is_one_line_before_any_work(argv, words, calls, capsys):
