@@ -55,11 +55,11 @@ def probe_rows(val, n, length, gap):
 
 
 def last_passage_scores(logits, idx, length):
-    """Bits per token and greedy accuracy of the last `length` tokens' predictions: position t
-    predicts idx[t + 1], for t from N - length to N - 2 (p2..pL). Sums and count, float64."""
-    n = idx.shape[1]
-    z = logits[:, n - length:n - 1].astype(np.float64)            # (B, L - 1, V)
-    y = idx[:, n - length + 1:]                                     # (B, L - 1)
+    """(summed bits, greedy hits, count) of the last passage's predictions: position t predicts
+    idx[t + 1], for t from N - length to N - 2 (p2..pL given everything before), in float64."""
+    N = idx.shape[1]
+    z = logits[:, N - length:N - 1].astype(np.float64)            # (B, L - 1, V)
+    y = idx[:, N - length + 1:]                                     # (B, L - 1)
     z = z - z.max(-1, keepdims=True)
     nats = np.log(np.exp(z).sum(-1)) - np.take_along_axis(z, y[..., None], -1)[..., 0]
     hits = z.argmax(-1) == y
