@@ -63,6 +63,15 @@ def save_checkpoint(path, params: dict, config: dict, opt_state: dict | None = N
     return path
 
 
+def read_npz(path) -> dict:
+    """Every array of an .npz file, never unpickling. A file that is not a complete .npz archive
+    is a ValueError saying so (numpy's own error for one would suggest loading it with pickle)."""
+    if not zipfile.is_zipfile(path):
+        raise ValueError("not a complete .npz archive")
+    with np.load(path, allow_pickle=False) as archive:
+        return {key: archive[key] for key in archive.files}
+
+
 def load_checkpoint(path, expected_shapes: dict | None = None):
     """Return (params, config, opt_state or None) from a checkpoint file.
 
@@ -73,8 +82,7 @@ def load_checkpoint(path, expected_shapes: dict | None = None):
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {key: archive[key] for key in archive.files}
+        arrays = read_npz(path)
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated: {err}") from None
     if "config.json" not in arrays:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from spikelib.checkpoint import CheckpointError
+from spikelib.checkpoint import CheckpointError, read_npz
 from spikelib.files import atomic_write, write_text_atomic
 
 
@@ -209,8 +209,7 @@ def load_lora(path, params):
         raise CheckpointError(f"no LoRA adapters at {path}: train them with --method lora, "
                               f"or pass --adapters FILE")
     try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
+        arrays = read_npz(path)
         doc = json.loads(arrays.pop("config.json").tobytes().decode())
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
         raise CheckpointError(f"{path} is not a readable LoRA adapter file ({type(err).__name__}: {err}); "

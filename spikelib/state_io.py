@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from spikelib.checkpoint import CheckpointError
+from spikelib.checkpoint import CheckpointError, read_npz
 
 FORMAT = "spike-transformer-chat-state"
 VERSION = 1
@@ -68,8 +68,7 @@ def load_state(path, fingerprint: str):
     if not path.is_file():
         raise StateFileError(f"state file {path} does not exist")
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {key: archive[key] for key in archive.files}
+        arrays = read_npz(path)
         doc = json.loads(arrays.pop("state.json").tobytes().decode())
     except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError, UnicodeDecodeError) as err:
         raise StateFileError(f"state file {path} is corrupt or not a state file: {str(err)[:80]}") from None

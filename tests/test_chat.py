@@ -174,6 +174,10 @@ def test_state_files_of_another_model_or_corrupt_are_refused(tmp_path):
     (tmp_path / "bad.npz").write_bytes(data[:len(data) // 2])
     with pytest.raises(C8.StateFileError, match="corrupt"):
         conv.load(tmp_path / "bad.npz")
+    (tmp_path / "notes.npz").write_text("not a state file\n" * 8)           # not an .npz archive
+    with pytest.raises(C8.StateFileError, match="corrupt") as err:
+        conv.load(tmp_path / "notes.npz")
+    assert "pickle" not in str(err.value)
     assert conv.pos.tolist() == [3]                             # a refused load changes nothing
 
 

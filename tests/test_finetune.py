@@ -247,6 +247,10 @@ def test_load_lora_rejects_adapters_of_another_model(tmp_path):
     F.save_lora(tmp_path / "half.npz", without_a, cfg, base)
     with pytest.raises(CheckpointError, match="blocks.0.attn.wq.B"):            # a B without its A
         F.load_lora(tmp_path / "half.npz", params)
+    (tmp_path / "notes.npz").write_text("not adapters at all\n" * 8)       # not an .npz archive
+    with pytest.raises(CheckpointError, match="not a readable LoRA adapter file") as err:
+        F.load_lora(tmp_path / "notes.npz", params)
+    assert "pickle" not in str(err.value)          # numpy's hint to load it unsafely is not passed on
 
 
 # ----------------------------------------------------------------------------- training
