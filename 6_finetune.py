@@ -404,7 +404,9 @@ def pick_token(logits, source, nexts, eos_id, started, majority=False):
     if not source:
         if logits[eos_id] > logsumexp(np.delete(logits, eos_id)):
             return eos_id, None
-        return int(np.argmax(np.where(np.arange(logits.size) == eos_id, -np.inf, logits))), None
+        others = logits.copy()
+        others[eos_id] = -np.inf                                     # the best token that is not <eos>
+        return int(others.argmax()), None
     cont = sorted({source[k] for k in nexts if k < len(source)})
     rest = np.delete(logits, eos_id) if started else logits[cont]      # go on: any token; start: a span
     if not cont or logits[eos_id] > logsumexp(rest):
