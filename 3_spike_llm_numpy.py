@@ -107,6 +107,7 @@ class TrainConfig:
     seed: int = 1337              # parameters and batches (a resumed run draws the same batches)
     eval_interval: int = 100      # evaluate and save every this many steps
     eval_tokens: int = 0          # validation tokens per evaluation: 0 = the whole split, N = the first N
+    repeat: float = 0.0           # share of windows that read a passage twice (a drill for copying)
 
     def __post_init__(self):
         check_train_config(self)      # sizes and rates, one error naming the option (spikelib.stage_run)
@@ -826,7 +827,7 @@ def start_params(mcfg, tcfg, ckpt_path, resume, tok_info):
 def train_step(params, opt, mcfg, tcfg, data, step):
     """One optimisation step on the batch fixed by (seed, step); returns (loss, stats)."""
     rng = batch_rng(tcfg.seed, step)           # the batch, then the dropout masks: resume is exact
-    x, y = get_batch(data, tcfg.batch_size, mcfg.context, rng)
+    x, y = get_batch(data, tcfg.batch_size, mcfg.context, rng, tcfg.repeat)
     loss, grads, stats = loss_and_grads(params, mcfg, x, y, rng=rng)
     if not math.isfinite(loss):
         return loss, stats                     # the caller stops; params stay untouched

@@ -46,7 +46,8 @@ def pretrain_configs(args):
     more.update(dict(args.pretrain_set))
     more.update({"lr": args.pretrain_lr, "min_lr": args.pretrain_lr / 10} if args.pretrain_lr else {})
     return S3.make_configs(args.preset, max_steps=args.pretrain_steps, batch_size=args.pretrain_batch,
-                           max_minutes=args.pretrain_minutes, out_dir=str(Path(args.base).parent), **more)
+                           max_minutes=args.pretrain_minutes, repeat=args.pretrain_repeat,
+                           out_dir=str(Path(args.base).parent), **more)
 
 
 def method_configs(args):
@@ -108,6 +109,9 @@ def main(argv=None):
     ap.add_argument("--pretrain_lr", type=float, default=0.0,
                     help="peak learning rate of a base it pretrains, the cosine ending at a tenth (0 = the "
                          "preset's)")
+    ap.add_argument("--pretrain_repeat", type=float, default=0.0,
+                    help="stage 3's --repeat of a base it pretrains: the share of windows that read a "
+                         "passage twice, a drill for copying from the context")
     ap.add_argument("--backend", default="numpy", choices=list(F.BACKENDS),
                     help="stage 6's --backend: the model that gives gradients and scores the answers")
     ap.add_argument("--context_chars", type=int, default=0,

@@ -30,12 +30,18 @@ def batch_rng(seed, step):
     return np.random.default_rng([seed, step])
 
 
-def get_batch(data, batch_size, context, rng):
-    """Random windows: x = data[i:i+L], y = data[i+1:i+L+1]; both (B, L) int64."""
+def get_batch(data, batch_size, context, rng, repeat=0.0):
+    """Random windows: x = data[i:i+L], y = data[i+1:i+L+1]; both (B, L) int64. repeat: the chance
+    that a window is a passage read twice, data[i:i+h] then data[i:i+L+1-h] with h = (L+1)//2, so
+    its second half is predicted best by copying the first (a drill for copying from context)."""
     if len(data) < context + 2:
         raise ValueError(f"split has {len(data)} tokens, fewer than context+2 = {context + 2}")
     starts = rng.integers(0, len(data) - context, size=batch_size)
     windows = np.stack([data[i:i + context + 1] for i in starts]).astype(np.int64)   # (B, L+1)
+    if repeat > 0:                             # drawn only then: other runs keep their batches
+        half = (context + 1) // 2
+        twice = rng.random(batch_size) < repeat                                       # (B,)
+        windows[twice, half:] = windows[twice, :context + 1 - half]
     return windows[:, :-1].copy(), windows[:, 1:].copy()     # contiguous, as callers may view them
 
 

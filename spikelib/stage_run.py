@@ -45,7 +45,8 @@ def check_train_config(cfg):
     """Refuse a training config (stage 3's TrainConfig) with a size, rate or interval out of range."""
     check_fields(cfg, {"batch_size": ">= 1", "max_steps": ">= 1", "max_minutes": ">= 0", "lr": "> 0",
                        "min_lr": ">= 0", "warmup": ">= 0", "weight_decay": ">= 0", "grad_clip": ">= 0",
-                       "layer_lr_decay": "> 0", "eval_interval": ">= 1", "eval_tokens": ">= 0"})
+                       "layer_lr_decay": "> 0", "eval_interval": ">= 1", "eval_tokens": ">= 0",
+                       "repeat": "in [0, 1]"})
 
 
 def resolve_configs(args, out_dir, presets, model_cls, train_cls, shapes_of):

@@ -24,12 +24,13 @@ def calls(monkeypatch, tmp_path):
 
 def test_options_reach_the_base_and_every_method(calls):
     B.main(["--preset", "tiny", "--pretrain_lr", "1e-3", "--pretrain_set", "neuron=ternary",
-            "--pretrain_token_shift", "1", "--pretrain_decay_step", "2.33", "--methods", "full,lora:4",
+            "--pretrain_token_shift", "1", "--pretrain_decay_step", "2.33", "--pretrain_repeat", "0.25",
+            "--methods", "full,lora:4",
             "--copy_questions", "8", "--fresh_copies", "0.25", "--batch_size", "64", "--grad_accum", "2",
             "--replay", "1.0", "--seed", "3", "--prompt_order", "question_twice",
             "--lora_targets", "wq,embed", "--no_answer", "0"])
     [(mcfg, tcfg)] = calls["pretrain"]
-    assert (tcfg.lr, tcfg.min_lr) == (1e-3, 1e-4)
+    assert (tcfg.lr, tcfg.min_lr, tcfg.repeat) == (1e-3, 1e-4, 0.25)
     assert (mcfg.neuron, mcfg.token_shift, mcfg.decay_step) == ("ternary", True, 2.33)
     full, lora = calls["run"]
     assert (full.method, lora.method, lora.lora_rank, lora.lora_alpha) == ("full", "lora", 4, 8.0)
@@ -51,6 +52,7 @@ def test_the_presets_learning_rate_by_default(calls):
     (["--copy_questions", "0"], "--copy_questions"),
     (["--pretrain_set", "bogus=1"], "bogus"),
     (["--pretrain_set", "d_model=abc"], "d_model must be a whole number"),
+    (["--pretrain_repeat", "2"], "the base to pretrain (--preset, --pretrain_*): --repeat must be in [0, 1]"),
     (["--pretrain_steps", "0"], "the base to pretrain (--preset, --pretrain_*): --max_steps"),
     (["--batch_size", "0"], "batch_size"),
     (["--seed", "-1"], "--seed must be >= 0"),
