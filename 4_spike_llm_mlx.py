@@ -408,7 +408,8 @@ def make_train_step(model, opt, tcfg):
 def train_step(model, opt, step_fn, mcfg, tcfg, data, step):
     """One step on the batch and dropout masks fixed by (seed, step), so a resumed run draws what
     an uninterrupted one would; returns (loss, stats)."""
-    x, y = ref.get_batch(data, tcfg.batch_size, mcfg.context, ref.batch_rng(tcfg.seed, step), tcfg.repeat)
+    rng = ref.batch_rng(tcfg.seed, step)
+    x, y = ref.get_batch(data, tcfg.batch_size, mcfg.context, rng, tcfg.repeat)         # (B, L)
     mx.random.seed(tcfg.seed * 1_000_003 + step)      # the step's dropout key (stage 5 seeds alike)
     lr = ref.lr_at(step, tcfg)
     x, y = mx.array(x, mx.int32), mx.array(y, mx.int32)

@@ -839,7 +839,8 @@ def train_step(model, opt, mcfg, tcfg, data, step, device, fwd=None, accum=1, gr
     micro-batch's mean loss is scaled by 1/accum and DDP averages gradients over the W ranks, so
     the gradient is that of the mean loss over all B rows: W ranks x accum micro-batches compute
     the step of one process with batch B. (loss, stats); params untouched on NaN."""
-    x, y = S3.get_batch(data, tcfg.batch_size, mcfg.context, S3.batch_rng(tcfg.seed, step), tcfg.repeat)
+    rng = S3.batch_rng(tcfg.seed, step)
+    x, y = S3.get_batch(data, tcfg.batch_size, mcfg.context, rng, tcfg.repeat)          # (B, L)
     rows = tcfg.batch_size // (group.world * accum)
     opt.zero_grad(set_to_none=True)
     loss_sum = 0.0

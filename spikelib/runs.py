@@ -41,7 +41,7 @@ def get_batch(data, batch_size, context, rng, repeat=0.0):
     if repeat > 0:                             # drawn only then: other runs keep their batches
         half = (context + 1) // 2
         twice = rng.random(batch_size) < repeat                                       # (B,)
-        windows[twice, half:] = windows[twice, :context + 1 - half]
+        windows[twice, half:] = windows[twice, :context + 1 - half]   # the right side is a copy
     return windows[:, :-1].copy(), windows[:, 1:].copy()     # contiguous, as callers may view them
 
 
