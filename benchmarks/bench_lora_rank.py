@@ -13,10 +13,14 @@ arrays alone tuned, the matrices with the embedding or with the rest but the emb
 rank r of the matrices with the other arrays at the base's and, to see what rank the matrices need
 once the rest is tuned, at the tuned ones, and each rank r of the embedding's update: exact match
 (held-out, stage 6's scoring, span and free decoding), the share of the update's squared norm
-kept, and the parameters a rank-r LoRA of those arrays trains.
+kept, and the parameters a rank-r LoRA of those arrays trains. With --parts 1, where the update
+lives: each block's matrices (with the embedding's update, without which they answer nothing),
+every block but one, each kind of matrix, attention and MLP; and the largest 1% (--sparse) of all
+its entries, what a sparse adapter of as many values as a 1% LoRA could carry over.
 
     python benchmarks/bench_lora_rank.py --base out/c/base.npz --tuned out/NAME/full/full.npz \\
         --context_chars 128 --prompt_order question_first --out lora_rank.md
+    python benchmarks/bench_lora_rank.py ... --ranks 1 --decodings span --parts 1   # where it lives
 """
 import argparse
 import sys
@@ -87,6 +91,50 @@ def variants(base, tuned, names, ranks):
     return rows
 
 
+def largest_entries(base, tuned, share):
+    """The base's parameters plus the largest share of the update's entries by |W_tuned - W_base|,
+    over every array at once (what a sparse adapter of that many values could carry over), and
+    how many entries that is."""
+    delta = {n: tuned[n].astype(np.float64) - base[n] for n in base}
+    k = max(1, int(share * sum(d.size for d in delta.values())))
+    size = np.concatenate([np.abs(d).ravel() for d in delta.values()])
+    cut = np.partition(size, -k)[-k]                     # the k-th largest |update|
+    params = {n: (base[n] + np.where(np.abs(d) >= cut, d, 0.0)).astype(base[n].dtype)
+              for n, d in delta.items()}
+    return params, int((size >= cut).sum())
+
+
+def block_and_kind(name):
+    """'blocks.2.attn.wq' -> ('2', 'attn.wq'): a target matrix's block and kind."""
+    _, block, kind = name.split(".", 2)
+    return block, kind
+
+
+def part_variants(base, tuned, names, sparse_share):
+    """Rows that say where full fine-tuning's update lives, each with the embedding's update (without
+    it the matrices answer nothing): each block's target matrices alone, every block but one, each
+    kind of matrix in every block, attention and MLP; then the largest entries of the whole update."""
+    embedding = [n for n in ("embed.weight", "head.weight") if n in base]
+    where = {n: block_and_kind(n) for n in names}
+    blocks = sorted({b for b, _ in where.values()}, key=int)
+    kinds = list(dict.fromkeys(k for _, k in where.values()))          # attn.wq, ..., mlp.w2
+    in_block = {b: [n for n in names if where[n][0] == b] for b in blocks}
+    groups = [(f"block {b}'s target matrices", in_block[b]) for b in blocks]
+    groups += [(f"every block's target matrices but block {b}'s", [n for n in names if n not in in_block[b]])
+               for b in blocks]
+    groups += [(f"every block's {k}", [n for n in names if where[n][1] == k]) for k in kinds]
+    for part in ("attn", "mlp"):
+        picked = [n for n in names if where[n][1].startswith(part + ".")]
+        if picked:
+            groups.append((f"every block's {part} matrices", picked))
+    rows = [(f"{name} and the embedding tuned, the rest base", tuned_at(base, tuned, keys + embedding),
+             None, None) for name, keys in groups]
+    params, k = largest_entries(base, tuned, sparse_share)
+    rows.append((f"the largest {100 * sparse_share:g}% of the update's entries (every array), the rest base",
+                 params, None, k))
+    return rows
+
+
 def check_pair(base, tuned, mcfg, tuned_mcfg):
     """Same model, same arrays: else one ValueError naming the difference."""
     if mcfg != tuned_mcfg:
@@ -97,7 +145,7 @@ def check_pair(base, tuned, mcfg, tuned_mcfg):
 
 def table(rows, n_total, decodings):
     heads = [f"EM {d}" for d in decodings]
-    lines = ["| parameters | " + " | ".join(heads) + " | update kept (squared norm) | LoRA of that rank |",
+    lines = ["| parameters | " + " | ".join(heads) + " | update kept (squared norm) | adapter parameters |",
              "|" + "---|" * (len(heads) + 3)]
     for name, scores, kept, size in rows:
         ems = [f"{100 * s['em']:.1f}% ± {100 * s['em_se']:.1f}" for s in scores]
@@ -123,6 +171,13 @@ def main(argv=None):
                     "generated from the base's corpus, as fine-tuning made them)")
     ap.add_argument("--eval_questions", type=int, default=400, help="held-out questions scored")
     ap.add_argument("--decodings", default="span,free", help=f"comma-separated, of {', '.join(F.DECODINGS)}")
+    ap.add_argument("--parts", type=int, default=0, choices=[0, 1],
+                    help="1: also rows that say where the update lives (each block's matrices, every block "
+                         "but one, each kind of matrix, all with the embedding) and the largest --sparse "
+                         "share of its entries (default 0)")
+    ap.add_argument("--sparse", type=float, default=0.01,
+                    help="with --parts 1: the share of the update's entries kept by size (default 0.01, "
+                         "as many values as 1%% of the model)")
     ap.add_argument("--out", default="", help="also write the markdown table to this file")
     args = ap.parse_args(argv)
     try:
@@ -132,6 +187,8 @@ def main(argv=None):
     decodings = [d.strip() for d in args.decodings.split(",")]
     if min(ranks) < 1 or not set(decodings) <= set(F.DECODINGS):
         ap.error(f"--ranks must be >= 1 and --decodings of {', '.join(F.DECODINGS)}")
+    if not 0 < args.sparse <= 1:
+        ap.error(f"--sparse must be in (0, 1], got {args.sparse:g}")
     if "embed" in [t.strip() for t in args.lora_targets.split(",")]:
         ap.error("--lora_targets: the block matrices only (the embedding has rows of its own)")
     try:
@@ -146,8 +203,11 @@ def main(argv=None):
     except F.S3.ERRORS as err:
         return F.fail(err)
     names = F.lora_names(base, args.lora_targets)
+    todo = variants(base, tuned, names, ranks)
+    if args.parts:
+        todo += part_variants(base, tuned, names, args.sparse)
     rows = []
-    for name, params, kept, size in tqdm(variants(base, tuned, names, ranks), desc="rows", unit="row"):
+    for name, params, kept, size in tqdm(todo, desc="rows", unit="row"):
         scores = [F.qa_scores(params, mcfg, tok, test, cfg.max_answer_tokens, d, cfg.prompt_order)
                   for d in decodings]
         ems = ", ".join(f"{d} {100 * s['em']:.1f}%" for d, s in zip(decodings, scores))

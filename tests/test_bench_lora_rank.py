@@ -85,6 +85,42 @@ def test_each_row_holds_the_arrays_it_names():
     assert rows["fine-tuned (every array)"][0] is tuned and rows["base"][0] is base
 
 
+def test_each_part_row_holds_the_arrays_it_names():
+    """--parts: each block's matrices, every block but one, each kind, attention and MLP, every row
+    with the embedding's update: those arrays tuned, every other the base's; then the largest
+    entries."""
+    _, base, tuned, names, _ = tiny_pair()
+    rows = {name: params for name, params, _, _ in B.part_variants(base, tuned, names, 0.01)}
+    blocks = ("0", "1")                                    # tiny: 2 blocks of 6 target matrices
+    kinds = ("attn.wq", "attn.wk", "attn.wv", "attn.wo", "mlp.w1", "mlp.w2")
+    assert len(names) == 12 and len(rows) == 2 + 2 + 6 + 2 + 1
+    want = {f"block {b}'s target matrices": [f"blocks.{b}.{k}" for k in kinds] for b in blocks}
+    for b, other in (("0", "1"), ("1", "0")):
+        want[f"every block's target matrices but block {b}'s"] = [f"blocks.{other}.{k}" for k in kinds]
+    want.update({f"every block's {k}": [f"blocks.{b}.{k}" for b in blocks] for k in kinds})
+    want.update({f"every block's {part} matrices": [f"blocks.{b}.{k}" for b in blocks for k in kinds
+                                                     if k.startswith(part)] for part in ("attn", "mlp")})
+    for name, keys in want.items():
+        params = rows[f"{name} and the embedding tuned, the rest base"]
+        tuned_here = keys + ["embed.weight"]
+        assert all(params[n] is (tuned[n] if n in tuned_here else base[n]) for n in base), name
+    assert "the largest 1% of the update's entries (every array), the rest base" in rows
+
+
+def test_largest_entries_keeps_the_biggest_changes_of_every_array():
+    """An update of known sizes spread over two arrays: the share keeps exactly the k largest |change|
+    wherever they are, signs included, and leaves every other entry at the base's."""
+    base = {"a": np.zeros((2, 3), np.float32), "b": np.ones(4, np.float32)}
+    tuned = {"a": np.array([[0.1, -5.0, 0.2], [3.0, 0.0, -0.3]], np.float32),
+             "b": np.array([1.0, 1.0 - 4.0, 1.5, 1.0 + 0.05], np.float32)}
+    params, k = B.largest_entries(base, tuned, 0.3)      # 30% of 10 entries: the 3 largest
+    assert k == 3
+    np.testing.assert_array_equal(params["a"], [[0.0, -5.0, 0.0], [3.0, 0.0, 0.0]])
+    np.testing.assert_array_equal(params["b"], [1.0, -3.0, 1.0, 1.0])
+    params, k = B.largest_entries(base, tuned, 1.0)
+    assert k == 10 and all(np.array_equal(params[n], tuned[n]) for n in base)
+
+
 def test_lora_size_is_what_stage_6_trains():
     """r (in + out) per target matrix: the number of values in stage 6's own rank-r adapters."""
     _, base, _, names, _ = tiny_pair()
@@ -106,6 +142,7 @@ def test_a_checkpoint_of_another_model_is_refused():
     (["--ranks", "0"], "--ranks must be >= 1"),
     (["--decodings", "span,beam"], "--decodings of span, free, majority"),
     (["--lora_targets", "wq,embed"], "--lora_targets: the block matrices only"),
+    (["--parts", "1", "--sparse", "0"], "--sparse must be in (0, 1]"),
 ])
 def test_bad_option_is_one_line(argv, words, capsys):
     with pytest.raises(SystemExit) as stop:
@@ -120,9 +157,11 @@ def test_a_missing_checkpoint_is_one_line(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("error:") and "none.npz" in err[0]
 
 
-def test_the_table_scores_each_row_as_stage_6_does(tmp_path, monkeypatch):
+@pytest.mark.parametrize("parts, n_rows", [(0, 12), (1, 12 + 13)])
+def test_the_table_scores_each_row_as_stage_6_does(tmp_path, monkeypatch, parts, n_rows):
     """End to end on a tiny byte-level model and a Q&A file: stage 6's scoring runs once per
-    variant (4 + 2 + 2 ranks x 2 + 2 = 12) on the held-out questions, first on the base's
+    variant (4 + 2 + 2 ranks x 2 + 2 = 12; --parts 1 adds 2 blocks, 2 all-but-one, 6 kinds,
+    attention, MLP and the largest entries) on the held-out questions, first on the base's
     parameters and then on the fine-tuned checkpoint's, and the table has a row for each."""
     tok = TK.Tokenizer([])
     tok.save(tmp_path / "tokenizer.json")
@@ -145,9 +184,13 @@ def test_the_table_scores_each_row_as_stage_6_does(tmp_path, monkeypatch):
     monkeypatch.setattr(B.F, "qa_scores", spy)
     out = tmp_path / "table.md"
     assert B.main(["--base", str(paths[0]), "--tuned", str(paths[1]), "--qa", str(qa), "--ranks", "1,2",
-                   "--decodings", "span", "--out", str(out)]) == 0
-    assert len(scored) == 12 and all(sorted(q) == ["Colour 1?", "Colour 2?"] for _, q in scored)
+                   "--decodings", "span", "--parts", str(parts), "--out", str(out)]) == 0
+    assert len(scored) == n_rows and all(sorted(q) == ["Colour 1?", "Colour 2?"] for _, q in scored)
     for (params, _), want in zip(scored, (base, tuned)):
         assert all(np.array_equal(params[n], want[n]) for n in base)
     lines = [line for line in out.read_text().splitlines() if line.startswith("| ") and "---" not in line]
-    assert len(lines) == 1 + 12 and lines[1].startswith("| base |") and lines[2].startswith("| fine-tuned")
+    assert len(lines) == 1 + n_rows
+    assert lines[1].startswith("| base |") and lines[2].startswith("| fine-tuned")
+    if parts:                                              # 1% of the model's values, kept by size
+        n_total = sum(p.size for p in base.values())
+        assert lines[-1].startswith("| the largest 1% ") and f"| {n_total // 100:,} (" in lines[-1]
