@@ -436,6 +436,30 @@ def test_cli_finetunes_merges_and_answers(tmp_path, capsys):
     assert "--decode must be one of span, free, majority, got 'beam'" in capsys.readouterr().err
 
 
+def test_a_fine_tuned_checkpoint_is_the_base_of_the_next_run(tmp_path, monkeypatch):
+    """Carrying a model on (to longer contexts, README): --base a full.npz of stage 6, and the next
+    run trains from its parameters, not from the base it was tuned from."""
+    base = tiny_base(tmp_path)
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps({"question": q, "answer": a, "split": "test" if i % 3 == 0 else "train"})
+                          + "\n" for i, (q, a) in enumerate(QA)))
+    common = ["--qa", str(qa), "--method", "full", "--max_steps", "2", "--batch_size", "2", "--lr", "1e-2",
+              "--max_answer_tokens", "3"]
+    assert F.main(["--base", str(base), "--out_dir", str(tmp_path / "first")] + common) == 0
+    started, real = [], F.finetune
+
+    def spy(params, *args, **kwargs):
+        started.append({k: v.copy() for k, v in params.items()})
+        return real(params, *args, **kwargs)
+    monkeypatch.setattr(F, "finetune", spy)
+    first = tmp_path / "first" / "full.npz"
+    assert F.main(["--base", str(first), "--out_dir", str(tmp_path / "second")] + common) == 0
+    tuned, original = F.load_base(first)[0], F.load_base(base)[0]
+    assert len(started) == 1 and all(np.array_equal(started[0][k], tuned[k]) for k in tuned)
+    assert any(not np.array_equal(tuned[k], original[k]) for k in tuned)
+    assert (tmp_path / "second" / "full.npz").is_file()
+
+
 def test_help_explains_every_config_field():
     """--help carries each FinetuneConfig field's own comment (compared without whitespace, as
     argparse rewraps the text), and every field has one."""
