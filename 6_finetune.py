@@ -21,6 +21,8 @@ questions whose answer is a span of a short context from its own corpus.
 
     python 3_spike_llm_numpy.py                           # pretrain first: out/numpy/ckpt.npz
     python 6_finetune.py --method full                    # -> out/finetune/full.npz
+    python 6_finetune.py --method full --base out/finetune/full.npz --context_chars 256 \
+        --out_dir out/finetune256                         # carry it on to longer contexts
     python 6_finetune.py --method lora --lora_rank 8      # -> out/finetune/lora.npz (adapters only)
     python 6_finetune.py --method lora --merge 1          # base + adapters -> lora_merged.npz
     python 6_finetune.py --method lora --ask "What does json.dumps return?"
