@@ -175,7 +175,7 @@ def main(argv=None):
                     help="1: also rows that say where the update lives (each block's matrices, every block "
                          "but one, each kind of matrix, all with the embedding) and the largest --sparse "
                          "share of its entries (default 0)")
-    ap.add_argument("--sparse", type=float, default=0.01,
+    ap.add_argument("--sparse", type=float, default=None,
                     help="with --parts 1: the share of the update's entries kept by size (default 0.01, "
                          "as many values as 1%% of the model)")
     ap.add_argument("--out", default="", help="also write the markdown table to this file")
@@ -187,8 +187,11 @@ def main(argv=None):
     decodings = [d.strip() for d in args.decodings.split(",")]
     if min(ranks) < 1 or not set(decodings) <= set(F.DECODINGS):
         ap.error(f"--ranks must be >= 1 and --decodings of {', '.join(F.DECODINGS)}")
-    if not 0 < args.sparse <= 1:
-        ap.error(f"--sparse must be in (0, 1], got {args.sparse:g}")
+    if args.sparse is not None and not args.parts:
+        ap.error("--sparse is a row of --parts 1: give both")
+    sparse = 0.01 if args.sparse is None else args.sparse
+    if not 0 < sparse <= 1:
+        ap.error(f"--sparse must be in (0, 1], got {sparse:g}")
     if "embed" in [t.strip() for t in args.lora_targets.split(",")]:
         ap.error("--lora_targets: the block matrices only (the embedding has rows of its own)")
     try:
@@ -205,7 +208,7 @@ def main(argv=None):
     names = F.lora_names(base, args.lora_targets)
     todo = variants(base, tuned, names, ranks)
     if args.parts:
-        todo += part_variants(base, tuned, names, args.sparse)
+        todo += part_variants(base, tuned, names, sparse)
     rows = []
     for name, params, kept, size in tqdm(todo, desc="rows", unit="row"):
         scores = [F.qa_scores(params, mcfg, tok, test, cfg.max_answer_tokens, d, cfg.prompt_order)

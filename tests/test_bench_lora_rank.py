@@ -143,6 +143,7 @@ def test_a_checkpoint_of_another_model_is_refused():
     (["--decodings", "span,beam"], "--decodings of span, free, majority"),
     (["--lora_targets", "wq,embed"], "--lora_targets: the block matrices only"),
     (["--parts", "1", "--sparse", "0"], "--sparse must be in (0, 1]"),
+    (["--sparse", "0.02"], "--sparse is a row of --parts 1: give both"),
 ])
 def test_bad_option_is_one_line(argv, words, capsys):
     with pytest.raises(SystemExit) as stop:
