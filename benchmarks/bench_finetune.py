@@ -154,15 +154,19 @@ def main(argv=None):
         configs = method_configs(args)
     except ValueError as e:
         ap.error(str(e))
-    if base_configs:
-        pretrain(args, *base_configs)
     rows = []
-    for spec, cfg in configs:
-        print(f"\n=== {spec}")
-        row = F.run(cfg, progress=True)
-        row["method"] = spec
-        rows.append(row)
-        write_tables(args, rows)                        # after every method: a cut-short run keeps its rows
+    try:                  # a base or dataset that does not fit (its tokenizer, a missing file): one line
+        if base_configs:
+            pretrain(args, *base_configs)
+        for spec, cfg in configs:
+            print(f"\n=== {spec}")
+            row = F.run(cfg, progress=True)
+            row["method"] = spec
+            rows.append(row)
+            write_tables(args, rows)                    # after every method: a cut-short run keeps its rows
+    except F.S3.ERRORS as err:
+        return F.fail(err)
+    return 0
 
 
 def write_tables(args, rows):
@@ -177,4 +181,4 @@ def write_tables(args, rows):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

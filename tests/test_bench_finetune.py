@@ -79,3 +79,13 @@ def test_stage_6s_gpu_preset_is_the_best_command(calls):
     [bench] = calls["run"]
     paths = {"base": bench.base, "out_dir": bench.out_dir}
     assert B.F.preset_configs(B.F.PRESETS, "gpu", paths, finetune=B.F.FinetuneConfig)[0] == bench
+
+
+def test_a_base_that_does_not_load_is_one_line(tmp_path, monkeypatch, capsys):
+    """An error met during the work (here an unreadable --base) ends the run with one line, no traceback."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "base.npz").write_text("not a checkpoint\n")
+    assert B.main(["--base", "base.npz", "--methods", "full", "--out", "table.md"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "base.npz" in err[0]
+    assert not (tmp_path / "table.md").exists()
