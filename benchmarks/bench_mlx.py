@@ -54,12 +54,15 @@ def timed(run_steps, start, steps):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--preset", default="small", choices=list(ref.PRESETS))
+    ap.add_argument("--preset", default="small", choices=list(ref.PRESETS),
+                    help="model preset (default small)")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per round and stage")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (the median is reported)")
     ap.add_argument("--device", choices=("cpu", "gpu"), default=None, help="MLX device (default: MLX's own)")
     ap.add_argument("--skip_numpy", action="store_true", help="time stage 4 only (large presets)")
     args = ap.parse_args(argv)
+    if args.steps < 1 or args.rounds < 1:
+        ap.error("--steps and --rounds must be >= 1")
     if args.device:
         mx.set_default_device(mx.gpu if args.device == "gpu" else mx.cpu)
 

@@ -26,7 +26,6 @@ from spikelib.hardware import cpu_model, usable_cpus  # noqa: E402
 from spikelib.stages import load_stage  # noqa: E402
 
 
-
 def measure(preset, steps, vocab):
     """Timed training steps of one preset in this process; returns a result dict."""
     m = load_stage("3_spike_llm_numpy")
@@ -50,13 +49,21 @@ def measure(preset, steps, vocab):
             "max_rss_MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--presets", default="small,seed")
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--vocab", type=int, default=2000)
+    ap.add_argument("--presets", default="small,seed",
+                    help="stage 3 presets, comma-separated, each in its own process (default small,seed)")
+    ap.add_argument("--steps", type=int, default=3, help="timed training steps per preset (default 3)")
+    ap.add_argument("--vocab", type=int, default=2000,
+                    help="vocabulary size of the random tokens (default 2000)")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)   # internal: run one preset, print JSON
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    presets = load_stage("3_spike_llm_numpy").PRESETS
+    unknown = [p for p in args.presets.split(",") if p not in presets]
+    if unknown:
+        ap.error(f"--presets: unknown {', '.join(unknown)}; choose from {', '.join(presets)}")
+    if args.steps < 1 or args.vocab < 2:
+        ap.error("--steps must be >= 1 and --vocab >= 2")
     if args.one:
         print(json.dumps(measure(args.one, args.steps, args.vocab)))
         return

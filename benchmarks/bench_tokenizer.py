@@ -44,11 +44,18 @@ def main(argv=None):
     path = Path(args.file)
     if not path.exists() and args.file == p.get_default("file"):
         load_stage("1_data").prepare("builtin", root="data")
-    text = path.read_text(encoding="utf-8")
+    if args.repeat < 1:
+        p.error("--repeat must be >= 1")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        p.error(f"--file {path}: {err}")
     n_bytes = len(text.encode("utf-8"))
     rows = []
 
     tok_path = Path(args.tokenizer) if args.tokenizer else path.parent / "tokenizer.json"
+    if args.tokenizer and not tok_path.is_file():            # named but absent: not trained in its place
+        p.error(f"--tokenizer {tok_path}: no such file")
     if tok_path.exists():
         tok = tk.Tokenizer.load(tok_path)
         origin = str(tok_path)
