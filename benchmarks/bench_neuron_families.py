@@ -27,20 +27,22 @@ from spikelib.hardware import cpu_model, usable_cpus  # noqa: E402
 from spikelib.stages import load_stage  # noqa: E402
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--task", default="interval", help="interval | recall (stage 0b's tasks)")
     ap.add_argument("--seeds", default="0,1", help="comma-separated seeds; the table averages them")
     ap.add_argument("--steps", type=int, default=600, help="Adam steps per run")
     ap.add_argument("--quant", default="round_ste", help="quantizer of the spiking families")
     ap.add_argument("--workers", type=int, default=min(2, usable_cpus()), help="processes")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     nf = load_stage("0b_neuron_families")
     try:
         seeds = [int(s) for s in args.seeds.split(",")]
         base = nf.Config(task=args.task, steps=args.steps, quant=args.quant)
         if args.workers < 1:
             raise ValueError(f"workers={args.workers} must be >= 1")
+        if min(seeds) < 0:
+            raise ValueError(f"seeds={args.seeds}: each must be >= 0")
     except ValueError as e:
         ap.error(str(e))
     runs = nf.table_runs()

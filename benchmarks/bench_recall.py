@@ -227,6 +227,8 @@ def check_args(args):
         return "--steps, --batch, --keys, --values, --fillers, --eval_seqs and --warmup must be >= 1"
     if args.train_seqs < 0:
         return "--train_seqs must be >= 0 (0: fresh sequences every step)"
+    if not args.lr > 0 or args.seed < 0:                        # not > 0: NaN is refused too
+        return "--lr must be > 0 and --seed >= 0"
     if min(args.pairs) < 1 or min(args.gap + [args.queries, args.query_sep]) < 0 or min(args.decay_step) <= 0:
         return "--pairs must be >= 1, --gap, --queries and --query_sep >= 0, --decay_step > 0"
     if max(args.pairs) > args.keys:

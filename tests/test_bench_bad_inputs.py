@@ -47,3 +47,9 @@ def test_bench_tokenizer(tmp_path, capsys, monkeypatch):
 def test_bench_mlx(capsys):
     pytest.importorskip("mlx.core")
     assert_one_error_line(bench("bench_mlx"), ["--rounds", "0"], "--rounds must be >= 1", capsys)
+
+
+def test_bench_neuron_families(capsys, monkeypatch):
+    B = bench("bench_neuron_families")
+    monkeypatch.setattr(B, "ProcessPoolExecutor", lambda *a: pytest.fail("a run was launched"))
+    assert_one_error_line(B, ["--seeds", "0,-1"], "each must be >= 0", capsys)

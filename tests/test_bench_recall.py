@@ -109,6 +109,9 @@ def test_accuracy_on_hand_made_logits():
     (["--set", "n_head=3"], "n_head"),
     (["--set", "decay_step=2"], "--decay_step"),
     (["--query_sep", "-1"], "--query_sep"),
+    (["--lr", "-1"], "--lr must be > 0"),
+    (["--lr", "nan"], "--lr must be > 0"),
+    (["--seed", "-1"], "--seed >= 0"),
 ])
 def test_bad_options_give_one_error_line(argv, words, capsys, tmp_path):
     small = ["--preset", "tiny", "--steps", "2", "--batch", "2", "--eval_seqs", "2",
