@@ -20,6 +20,7 @@ Every config field is a command-line flag (`--help`).
 """
 import argparse
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -29,7 +30,7 @@ if __name__ == "__main__":  # the matrices are tiny: one BLAS thread beats sever
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from spikelib.cli import add_config_options, given_options  # noqa: E402
+from spikelib.cli import add_config_options, check_fields, fail, given_options  # noqa: E402
 
 # ----------------------------------------------------------------------------- config
 
@@ -81,15 +82,21 @@ class Config:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}; choose one of {allowed}")
+        check_fields(self, FIELD_RULES)
         if self.d_model % self.n_head:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
-        if self.seq_len < 2 or min(self.n_objects, self.n_colours, self.T, self.steps) < 1:
-            raise ValueError("seq_len must be >= 2 and sizes positive")
 
     def neuron_spec(self):
         return Neuron(self.neuron, self.reset, self.detach_reset, self.surrogate, self.alpha,
                       self.alif_rho, self.alif_kappa)
 
+
+# what each number may be, as --help would say it (PLIF learns beta through a logit: strictly inside (0, 1))
+FIELD_RULES = {"n_objects": ">= 1", "n_colours": ">= 1", "n_fillers": ">= 1", "seq_len": ">= 2",
+               "n_layer": ">= 1", "n_head": ">= 1", "d_model": ">= 1", "d_ff": ">= 1", "T": ">= 1",
+               "alpha": "> 0", "beta": "in (0, 1)", "theta": "> 0", "alif_rho": "in [0, 1]",
+               "alif_kappa": ">= 0", "readout_beta": "in [0, 1]", "steps": ">= 1", "batch_size": ">= 1",
+               "lr": "> 0", "n_test": ">= 1", "seed": ">= 0", "raster_neurons": ">= 1"}
 
 PRESETS = {
     "default": {},
@@ -713,21 +720,21 @@ def parse_config(argv=None):
     add_config_options(ap, Config, "settings (Config)", {k: {"config": v} for k, v in PRESETS.items()},
                        "config")
     args = ap.parse_args(argv)
-    try:
-        return Config(**{**PRESETS[args.preset], **given_options(args, Config)})
-    except ValueError as e:
-        ap.error(str(e))
+    return Config(**{**PRESETS[args.preset], **given_options(args, Config)})    # a bad value: ValueError
 
 
 def main(argv=None):
-    cfg = parse_config(argv)
+    try:
+        cfg = parse_config(argv)
+    except ValueError as err:
+        return fail(err)
     if cfg.gradcheck:
         print("hand backward vs central finite differences of the smooth forward (float64)")
         rows = gradcheck(cfg)
         for name, err in rows:
             print(f"  {name:42s} rel. error {err:.1e}  {'ok' if err < 1e-6 else 'FAIL'}")
         print("all ok" if all(e < 1e-6 for _, e in rows) else "SOME CHECKS FAILED")
-        return
+        return 0
     print(f"task: name one of {cfg.n_objects} objects among {cfg.seq_len - 1} words, "
           f"then ask its colour ({cfg.n_colours} colours, chance {1 / cfg.n_colours:.0%})")
     print(f"model: {cfg.n_layer} block, d_model {cfg.d_model}, {cfg.n_head} heads, T {cfg.T}, "
@@ -750,4 +757,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -107,6 +107,8 @@ class DataConfig:
         """Check every option before any work starts; a bad one is a ValueError naming it."""
         if self.unicode_form not in ("NFC", "NFKC", "NFD", "NFKD"):
             raise ValueError(f"--unicode_form must be NFC, NFKC, NFD or NFKD, got {self.unicode_form!r}")
+        if self.filter_words not in ("default", "none") and not Path(self.filter_words).is_file():
+            raise ValueError(f"--filter_words: {self.filter_words} is not 'default', 'none' or a file")
         for name, (allowed, words) in NUMBER_OPTIONS.items():
             if not allowed(getattr(self, name)):         # comparisons with NaN are false: refused too
                 raise ValueError(f"--{name} must be {words}, got {getattr(self, name)}")

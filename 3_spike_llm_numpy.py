@@ -867,8 +867,8 @@ def run_configs(args, out_dir="out/numpy"):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    sc = config_from_args(SampleConfig, args)
     try:
+        sc = config_from_args(SampleConfig, args)
         mcfg, tcfg, ckpt = run_configs(args)
         if plot_only(args, ckpt):
             plot_checkpoint(ckpt)

@@ -498,8 +498,8 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    sc = config_from_args(ref.SampleConfig, args)
     try:
+        sc = config_from_args(ref.SampleConfig, args)
         use_device(args.device)                       # --device gpu without a GPU: a ValueError
         mcfg, tcfg, ckpt = ref.run_configs(args, out_dir="out/mlx")
         if plot_only(args, ckpt):

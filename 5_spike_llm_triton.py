@@ -908,9 +908,9 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    sc = config_from_args(S3.SampleConfig, args)
     group = SOLO
     try:
+        sc = config_from_args(S3.SampleConfig, args)
         run = resolve_run(config_from_args(RunConfig, args), have_triton=triton is not None)
         group, run = join_group(run)                      # under torchrun: one process of several
         mcfg, tcfg, ckpt = S3.run_configs(args, out_dir="out/triton")

@@ -22,7 +22,7 @@ class SampleConfig:
 
     def __post_init__(self):
         check_fields(self, {"max_new_tokens": ">= 0", "temperature": ">= 0", "top_k": ">= 0",
-                            "top_p": "in (0, 1]"})
+                            "top_p": "in (0, 1]", "sample_seed": ">= 0"})
 
 
 def check_model_config(cfg):
@@ -37,7 +37,7 @@ def check_model_config(cfg):
         raise ValueError(f"--quant {cfg.quant} needs --spike_fn sigmoid4x (heaviside spikes are binary)")
     check_fields(cfg, {"decay_start": "> 0 (so that 0 < gamma < 1)", "decay_step": ">= 0",
                        "alpha": "> 0", "dropout": "in [0, 1)", "theta": "> 0", "norm_eps": "> 0",
-                       "syn_alpha": "in [0, 1)",
+                       "syn_alpha": "in [0, 1)", "alif_rho": "in [0, 1]", "alif_kappa": ">= 0",
                        "beta": "in (0, 1)" if cfg.neuron == "plif" else "in [0, 1] (1: no leak)"})
 
 

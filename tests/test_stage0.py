@@ -258,10 +258,12 @@ def test_op_count_with_every_neuron_firing(attention):
 def test_command_line_config():
     cfg = s0.parse_config(["--preset", "tiny", "--neuron", "alif", "--no-detach_reset", "--lr", "0.003"])
     assert (cfg.neuron, cfg.detach_reset, cfg.lr, cfg.seq_len) == ("alif", False, 0.003, 8)
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError, match="izhikevich"):
         s0.parse_config(["--neuron", "izhikevich"])
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError, match="not divisible"):
         s0.parse_config(["--d_model", "30", "--n_head", "4"])
+    with pytest.raises(ValueError, match="--n_layer must be >= 1, got 0"):
+        s0.parse_config(["--n_layer", "0"])
 
 
 def test_ascii_raster_shows_spikes():
