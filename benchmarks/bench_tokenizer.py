@@ -40,12 +40,12 @@ def main(argv=None):
     p.add_argument("--lang", default="en_US", help="when training one")
     p.add_argument("--repeat", type=int, default=3, help="cached/decode timings: best of this many")
     args = p.parse_args(argv)
+    if args.repeat < 1:
+        p.error("--repeat must be >= 1")
 
     path = Path(args.file)
     if not path.exists() and args.file == p.get_default("file"):
         load_stage("1_data").prepare("builtin", root="data")
-    if args.repeat < 1:
-        p.error("--repeat must be >= 1")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
@@ -56,14 +56,17 @@ def main(argv=None):
     tok_path = Path(args.tokenizer) if args.tokenizer else path.parent / "tokenizer.json"
     if args.tokenizer and not tok_path.is_file():            # named but absent: not trained in its place
         p.error(f"--tokenizer {tok_path}: no such file")
-    if tok_path.exists():
-        tok = tk.Tokenizer.load(tok_path)
-        origin = str(tok_path)
-    else:
-        t_train, tok = best_time(lambda: tk.Tokenizer.train(text, args.vocab_size, args.lang,
-                                                             progress=False), 1)
-        origin = f"trained on the file ({t_train:.2f}s)"
-        rows.append(("train", t_train))
+    try:                                  # a damaged tokenizer.json, a vocabulary size or language refused
+        if tok_path.exists():
+            tok = tk.Tokenizer.load(tok_path)
+            origin = str(tok_path)
+        else:
+            t_train, tok = best_time(lambda: tk.Tokenizer.train(text, args.vocab_size, args.lang,
+                                                                 progress=False), 1)
+            origin = f"trained on the file ({t_train:.2f}s)"
+            rows.append(("train", t_train))
+    except ValueError as err:
+        p.error(str(err))
 
     tok.clear_cache()
     t_cold, ids = best_time(lambda: tok.encode(text), 1)

@@ -42,6 +42,8 @@ def test_bench_tokenizer(tmp_path, capsys, monkeypatch):
     assert_one_error_line(B, ["--file", str(text), "--tokenizer", str(tmp_path / "absent.json")],
                           "--tokenizer", capsys)
     assert_one_error_line(B, ["--file", str(text), "--repeat", "0"], "--repeat must be >= 1", capsys)
+    monkeypatch.undo()                                       # training is allowed to start, and refuses
+    assert_one_error_line(B, ["--file", str(text), "--vocab-size", "10"], "vocab_size must be in", capsys)
 
 
 def test_bench_mlx(capsys):
