@@ -229,7 +229,8 @@ def check_args(args):
         return "--train_seqs must be >= 0 (0: fresh sequences every step)"
     if not args.lr > 0 or args.seed < 0:                        # not > 0: NaN is refused too
         return "--lr must be > 0 and --seed >= 0"
-    if min(args.pairs) < 1 or min(args.gap + [args.queries, args.query_sep]) < 0 or min(args.decay_step) <= 0:
+    sizes_ok = min(args.pairs) >= 1 and min(args.gap + [args.queries, args.query_sep]) >= 0
+    if not sizes_ok or not all(d > 0 for d in args.decay_step):      # not > 0: NaN is refused too
         return "--pairs must be >= 1, --gap, --queries and --query_sep >= 0, --decay_step > 0"
     if max(args.pairs) > args.keys:
         return f"--pairs {max(args.pairs)} is more than the {args.keys} keys (keys are distinct per sequence)"

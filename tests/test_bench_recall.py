@@ -112,6 +112,7 @@ def test_accuracy_on_hand_made_logits():
     (["--lr", "-1"], "--lr must be > 0"),
     (["--lr", "nan"], "--lr must be > 0"),
     (["--seed", "-1"], "--seed >= 0"),
+    (["--decay_step", "1.5,nan"], "--decay_step > 0"),
 ])
 def test_bad_options_give_one_error_line(argv, words, capsys, tmp_path):
     small = ["--preset", "tiny", "--steps", "2", "--batch", "2", "--eval_seqs", "2",
