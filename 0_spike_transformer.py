@@ -82,7 +82,8 @@ class Config:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}; choose one of {allowed}")
-        check_fields(self, FIELD_RULES)
+        leak = "in (0, 1)" if self.neuron == "plif" else "in [0, 1] (1: no leak)"
+        check_fields(self, {**FIELD_RULES, "beta": leak})
         if self.d_model % self.n_head:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
 
@@ -91,10 +92,11 @@ class Config:
                       self.alif_rho, self.alif_kappa)
 
 
-# what each number may be, as --help would say it (PLIF learns beta through a logit: strictly inside (0, 1))
+# what each number may be, as --help would say it; beta's rule depends on the neuron (PLIF learns
+# it through a logit, so it starts strictly inside (0, 1))
 FIELD_RULES = {"n_objects": ">= 1", "n_colours": ">= 1", "n_fillers": ">= 1", "seq_len": ">= 2",
                "n_layer": ">= 1", "n_head": ">= 1", "d_model": ">= 1", "d_ff": ">= 1", "T": ">= 1",
-               "alpha": "> 0", "beta": "in (0, 1)", "theta": "> 0", "alif_rho": "in [0, 1]",
+               "alpha": "> 0", "theta": "> 0", "alif_rho": "in [0, 1]",
                "alif_kappa": ">= 0", "readout_beta": "in [0, 1]", "steps": ">= 1", "batch_size": ">= 1",
                "lr": "> 0", "n_test": ">= 1", "seed": ">= 0", "raster_neurons": ">= 1"}
 

@@ -44,6 +44,7 @@ if __name__ == "__main__":  # small matrices: one BLAS thread beats several wait
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from spikelib.cli import check_fields  # noqa: E402
 from spikelib.stages import load_stage  # noqa: E402
 
 # ----------------------------------------------------------------------------- config
@@ -87,10 +88,11 @@ class Config:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}; choose one of {allowed}")
-        if self.T < 20:
-            raise ValueError(f"T={self.T}: the tasks need at least 20 timesteps")
-        if min(self.hidden, self.steps, self.batch_size, self.n_test) < 1 or self.noise < 0:
-            raise ValueError("hidden, steps, batch_size and n_test must be positive, noise >= 0")
+        check_fields(self, {"T": ">= 20 (the tasks need at least 20 timesteps)", "hidden": ">= 1",
+                            "steps": ">= 1", "batch_size": ">= 1", "n_test": ">= 1", "noise": ">= 0",
+                            "readout_beta": "in [0, 1]", "lr": "> 0", "seed": ">= 0"})
+        if not np.isfinite(self.spike_bias):
+            raise ValueError(f"--spike_bias must be a finite number, got {self.spike_bias}")
 
 
 def canonical_prefix(prefix):

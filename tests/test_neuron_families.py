@@ -278,6 +278,13 @@ def test_command_line_errors_are_one_line(capsys):
     with pytest.raises(SystemExit):
         nf.main(["--prefix", "Q"])
     assert "error: prefix='Q'" in capsys.readouterr().err
+    for argv, words in ((["--lr", "nan"], "--lr must be > 0"), (["--seed", "-1"], "--seed must be >= 0"),
+                        (["--T", "5"], "--T must be >= 20"),
+                        (["--spike_bias", "nan"], "--spike_bias must be")):
+        with pytest.raises(SystemExit) as e:
+            nf.main(argv)                           # refused before training: a run would take seconds
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and words in err[-1] and not any("Traceback" in line for line in err)
 
 
 def test_training_learns_the_recall_task():
