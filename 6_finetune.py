@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from spikelib.checkpoint import data_ref, save_checkpoint, tokenizer_path  # noqa: E402
 from spikelib.cli import add_config_options, fail, given_options, parse_bool, preset_configs  # noqa: E402
 from spikelib.finetune_backends import TorchReader, mlx_backend, triton_backend  # noqa: E402
-from spikelib.finetune_io import (append_result, load_lora, normalize, print_result,  # noqa: E402, F401
+from spikelib.finetune_io import (EMBED_ROW, append_result, load_lora, normalize, print_result,  # noqa: E402, F401
                                   print_table, read_qa, save_lora, stable_hash)
 from spikelib.loop import progress_fields  # noqa: E402
 from spikelib.qa_data import fresh_drills, write_qa  # noqa: E402
@@ -50,6 +50,7 @@ from spikelib.runs import load_tokenizer  # noqa: E402
 from spikelib.stages import load_stage  # noqa: E402
 
 S3 = load_stage("3_spike_llm_numpy")      # the reference model, optimizer, checkpoints, eval
+SPECIAL_TOKENS = load_stage("2_tokenizer").SPECIAL_TOKENS   # <pad> <bos> <eos> <q> <a> ...: ids 0, 1, ...
 
 # ----------------------------------------------------------------------------- config
 
@@ -73,6 +74,9 @@ class FinetuneConfig:
     lora_alpha: float = 16.0       # lora: W_eff = W + s B A with scale s = alpha / rank
     lora_targets: str = "wq,wk,wv,wo,w1,w2"   # lora: the matrices of every block that get adapters;
                                               # embed adds the token embedding (the tied readout too)
+    lora_tokens: str = ""          # lora: special tokens whose embedding rows also train, in full, e.g.
+                                   # <q>,<a>,<eos>: pretraining never read them, and a rank-r adapter
+                                   # moves every row of the embedding along the same r directions
     max_steps: int = 300           # optimizer steps of fine-tuning (the schedule ends here)
     batch_size: int = 16           # Q&A pairs per step (GPU: 64+; spiking models need many pairs to learn)
     grad_accum: int = 1            # micro-batches per step: the same batch in 1/grad_accum of the memory
@@ -111,6 +115,10 @@ class FinetuneConfig:
         if not all(t in LORA_TARGETS for t in targets):
             raise ValueError(f"--lora_targets must be a comma-separated list of {', '.join(LORA_TARGETS)}, "
                              f"got {self.lora_targets!r}")
+        tokens = [t.strip() for t in self.lora_tokens.split(",") if t.strip()]
+        if not all(t in SPECIAL_TOKENS for t in tokens):
+            raise ValueError(f"--lora_tokens must be a comma-separated list of {', '.join(SPECIAL_TOKENS)}, "
+                             f"got {self.lora_tokens!r}")
         for name, (allowed, words) in NUMBER_OPTIONS.items():
             if not allowed(getattr(self, name)):         # comparisons with NaN are false: refused too
                 raise ValueError(f"--{name} must be {words}, got {getattr(self, name)}")
@@ -239,36 +247,55 @@ def lora_names(params, targets):
     return names + (["embed.weight"] if "embed" in wanted else [])
 
 
-def init_lora(params, names, rank, seed=0):
+def init_lora(params, names, rank, seed=0, token_ids=()):
     """B (in, r) ~ N(0, 1/in), A (r, out) = 0, so W_eff = W + s B A starts equal to W.
-    x @ B projects the input down to r channels, @ A brings it back up."""
+    x @ B projects the input down to r channels, @ A brings it back up. Each token id also gets
+    a row delta r_i (d,) = 0: E_eff[i] = E[i] + r_i trains that row in full."""
     rng = np.random.default_rng(seed)
     lora = {}
     for n in names:
         d_in, d_out = params[n].shape
         lora[n + ".B"] = rng.normal(0.0, 1.0 / math.sqrt(d_in), (d_in, rank)).astype(params[n].dtype)
         lora[n + ".A"] = np.zeros((rank, d_out), params[n].dtype)
+    embed = params["embed.weight"]                        # (V, D)
+    for i in token_ids:
+        lora[EMBED_ROW + str(i)] = np.zeros(embed.shape[1], embed.dtype)
     return lora
 
 
+def token_rows(lora):
+    """{token id: key} of the trained embedding rows among the adapters."""
+    return {int(k[len(EMBED_ROW):]): k for k in lora if k.startswith(EMBED_ROW)}
+
+
 def apply_lora(params, lora, scale):
-    """Parameters with W_eff = W + s B A for every adapted W (the others shared, not copied)."""
+    """Parameters with W_eff = W + s B A for every adapted W and E_eff[i] = E[i] + r_i for every
+    trained row (the others shared, not copied)."""
     out = dict(params)
     for key in lora:
         if key.endswith(".B"):
             n = key[:-2]
             out[n] = params[n] + scale * (lora[n + ".B"] @ lora[n + ".A"])
+    rows = token_rows(lora)
+    if rows:
+        embed = out["embed.weight"].copy()               # (V, D): the base's own array stays as it was
+        for i, key in rows.items():
+            embed[i] += lora[key]
+        out["embed.weight"] = embed
     return out
 
 
 def lora_grads(grads, lora, scale):
-    """Chain rule through W_eff = W + s B A:  dB = s dW_eff A^T,  dA = s B^T dW_eff."""
+    """Chain rule through W_eff = W + s B A:  dB = s dW_eff A^T,  dA = s B^T dW_eff;
+    through E_eff[i] = E[i] + r_i:  dr_i = dE_eff[i]."""
     out = {}
     for key in lora:
         if key.endswith(".B"):
             n = key[:-2]
             out[n + ".B"] = scale * (grads[n] @ lora[n + ".A"].T)
             out[n + ".A"] = scale * (lora[n + ".B"].T @ grads[n])
+    for i, key in token_rows(lora).items():
+        out[key] = grads["embed.weight"][i].copy()
     return out
 
 
@@ -290,7 +317,8 @@ def trainable_params(params, cfg, mcfg):
     if not names:
         raise ValueError(f"lora_targets={cfg.lora_targets!r} selects no matrix; "
                          f"use names from {list(LORA_TARGETS)}")
-    return init_lora(params, names, cfg.lora_rank, cfg.seed)
+    tokens = [t.strip() for t in cfg.lora_tokens.split(",") if t.strip()]
+    return init_lora(params, names, cfg.lora_rank, cfg.seed, [SPECIAL_TOKENS.index(t) for t in tokens])
 
 # ----------------------------------------------------------------------------- backends
 # A backend turns (parameters, batch) into (masked loss, dL/dparam for every model parameter).

@@ -63,7 +63,8 @@ def method_configs(args):
                                replay=args.replay, eval_questions=args.eval_questions, seed=args.seed,
                                prompt_order=args.prompt_order, context_chars=args.context_chars,
                                copy_questions=args.copy_questions, fresh_copies=args.fresh_copies,
-                               no_answer=args.no_answer, lora_targets=args.lora_targets)
+                               no_answer=args.no_answer, lora_targets=args.lora_targets,
+                               lora_tokens=args.lora_tokens)
         configs.append((spec, replace(cfg, lora_rank=int(rank), lora_alpha=2.0 * int(rank)) if rank else cfg))
     return configs
 
@@ -132,6 +133,9 @@ def main(argv=None):
                     help="lora:R = LoRA of rank R with alpha 2R (scale alpha / R = 2 at every rank)")
     ap.add_argument("--lora_targets", default=F.FinetuneConfig.lora_targets,
                     help=f"stage 6's --lora_targets: what LoRA adapts, of {', '.join(F.LORA_TARGETS)}")
+    ap.add_argument("--lora_tokens", default=F.FinetuneConfig.lora_tokens,
+                    help="stage 6's --lora_tokens: special tokens whose embedding rows LoRA also trains "
+                         "in full, e.g. <q>,<a>,<eos>")
     ap.add_argument("--max_steps", type=int, default=300, help="fine-tuning steps of every method")
     ap.add_argument("--batch_size", type=int, default=16, help="Q&A pairs per fine-tuning step")
     ap.add_argument("--grad_accum", type=int, default=1, help="micro-batches per step (less memory)")

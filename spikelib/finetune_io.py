@@ -12,6 +12,8 @@ import numpy as np
 from spikelib.checkpoint import CheckpointError, read_npz
 from spikelib.files import atomic_write, write_text_atomic
 
+EMBED_ROW = "embed.weight.row."     # an adapter file's key of a trained embedding row: + its token id
+
 
 def append_result(path, result):
     """Add one results row to a JSONL file (NaN written as null), the whole file replaced atomically."""
@@ -194,9 +196,10 @@ def squad_pair(qa, context, title, where, test_fraction):
 
 
 def save_lora(path, lora, cfg, base_path):
-    """Adapters as a small npz: lora/<name>.B, lora/<name>.A and a JSON config (no pickle)."""
+    """Adapters as a small npz: lora/<name>.B, lora/<name>.A, lora/embed.weight.row.<id> (trained
+    embedding rows) and a JSON config (no pickle)."""
     doc = {"format": "spike-transformer-lora", "version": 1, "rank": cfg.lora_rank, "alpha": cfg.lora_alpha,
-           "targets": cfg.lora_targets, "base": str(base_path)}
+           "targets": cfg.lora_targets, "tokens": cfg.lora_tokens, "base": str(base_path)}
     arrays = {"config.json": np.frombuffer(json.dumps(doc).encode(), np.uint8)}
     arrays.update({"lora/" + k: np.asarray(v, np.float32) for k, v in lora.items()})
     return atomic_write(path, lambda f: np.savez(f, **arrays))    # a failed save keeps the old file
@@ -222,9 +225,17 @@ def load_lora(path, params):
     if not (isinstance(rank, int) and rank >= 1 and isinstance(alpha, (int, float))):
         raise CheckpointError(f"{path}: its config needs an integer rank >= 1 and a number alpha")
     lora = {k[len("lora/"):]: v for k, v in arrays.items()}
+    vocab, d = params["embed.weight"].shape
     for key, v in lora.items():
-        if not key.endswith((".A", ".B")) or not np.issubdtype(v.dtype, np.floating):
-            raise CheckpointError(f"{path}: lora/{key} is not a floating-point .A or .B adapter")
+        if not np.issubdtype(v.dtype, np.floating):
+            raise CheckpointError(f"{path}: lora/{key} is not floating-point")
+        if key.startswith(EMBED_ROW):                   # a trained row of the embedding: (d,)
+            i = key[len(EMBED_ROW):]
+            if not (i.isdigit() and int(i) < vocab and v.shape == (d,)):
+                raise CheckpointError(f"{path}: embedding row {key} {v.shape} does not fit the base model")
+            continue
+        if not key.endswith((".A", ".B")):
+            raise CheckpointError(f"{path}: lora/{key} is not an .A or .B adapter or an embedding row")
         n = key[:-2]
         d_in, d_out = params[n].shape if n in params and params[n].ndim == 2 else (None, None)
         want = {".B": (d_in, rank), ".A": (rank, d_out)}.get(key[-2:])

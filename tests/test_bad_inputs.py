@@ -106,6 +106,8 @@ CASES = [
     case("6-lora-rank-0", "6_finetune", B6 + "--lora_rank 0", "--lora_rank must be >= 1, got 0", True),
     case("6-lora-targets", "6_finetune", B6 + "--lora_targets foo",
          "--lora_targets must be a comma-separated list of wq, wk, wv, wo, w1, w2, embed, got 'foo'", True),
+    case("6-lora-tokens", "6_finetune", B6 + "--lora_tokens <q>,<x>",
+         "--lora_tokens must be a comma-separated list of <pad>, <bos>, <eos>, <q>, <a>", True),
     case("6-batch-0", "6_finetune", B6 + "--batch_size 0", "--batch_size must be >= 1", True),
     case("6-max-steps-0", "6_finetune", B6 + "--max_steps 0", "--max_steps must be >= 1", True),
     case("6-negative-lr", "6_finetune", B6 + "--lr -0.01", "--lr must be >= 0", True),

@@ -148,15 +148,17 @@ def test_lora_gradients_match_finite_differences(monkeypatch):
     (h = 1e-6) of the masked loss in float64: relative error < 1e-5 for every adapter tensor, all
     entries, the tied embedding's (lookup and readout in one dW) too. Stage 3's smooth forward (each
     spike H(u) replaced by its surrogate S(u), as in its own gradient checks) makes the loss
-    differentiable; A is random so that dB is not zero."""
+    differentiable; A is random so that dB is not zero. Two embedding rows train in full beside
+    the adapters (--lora_tokens): dr_i = dE_eff[i], checked the same way."""
     mcfg = S3.make_configs("tiny", vocab_size=11, d_model=8, d_ff=12, n_head=2)[0]
     rng = np.random.default_rng(0)
     params = {k: v.astype(np.float64) + rng.normal(0, 0.1, v.shape) for k, v in S3.init_params(mcfg).items()}
-    lora = F.init_lora(params, F.lora_names(params, "wq,wk,wv,wo,w1,w2,embed"), rank=2)
+    lora = F.init_lora(params, F.lora_names(params, "wq,wk,wv,wo,w1,w2,embed"), rank=2, token_ids=(3, 4))
     for k in lora:
         if k.endswith(".A"):
             lora[k] = rng.normal(0, 0.3, lora[k].shape)
-    assert len(lora) == 2 * (6 * mcfg.n_layer + 1) and "embed.weight.B" in lora
+    assert len(lora) == 2 * (6 * mcfg.n_layer + 1) + 2 and "embed.weight.B" in lora
+    assert lora["embed.weight.row.3"].shape == (mcfg.d_model,)
     x, y = rng.integers(0, mcfg.vocab_size, (2, 2, 5))
     mask = np.array([[0, 0, 1, 1, 1], [0, 1, 1, 1, 0]], np.float64)
     scale = 1.5
@@ -227,6 +229,33 @@ def test_merged_checkpoint_equals_base_plus_adapters(tmp_path, monkeypatch):
     assert used == set(adapters)                                  # every adapter took part
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-6
     assert np.linalg.norm(plain - want) / np.linalg.norm(want) > 1e-2     # the adapters matter
+
+
+def test_trained_rows_change_their_rows_alone(tmp_path):
+    """--lora_tokens: E_eff[i] = E[i] + r_i exactly at the trained rows, every other row and the base
+    untouched; the rows survive save_lora / load_lora, and a row the base lacks is refused."""
+    base = tiny_base(tmp_path)
+    params = S3.load_model(base)[0]
+    before = {k: v.copy() for k, v in params.items()}
+    cfg = F.FinetuneConfig(lora_rank=2, lora_tokens="<q>,<a>")
+    q, a = F.SPECIAL_TOKENS.index("<q>"), F.SPECIAL_TOKENS.index("<a>")
+    lora = F.init_lora(params, F.lora_names(params, "wq"), 2, token_ids=(q, a))
+    rng = np.random.default_rng(0)
+    lora = {k: (v + rng.normal(0, 0.3, v.shape)).astype(np.float32) for k, v in lora.items()}
+    tuned = F.apply_lora(params, lora, 1.0)
+    changed = np.nonzero((tuned["embed.weight"] != params["embed.weight"]).any(1))[0]
+    assert changed.tolist() == [q, a]
+    assert np.array_equal(tuned["embed.weight"][q], params["embed.weight"][q] + lora[f"embed.weight.row.{q}"])
+    assert all(params[k].tobytes() == before[k].tobytes() for k in params)
+    F.save_lora(tmp_path / "rows.npz", lora, cfg, base)
+    loaded, _ = F.load_lora(tmp_path / "rows.npz", params)
+    assert all(np.array_equal(loaded[k], lora[k]) for k in lora) and set(loaded) == set(lora)
+    vocab = params["embed.weight"].shape[0]
+    for key, row in ((f"embed.weight.row.{vocab}", lora[f"embed.weight.row.{q}"]),     # no such token
+                     (f"embed.weight.row.{q}", lora[f"embed.weight.row.{q}"][:-1])):   # a short row
+        F.save_lora(tmp_path / "bad.npz", {**lora, key: row}, cfg, base)
+        with pytest.raises(CheckpointError, match="does not fit the base model"):
+            F.load_lora(tmp_path / "bad.npz", params)
 
 
 def test_load_lora_rejects_adapters_of_another_model(tmp_path):

@@ -300,13 +300,17 @@ def test_fresh_pairs_take_their_share_of_each_batch(tiny):
 
 def test_lora_with_replay_leaves_the_base_bit_identical(tiny):
     """LoRA fine-tuning (with replay) trains adapters only: every base array is bit-identical
-    afterwards, so the base with the adapters removed is the original model."""
+    afterwards, so the base with the adapters removed is the original model. The role tokens'
+    embedding rows train too (--lora_tokens), as deltas beside the base's rows."""
     tok, mcfg, corpus, examples = tiny
     params = S3.init_params(mcfg, 0)
     before = {k: v.copy() for k, v in params.items()}
-    cfg = F.FinetuneConfig(method="lora", max_steps=3, warmup=1, batch_size=4, replay=0.5)
+    cfg = F.FinetuneConfig(method="lora", max_steps=3, warmup=1, batch_size=4, replay=0.5,
+                           lora_tokens="<q>,<a>,<eos>")
     trainable, _ = F.finetune(params, mcfg, cfg, examples, F.numpy_backend(mcfg), False, corpus)
     assert all(np.abs(v).sum() > 0 for k, v in trainable.items() if k.endswith(".A"))     # adapters moved
+    rows = [k for k in trainable if k.startswith("embed.weight.row.")]
+    assert len(rows) == 3 and all(np.abs(trainable[k]).sum() > 0 for k in rows)           # rows moved
     assert set(params) == set(before)
     for k in params:
         assert params[k].tobytes() == before[k].tobytes(), k
