@@ -12,7 +12,8 @@ questions whose answer is a span of a short context from its own corpus.
        first, or the question before and after it); the loss is the cross-entropy of the answer
        tokens (and <eos>) only.
     3. Methods: full, freeze (embedding and the first k blocks fixed), lora (W + s B A on the
-       projections, s = alpha / r: dB = s dW A^T, dA = s B^T dW, from any backend's dW).
+       projections, s = alpha / r: dB = s dW A^T, dA = s B^T dW, from any backend's dW; with
+       --lora_tokens the rows of new tokens train in full too: dr_i = dE[i]).
     4. Backends (numpy, mlx, triton) only return gradients; the AdamW update is stage 3's. Answers and
        BPC are scored with stage 3's model, or with stage 5's for triton (a GPU's parallel prefill).
     5. Results: exact match and token F1 on held-out questions (--decode span keeps an answer a
