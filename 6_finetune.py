@@ -745,7 +745,9 @@ def merge(cfg, adapters):
     lora, scale = load_lora(adapters, params)
     path = Path(cfg.out_dir) / "lora_merged.npz"
     save_finetuned(path, apply_lora(params, lora, scale), mcfg, config, cfg)
-    print(f"merged {len(lora) // 2} adapters (s = {scale:g}) into {path}")
+    rows = token_rows(lora)
+    print(f"merged {(len(lora) - len(rows)) // 2} adapters (s = {scale:g}) and {len(rows)} embedding rows "
+          f"into {path}")
     return path
 
 

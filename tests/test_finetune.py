@@ -195,7 +195,7 @@ def random_adapters(params, rank, seed=0):
     return {k: (v + rng.normal(0, 0.3, v.shape)).astype(np.float32) for k, v in lora.items()}
 
 
-def test_merged_checkpoint_equals_base_plus_adapters(tmp_path, monkeypatch):
+def test_merged_checkpoint_equals_base_plus_adapters(tmp_path, monkeypatch, capsys):
     """The merged file's forward equals the base's forward with the adapters applied unmerged,
     y = x W + s (x B) A at every adapted matrix (float64, smooth forward, within 1e-6 relative)."""
     base = tiny_base(tmp_path)
@@ -204,6 +204,7 @@ def test_merged_checkpoint_equals_base_plus_adapters(tmp_path, monkeypatch):
     lora = random_adapters(params, cfg.lora_rank)
     F.save_lora(tmp_path / "lora.npz", lora, cfg, base)
     merged, mcfg2, _, _, _, config2 = S3.load_model(F.merge(cfg, tmp_path / "lora.npz"))
+    assert f"merged {6 * mcfg.n_layer} adapters" in capsys.readouterr().out
     assert mcfg2 == mcfg and config2["tokenizer"] == config["tokenizer"]
     for n in params:                                              # only adapted matrices changed
         assert np.array_equal(merged[n], params[n]) == (n + ".B" not in lora), n
@@ -231,7 +232,7 @@ def test_merged_checkpoint_equals_base_plus_adapters(tmp_path, monkeypatch):
     assert np.linalg.norm(plain - want) / np.linalg.norm(want) > 1e-2     # the adapters matter
 
 
-def test_trained_rows_change_their_rows_alone(tmp_path):
+def test_trained_rows_change_their_rows_alone(tmp_path, capsys):
     """--lora_tokens: E_eff[i] = E[i] + r_i exactly at the trained rows, every other row and the base
     untouched; the rows survive save_lora / load_lora, and a row the base lacks is refused."""
     base = tiny_base(tmp_path)
@@ -250,6 +251,11 @@ def test_trained_rows_change_their_rows_alone(tmp_path):
     F.save_lora(tmp_path / "rows.npz", lora, cfg, base)
     loaded, _ = F.load_lora(tmp_path / "rows.npz", params)
     assert all(np.array_equal(loaded[k], lora[k]) for k in lora) and set(loaded) == set(lora)
+    cfg.base, cfg.out_dir = str(base), str(tmp_path)
+    merged = S3.load_model(F.merge(cfg, tmp_path / "rows.npz"))[0]
+    assert np.array_equal(merged["embed.weight"], tuned["embed.weight"])
+    n_b = sum(k.endswith(".B") for k in lora)                        # one wq adapter a block
+    assert f"merged {n_b} adapters (s = 8) and 2 embedding rows" in capsys.readouterr().out
     vocab = params["embed.weight"].shape[0]
     for key, row in ((f"embed.weight.row.{vocab}", lora[f"embed.weight.row.{q}"]),     # no such token
                      (f"embed.weight.row.{q}", lora[f"embed.weight.row.{q}"][:-1])):   # a short row
