@@ -22,6 +22,7 @@ questions whose answer is a span of a short context from its own corpus.
 
     python 3_spike_llm_numpy.py                           # pretrain first: out/numpy/ckpt.npz
     python 6_finetune.py --method full                    # -> out/finetune/full.npz
+    python 6_finetune.py --method full --resume 1         # continue it exactly after Ctrl-C
     python 6_finetune.py --method full --base out/finetune/full.npz --context_chars 256 \
         --out_dir out/finetune256                         # carry it on to longer contexts
     python 6_finetune.py --method lora --lora_rank 8      # -> out/finetune/lora.npz (adapters only)
@@ -39,12 +40,12 @@ import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from spikelib.checkpoint import data_ref, save_checkpoint, tokenizer_path  # noqa: E402
+from spikelib.checkpoint import data_ref, load_checkpoint, save_checkpoint, tokenizer_path  # noqa: E402
 from spikelib.cli import add_config_options, fail, given_options, parse_bool, preset_configs  # noqa: E402
 from spikelib.finetune_backends import TorchReader, mlx_backend, triton_backend  # noqa: E402
 from spikelib.finetune_io import (EMBED_ROW, append_result, load_lora, normalize, print_result,  # noqa: E402, F401
                                   print_table, read_qa, save_lora, stable_hash)
-from spikelib.loop import progress_fields  # noqa: E402
+from spikelib.loop import interrupts_between_steps, progress_fields  # noqa: E402
 from spikelib.qa_data import fresh_drills, write_qa  # noqa: E402
 from spikelib.report import print_stream  # noqa: E402
 from spikelib.runs import load_tokenizer  # noqa: E402
@@ -88,6 +89,10 @@ class FinetuneConfig:
     grad_clip: float = 1.0         # clip the global gradient norm to this
     layer_lr_decay: float = 1.0    # < 1: lower learning rates for layers nearer the input
     seed: int = 0                  # LoRA initialization, the batches, fresh questions, replay windows
+    save_interval: int = 500       # save the run's state (OUT_DIR/<method>.state.npz) every N steps and on
+                                   # Ctrl-C; 0 = on Ctrl-C only. A finished run deletes it
+    resume: bool = False           # continue the stopped run of --method in OUT_DIR from its state,
+                                   # exactly as if it had not stopped (the batches are drawn by step)
     max_len: int = 0               # longest prompt + answer in tokens (longer: skipped); 0 = max(128, ctx)
     max_questions: int = 20000     # generator: at most this many answerable pairs (a spread-out subset)
     test_fraction: float = 0.1     # generator: share of questions held out
@@ -149,6 +154,7 @@ NUMBER_OPTIONS = {
     "no_answer": (lambda v: 0 <= v <= 1, "in [0, 1]"), "copy_questions": (at_least(1), ">= 1"),
     "replay": (at_least(0), ">= 0"), "fresh_copies": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "seed": (at_least(0), ">= 0 (numpy's generators take no negative seed)"),
+    "save_interval": (at_least(0), ">= 0 (0 = on Ctrl-C only)"),
     "test_fraction": (lambda v: 0 <= v <= 1, "in [0, 1]"), "eval_questions": (at_least(1), ">= 1"),
     "max_answer_tokens": (at_least(1), ">= 1"), "eval_tokens": (at_least(0), ">= 0"),
 }
@@ -369,39 +375,87 @@ def accumulated_grads(params, trainable, cfg, grad_fn, x, y, mask):
     return loss, grads
 
 
-def finetune(params, mcfg, cfg, train_examples, grad_fn, progress=True, corpus=None, fresh=None):
+def finetune(params, mcfg, cfg, train_examples, grad_fn, progress=True, corpus=None, fresh=None, state=None):
     """AdamW on the trainable set; returns (trainable dict, losses). full/freeze update params in place.
     With cfg.fresh_copies and fresh (rng -> one new encoded pair), that share of each batch is pairs
     never seen before. With cfg.replay and corpus (train split token ids), each batch also holds
     round(replay x batch) windows of the corpus, their loss the pretraining loss: the model keeps
-    modelling language."""
+    modelling language. With state (a path) the run is saved there every cfg.save_interval steps
+    and on Ctrl-C (after the step under way), and cfg.resume continues from it."""
     trainable = trainable_params(params, cfg, mcfg)
     lr, min_lr = resolved_lr(cfg)
     sched = S3.TrainConfig(lr=lr, min_lr=min_lr, warmup=cfg.warmup, max_steps=cfg.max_steps,
                            weight_decay=cfg.weight_decay, layer_lr_decay=cfg.layer_lr_decay)
     opt = S3.init_opt_state(trainable)
-    losses = []
-    bar = tqdm(range(cfg.max_steps), desc=f"finetune {cfg.method}", dynamic_ncols=True, disable=not progress)
+    start, losses = load_state(state, trainable, opt, cfg) if cfg.resume else (0, [])
+    bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc=f"finetune {cfg.method}",
+               dynamic_ncols=True, disable=not progress)
     t0 = time.time()
-    for step in bar:
-        n_fresh = round(cfg.fresh_copies * cfg.batch_size) if fresh else 0
-        pick = S3.batch_rng(cfg.seed, step).integers(0, len(train_examples), cfg.batch_size - n_fresh)
-        batch = [train_examples[i] for i in pick]
-        if n_fresh:
-            drill_rng = S3.batch_rng(cfg.seed + 2, step)
-            batch += [fresh(drill_rng) for _ in range(n_fresh)]
-        n_win = round(cfg.replay * cfg.batch_size) if corpus is not None else 0
-        if n_win:
-            batch += replay_windows(corpus, n_win, mcfg.context, S3.batch_rng(cfg.seed + 1, step))
-        x, y, mask = make_batch(batch, pad_id=0, windows=n_win)
-        loss, grads = accumulated_grads(params, trainable, cfg, grad_fn, x, y, mask)
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss} at step {step}; try a lower --lr")
-        grads, norm = S3.clip_grads(grads, cfg.grad_clip)
-        stats = {"lr": S3.adamw_step(trainable, grads, opt, step, sched, mcfg.n_layer), "grad_norm": norm}
-        losses.append(loss)
-        bar.set_postfix(progress_fields(loss, stats, (step + 1) * x.size / (time.time() - t0)))
+    with interrupts_between_steps() as stop:
+        for step in bar:
+            n_fresh = round(cfg.fresh_copies * cfg.batch_size) if fresh else 0
+            pick = S3.batch_rng(cfg.seed, step).integers(0, len(train_examples), cfg.batch_size - n_fresh)
+            batch = [train_examples[i] for i in pick]
+            if n_fresh:
+                drill_rng = S3.batch_rng(cfg.seed + 2, step)
+                batch += [fresh(drill_rng) for _ in range(n_fresh)]
+            n_win = round(cfg.replay * cfg.batch_size) if corpus is not None else 0
+            if n_win:
+                batch += replay_windows(corpus, n_win, mcfg.context, S3.batch_rng(cfg.seed + 1, step))
+            x, y, mask = make_batch(batch, pad_id=0, windows=n_win)
+            loss, grads = accumulated_grads(params, trainable, cfg, grad_fn, x, y, mask)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss} at step {step}; try a lower --lr")
+            grads, norm = S3.clip_grads(grads, cfg.grad_clip)
+            stats = {"lr": S3.adamw_step(trainable, grads, opt, step, sched, mcfg.n_layer), "grad_norm": norm}
+            losses.append(float(loss))
+            bar.set_postfix(progress_fields(loss, stats, (step + 1 - start) * x.size / (time.time() - t0)))
+            done = step + 1
+            due = cfg.save_interval and done % cfg.save_interval == 0 and done < cfg.max_steps
+            if state and (due or stop.requested):
+                save_state(state, trainable, opt, cfg, done, losses)
+            if stop.requested:
+                tqdm.write(f"interrupted: saved step {done} to {state}; continue with --resume 1" if state
+                           else f"interrupted at step {done}")
+                raise KeyboardInterrupt
     return trainable, losses
+
+
+# What fine-tuning computes depends on every option but these (scoring, where files go, saving):
+# a resumed run must have the same values of all the others.
+NOT_TRAINING = ("out_dir", "backend", "save_interval", "resume", "eval_questions", "max_answer_tokens",
+                "decode", "eval_tokens")
+
+
+def training_fields(cfg):
+    return {k: v for k, v in asdict(cfg).items() if k not in NOT_TRAINING}
+
+
+def state_path(cfg):
+    return Path(cfg.out_dir) / f"{cfg.method}.state.npz"
+
+
+def save_state(path, trainable, opt, cfg, done, losses):
+    """The run after `done` steps: the trained arrays, AdamW's moments, the losses so far and the
+    options that made them, in one checkpoint file written atomically."""
+    save_checkpoint(path, trainable, {"finetune": training_fields(cfg), "step": done, "losses": losses}, opt)
+
+
+def load_state(path, trainable, opt, cfg):
+    """Put a saved run's arrays and moments in place (for full and freeze, into the model itself);
+    returns (completed steps, losses so far). A state saved with other options is refused."""
+    saved, config, moments = load_checkpoint(path, {n: v.shape for n, v in trainable.items()})
+    was = config.get("finetune", {})
+    for name, value in training_fields(cfg).items():
+        if was.get(name) != value:
+            raise ValueError(f"--resume: {path} was saved with --{name} {was.get(name)!r}, not {value!r}; "
+                             f"a resumed run keeps its options (or delete the file to start anew)")
+    if moments is None:
+        raise ValueError(f"--resume: {path} holds no optimizer moments; delete it to start anew")
+    for n, v in trainable.items():
+        v[...] = saved[n]
+        opt["m"][n][...], opt["v"][n][...] = moments["m"][n], moments["v"][n]
+    return config["step"], config["losses"]
 
 # ----------------------------------------------------------------------------- evaluation
 
@@ -679,6 +733,12 @@ def memory_note(mcfg, examples):
 
 def run(cfg, progress=True):
     """Fine-tune the base with cfg.method, evaluate before and after, write the outputs; a results dict."""
+    state = state_path(cfg)
+    if cfg.resume and not state.is_file():
+        raise ValueError(f"--resume 1: no stopped run to continue at {state}; start one without --resume")
+    if not cfg.resume and state.is_file():
+        raise ValueError(f"{state} holds a stopped run: continue it with --resume 1, or delete the file to "
+                         "start anew")
     params, mcfg, config, tok = load_base(cfg.base)
     pairs, source = qa_pairs(cfg, config, mcfg)
     data_dir = config.get("data", {}).get("dir", "")
@@ -705,7 +765,7 @@ def run(cfg, progress=True):
           f"val BPC {bpc_before:.3f}")
     t0 = time.time()
     grad_fn = BACKEND[cfg.backend](mcfg)
-    trainable, losses = finetune(params, mcfg, cfg, train, grad_fn, progress, corpus, fresh)
+    trainable, losses = finetune(params, mcfg, cfg, train, grad_fn, progress, corpus, fresh, state)
     seconds = time.time() - t0
     if cfg.method == "lora":       # the adapters alone are saved
         tuned = apply_lora(params, trainable, cfg.lora_alpha / cfg.lora_rank)
@@ -713,6 +773,7 @@ def run(cfg, progress=True):
     else:
         tuned = params
         saved = save_finetuned(Path(cfg.out_dir) / f"{cfg.method}.npz", params, mcfg, config, cfg)
+    state.unlink(missing_ok=True)              # finished: the outputs replace the stopped run's state
     n_trained = sum(p.size for p in trainable.values())
     decoded = {d: score(tuned, test, d) for d in DECODINGS}
     after, free = decoded[cfg.decode], decoded["free"]

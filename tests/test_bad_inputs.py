@@ -108,6 +108,7 @@ CASES = [
          "--lora_targets must be a comma-separated list of wq, wk, wv, wo, w1, w2, embed, got 'foo'", True),
     case("6-lora-tokens", "6_finetune", B6 + "--lora_tokens <q>,<x>",
          "--lora_tokens must be a comma-separated list of <pad>, <bos>, <eos>, <q>, <a>", True),
+    case("6-resume-nothing", "6_finetune", B6 + "--resume 1", "--resume 1: no stopped run to continue", True),
     case("6-batch-0", "6_finetune", B6 + "--batch_size 0", "--batch_size must be >= 1", True),
     case("6-max-steps-0", "6_finetune", B6 + "--max_steps 0", "--max_steps must be >= 1", True),
     case("6-negative-lr", "6_finetune", B6 + "--lr -0.01", "--lr must be >= 0", True),
@@ -223,6 +224,19 @@ def test_a_disk_full_adapter_save_keeps_the_previous_adapters(world, tmp_path, m
     assert path.read_bytes() == before
     assert sorted(p.name for p in path.parent.iterdir() if p.name.startswith("lora.npz")) == ["lora.npz"]
     assert set(F.load_lora(path, params)[0]) == set(lora)
+
+
+def test_a_stopped_finetuning_run_is_not_replaced_by_a_new_one(world, tmp_path, monkeypatch, capsys):
+    """Stage 6 without --resume where a stopped run's state lies: one line saying how to continue
+    it, and the state file untouched (it would be overwritten at the new run's first save)."""
+    w = shutil.copytree(world, tmp_path / "w")
+    monkeypatch.chdir(w)
+    state = w / "out" / "lora.state.npz"
+    state.write_bytes(b"the state of a stopped run")
+    code, err = run_main("6_finetune", (B6 + "--max_steps 2").format(w=w).split(), capsys)
+    assert code == 1 and err.strip().splitlines() == [err.strip()], err
+    assert "holds a stopped run: continue it with --resume 1" in err
+    assert state.read_bytes() == b"the state of a stopped run"
 
 
 def test_a_finetuned_checkpoint_finds_its_tokenizer_from_another_folder(world, tmp_path, monkeypatch):

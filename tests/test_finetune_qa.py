@@ -2,11 +2,15 @@
 the SQuAD JSON reader, SQuAD 2.0 scoring, replay batches against a per-sequence reference, and
 LoRA leaving the base bit-identical."""
 import json
+import os
 import re
+import signal
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
+from spikelib.checkpoint import load_checkpoint
 from spikelib.finetune_io import normalize
 from spikelib.qa_data import FreshDrills, generate_qa, sentences
 from spikelib.stages import load_stage
@@ -351,3 +355,40 @@ def test_grad_accum_is_checked_against_the_batch():
         F.FinetuneConfig(grad_accum=0)
     with pytest.raises(ValueError, match="--grad_accum 5 is more micro-batches than --batch_size 4"):
         F.FinetuneConfig(batch_size=4, grad_accum=5)
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("stop", ["ctrl-c", "crash"])
+def test_a_resumed_run_ends_where_an_unstopped_one_does(tiny, tmp_path, method, stop):
+    """A run stopped during step 3 (ctrl-c: a SIGINT from inside the backend; the step finishes
+    and is saved) or killed there (crash: the state of step 2, saved by --save_interval 2), then
+    continued with --resume 1, ends with the same trained arrays, bit for bit, and the same
+    losses as a run that never stopped."""
+    tok, mcfg, corpus, examples = tiny
+    cfg = F.FinetuneConfig(method=method, max_steps=6, warmup=1, batch_size=4, replay=0.5, lr=1e-2,
+                           save_interval=2)
+    grad_fn = F.numpy_backend(mcfg)
+    want, want_losses = F.finetune(S3.init_params(mcfg, 0), mcfg, cfg, examples, grad_fn, False, corpus)
+    calls = []
+
+    def stopping(p, x, y, mask):
+        calls.append(len(calls))
+        if len(calls) == 3 and stop == "ctrl-c":
+            os.kill(os.getpid(), signal.SIGINT)         # the handler only asks the loop to stop
+        if len(calls) == 3 and stop == "crash":
+            raise RuntimeError("the machine went away")
+        return grad_fn(p, x, y, mask)
+
+    state = tmp_path / "lora.state.npz"
+    with pytest.raises(KeyboardInterrupt if stop == "ctrl-c" else RuntimeError):
+        F.finetune(S3.init_params(mcfg, 0), mcfg, cfg, examples, stopping, False, corpus, state=state)
+    assert load_checkpoint(state)[1]["step"] == (3 if stop == "ctrl-c" else 2)
+    got, got_losses = F.finetune(S3.init_params(mcfg, 0), mcfg, replace(cfg, resume=True), examples, grad_fn,
+                                 False, corpus, state=state)
+    assert got_losses == want_losses and len(got_losses) == 6
+    assert set(got) == set(want)
+    for k in want:
+        assert got[k].tobytes() == want[k].tobytes(), k
+    with pytest.raises(ValueError, match="was saved with --lr 0.01, not 0.02"):
+        F.finetune(S3.init_params(mcfg, 0), mcfg, replace(cfg, resume=True, lr=2e-2), examples, grad_fn,
+                   False, corpus, state=state)
