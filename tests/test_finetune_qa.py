@@ -359,15 +359,18 @@ def test_grad_accum_is_checked_against_the_batch():
 
 @pytest.mark.parametrize("method", ["full", "lora"])
 @pytest.mark.parametrize("stop", ["ctrl-c", "crash"])
-def test_a_resumed_run_ends_where_an_unstopped_one_does(tiny, tmp_path, method, stop):
+@pytest.mark.parametrize("backend", ["numpy", "triton"])
+def test_a_resumed_run_ends_where_an_unstopped_one_does(tiny, tmp_path, method, stop, backend):
     """A run stopped during step 3 (ctrl-c: a SIGINT from inside the backend; the step finishes
     and is saved) or killed there (crash: the state of step 2, saved by --save_interval 2), then
     continued with --resume 1, ends with the same trained arrays, bit for bit, and the same
-    losses as a run that never stopped."""
+    losses as a run that never stopped. triton: stage 5's model (Triton kernels on a GPU)."""
+    if backend == "triton":
+        pytest.importorskip("torch")
     tok, mcfg, corpus, examples = tiny
     cfg = F.FinetuneConfig(method=method, max_steps=6, warmup=1, batch_size=4, replay=0.5, lr=1e-2,
                            save_interval=2)
-    grad_fn = F.numpy_backend(mcfg)
+    grad_fn = F.BACKEND[backend](mcfg)
     want, want_losses = F.finetune(S3.init_params(mcfg, 0), mcfg, cfg, examples, grad_fn, False, corpus)
     calls = []
 
