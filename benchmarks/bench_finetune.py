@@ -17,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from spikelib.cli import field_setting  # noqa: E402
+from spikelib.cli import field_setting, parse_bool  # noqa: E402
 from spikelib.files import write_text_atomic  # noqa: E402
 from spikelib.finetune_io import qa_table  # noqa: E402
 from spikelib.hardware import cpu_model, usable_cpus  # noqa: E402
@@ -146,6 +146,9 @@ def main(argv=None):
                     help="stage 6's --seed: the order of the batches, the fresh questions and LoRA's start")
     ap.add_argument("--out", default="", help="also write the markdown tables to this file")
     ap.add_argument("--out_dir", default="out/bench_finetune", help="outputs of each method: OUT_DIR/METHOD")
+    ap.add_argument("--resume", type=parse_bool, default=False, metavar="0|1",
+                    help="1: a method stopped by Ctrl-C continues from its saved state (stage 6's --resume); "
+                         "the others run anew (default 0)")
     args = ap.parse_args(argv)
     if min(args.context_chars, args.pretrain_decay_step, args.pretrain_lr) < 0 or args.copy_questions < 1:
         ap.error("--context_chars, --pretrain_decay_step and --pretrain_lr must be >= 0, "
@@ -164,7 +167,7 @@ def main(argv=None):
             pretrain(args, *base_configs)
         for spec, cfg in configs:
             print(f"\n=== {spec}")
-            row = F.run(cfg, progress=True)
+            row = F.run(replace(cfg, resume=args.resume and F.state_path(cfg).is_file()), progress=True)
             row["method"] = spec
             rows.append(row)
             write_tables(args, rows)                    # after every method: a cut-short run keeps its rows

@@ -28,16 +28,28 @@ def test_options_reach_the_base_and_every_method(calls):
             "--methods", "full,lora:4",
             "--copy_questions", "8", "--fresh_copies", "0.25", "--batch_size", "64", "--grad_accum", "2",
             "--replay", "1.0", "--seed", "3", "--prompt_order", "question_twice",
-            "--lora_targets", "wq,embed", "--no_answer", "0"])
+            "--lora_targets", "wq,embed", "--lora_tokens", "<q>,<a>", "--no_answer", "0"])
     [(mcfg, tcfg)] = calls["pretrain"]
     assert (tcfg.lr, tcfg.min_lr, tcfg.repeat) == (1e-3, 1e-4, 0.25)
     assert (mcfg.neuron, mcfg.token_shift, mcfg.decay_step) == ("ternary", True, 2.33)
     full, lora = calls["run"]
     assert (full.method, lora.method, lora.lora_rank, lora.lora_alpha) == ("full", "lora", 4, 8.0)
-    assert lora.lora_targets == "wq,embed"
+    assert (lora.lora_targets, lora.lora_tokens) == ("wq,embed", "<q>,<a>")
     for cfg in (full, lora):
         assert (cfg.copy_questions, cfg.fresh_copies, cfg.batch_size, cfg.grad_accum, cfg.replay, cfg.seed,
                 cfg.prompt_order, cfg.no_answer) == (8, 0.25, 64, 2, 1.0, 3, "question_twice", 0.0)
+
+
+def test_resume_continues_only_the_stopped_method(calls, tmp_path):
+    """--resume 1: the method whose stage 6 state lies in its folder (stopped by Ctrl-C) continues
+    from it; the others run anew. Without --resume every method runs anew (and stage 6 refuses
+    to start over the stopped one)."""
+    argv = ["--preset", "tiny", "--methods", "full,lora:4", "--out_dir", str(tmp_path / "b")]
+    (tmp_path / "b" / "lora_r4").mkdir(parents=True)
+    (tmp_path / "b" / "lora_r4" / "lora.state.npz").write_bytes(b"a stopped run")
+    B.main(argv + ["--resume", "1"])
+    B.main(argv)
+    assert [cfg.resume for cfg in calls["run"]] == [False, True, False, False]
 
 
 def test_the_presets_learning_rate_by_default(calls):
