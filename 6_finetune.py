@@ -685,16 +685,18 @@ def qa_pairs(cfg, config, mcfg):
 
 def split_pairs(cfg, tok, pairs, source, max_len):
     """(train examples, held-out pairs scored, train pairs scored) among the pairs that fit max_len;
-    the scored ones are a fixed subset spread over the corpus and the kinds (by hash)."""
+    the scored ones are a fixed subset spread over the corpus and the kinds (by hash). The held-out
+    ones are the same in every --prompt_order: they are the ones that fit with the question first
+    (question_twice's longer prompts are read whole all the same)."""
     encoded = [(p, encode_pair(tok, p, cfg.prompt_order)) for p in pairs]
     fits = [(p, e) for p, e in encoded if len(e[0]) + len(e[1]) <= max_len]
     train = [e for p, e in fits if p["split"] == "train"]
+    held_out = [p for p in pairs if p["split"] == "test" and sum(map(len, encode_pair(tok, p))) <= max_len]
 
-    def scored(split):
-        chosen = [p for p, e in fits if p["split"] == split]
-        chosen.sort(key=lambda p: stable_hash(p["question"] + p.get("context", "")))
+    def scored(chosen):
+        chosen = sorted(chosen, key=lambda p: stable_hash(p["question"] + p.get("context", "")))
         return chosen[:cfg.eval_questions]
-    test, train_eval = scored("test"), scored("train")
+    test, train_eval = scored(held_out), scored([p for p, e in fits if p["split"] == "train"])
     if not train or not test:
         raise ValueError(f"{source}: {len(train)} train and {len(test)} test pairs fit "
                          f"max_len={max_len}; need both")

@@ -53,6 +53,26 @@ def test_pairs_longer_than_the_context_are_trained_whole(byte_setup):
     assert all(len(p) + len(a) < longest for p, a in train) and len(train) == 2
 
 
+def test_the_held_out_questions_are_the_same_in_every_prompt_order(byte_setup):
+    """With max_len between a pair's length with the question first and with the question twice,
+    question_twice trains without that pair but still scores it: every --prompt_order is scored on
+    the same held-out questions (chosen by their length with the question first)."""
+    tok, _, _, _ = byte_setup
+    once = [sum(map(len, F.encode_pair(tok, p))) for p in PAIRS]
+    twice = [sum(map(len, F.encode_pair(tok, p, "question_twice"))) for p in PAIRS]
+    max_len = max(once)
+    assert max(twice) > max_len >= min(twice)                 # some held-out pairs fit only once
+    shortest = PAIRS[int(np.argmin(twice))]                   # a training pair every order can train on
+    pairs = [dict(p, split="test") for p in PAIRS] + [dict(shortest, split="train")]
+    tests = {}
+    for order in F.PROMPT_ORDERS:
+        cfg = F.FinetuneConfig(eval_questions=4, prompt_order=order)
+        train, tests[order], _ = F.split_pairs(cfg, tok, pairs, "test pairs", max_len)
+        assert sorted(p["question"] for p in tests[order]) == sorted(p["question"] for p in PAIRS)
+    assert tests["question_twice"] == tests["question_first"] == tests["context_first"]
+    assert len(train) == 1
+
+
 @pytest.mark.parametrize("replay", [0.0, 0.5])
 def test_tiny_model_answers_all_its_training_questions(byte_setup, replay):
     """Full fine-tuning from a random tiny model on the four pairs: greedy free decoding then gives
