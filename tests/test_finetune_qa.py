@@ -359,14 +359,15 @@ def test_grad_accum_is_checked_against_the_batch():
 
 @pytest.mark.parametrize("method", ["full", "lora"])
 @pytest.mark.parametrize("stop", ["ctrl-c", "crash"])
-@pytest.mark.parametrize("backend", ["numpy", "triton"])
+@pytest.mark.parametrize("backend", ["numpy", "mlx", "triton"])
 def test_a_resumed_run_ends_where_an_unstopped_one_does(tiny, tmp_path, method, stop, backend):
     """A run stopped during step 3 (ctrl-c: a SIGINT from inside the backend; the step finishes
     and is saved) or killed there (crash: the state of step 2, saved by --save_interval 2), then
     continued with --resume 1, ends with the same trained arrays, bit for bit, and the same
-    losses as a run that never stopped. triton: stage 5's model (Triton kernels on a GPU)."""
-    if backend == "triton":
-        pytest.importorskip("torch")
+    losses as a run that never stopped. mlx: stage 4's model; triton: stage 5's (Triton kernels
+    on a GPU)."""
+    if backend != "numpy":
+        pytest.importorskip({"mlx": "mlx.core", "triton": "torch"}[backend])
     tok, mcfg, corpus, examples = tiny
     cfg = F.FinetuneConfig(method=method, max_steps=6, warmup=1, batch_size=4, replay=0.5, lr=1e-2,
                            save_interval=2)
