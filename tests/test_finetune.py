@@ -238,7 +238,7 @@ def test_trained_rows_change_their_rows_alone(tmp_path, capsys):
     base = tiny_base(tmp_path)
     params = S3.load_model(base)[0]
     before = {k: v.copy() for k, v in params.items()}
-    cfg = F.FinetuneConfig(lora_rank=2, lora_tokens="<q>,<a>")
+    cfg = F.FinetuneConfig(base=str(base), out_dir=str(tmp_path), lora_rank=2, lora_tokens="<q>,<a>")
     q, a = F.SPECIAL_TOKENS.index("<q>"), F.SPECIAL_TOKENS.index("<a>")
     lora = F.init_lora(params, F.lora_names(params, "wq"), 2, token_ids=(q, a))
     rng = np.random.default_rng(0)
@@ -251,7 +251,6 @@ def test_trained_rows_change_their_rows_alone(tmp_path, capsys):
     F.save_lora(tmp_path / "rows.npz", lora, cfg, base)
     loaded, _ = F.load_lora(tmp_path / "rows.npz", params)
     assert all(np.array_equal(loaded[k], lora[k]) for k in lora) and set(loaded) == set(lora)
-    cfg.base, cfg.out_dir = str(base), str(tmp_path)
     merged = S3.load_model(F.merge(cfg, tmp_path / "rows.npz"))[0]
     assert np.array_equal(merged["embed.weight"], tuned["embed.weight"])
     n_b = sum(k.endswith(".B") for k in lora)                        # one wq adapter a block
