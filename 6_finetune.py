@@ -387,7 +387,7 @@ def finetune(params, mcfg, cfg, train_examples, grad_fn, progress=True, corpus=N
     sched = S3.TrainConfig(lr=lr, min_lr=min_lr, warmup=cfg.warmup, max_steps=cfg.max_steps,
                            weight_decay=cfg.weight_decay, layer_lr_decay=cfg.layer_lr_decay)
     opt = S3.init_opt_state(trainable)
-    start, losses = load_state(state, trainable, opt, cfg) if cfg.resume else (0, [])
+    start, losses, before = load_state(state, trainable, opt, cfg) if cfg.resume else (0, [], 0.0)
     bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc=f"finetune {cfg.method}",
                dynamic_ncols=True, disable=not progress)
     t0 = time.time()
@@ -413,7 +413,7 @@ def finetune(params, mcfg, cfg, train_examples, grad_fn, progress=True, corpus=N
             done = step + 1
             due = cfg.save_interval and done % cfg.save_interval == 0 and done < cfg.max_steps
             if state and (due or stop.requested):
-                save_state(state, trainable, opt, cfg, done, losses)
+                save_state(state, trainable, opt, cfg, done, losses, before + time.time() - t0)
             if stop.requested:
                 tqdm.write(f"interrupted: saved step {done} to {state}; continue with --resume 1" if state
                            else f"interrupted at step {done}")
@@ -435,15 +435,17 @@ def state_path(cfg):
     return Path(cfg.out_dir) / f"{cfg.method}.state.npz"
 
 
-def save_state(path, trainable, opt, cfg, done, losses):
-    """The run after `done` steps: the trained arrays, AdamW's moments, the losses so far and the
-    options that made them, in one checkpoint file written atomically."""
-    save_checkpoint(path, trainable, {"finetune": training_fields(cfg), "step": done, "losses": losses}, opt)
+def save_state(path, trainable, opt, cfg, done, losses, seconds):
+    """The run after `done` steps: the trained arrays, AdamW's moments, the losses so far, the
+    seconds spent training and the options that made them, in one checkpoint file written atomically."""
+    config = {"finetune": training_fields(cfg), "step": done, "losses": losses, "seconds": seconds}
+    save_checkpoint(path, trainable, config, opt)
 
 
 def load_state(path, trainable, opt, cfg):
     """Put a saved run's arrays and moments in place (for full and freeze, into the model itself);
-    returns (completed steps, losses so far). A state saved with other options is refused."""
+    returns (completed steps, losses so far, seconds so far). A state saved with other options is
+    refused."""
     saved, config, moments = load_checkpoint(path, {n: v.shape for n, v in trainable.items()})
     was = config.get("finetune", {})
     for name, value in training_fields(cfg).items():
@@ -455,7 +457,7 @@ def load_state(path, trainable, opt, cfg):
     for n, v in trainable.items():
         v[...] = saved[n]
         opt["m"][n][...], opt["v"][n][...] = moments["m"][n], moments["v"][n]
-    return config["step"], config["losses"]
+    return config["step"], config["losses"], config["seconds"]
 
 # ----------------------------------------------------------------------------- evaluation
 
@@ -765,10 +767,11 @@ def run(cfg, progress=True):
     before = score(params, test)
     print(f"before: held-out EM {100 * before['em']:.1f}%, F1 {100 * before['f1']:.1f}%, "
           f"val BPC {bpc_before:.3f}")
+    earlier = load_checkpoint(state)[1].get("seconds", 0.0) if cfg.resume else 0.0    # before it stopped
     t0 = time.time()
     grad_fn = BACKEND[cfg.backend](mcfg)
     trainable, losses = finetune(params, mcfg, cfg, train, grad_fn, progress, corpus, fresh, state)
-    seconds = time.time() - t0
+    seconds = earlier + time.time() - t0
     if cfg.method == "lora":       # the adapters alone are saved
         tuned = apply_lora(params, trainable, cfg.lora_alpha / cfg.lora_rank)
         saved = save_lora(Path(cfg.out_dir) / "lora.npz", trainable, cfg, cfg.base)

@@ -1,6 +1,9 @@
 """Stage 6: Q&A generation and validation, the masked loss and LoRA gradients against finite
 differences, merged adapters, freezing, exact match rising with every method, the CLI."""
 import json
+import os
+import signal
+import time
 from dataclasses import fields
 from functools import partial
 
@@ -8,7 +11,7 @@ import numpy as np
 import pytest
 
 from numerics import finite_diff, rel_error
-from spikelib.checkpoint import CheckpointError
+from spikelib.checkpoint import CheckpointError, load_checkpoint
 from spikelib.cli import field_comments
 from spikelib.qa_data import generate_qa
 from spikelib.stages import load_stage
@@ -439,6 +442,44 @@ def test_run_scores_answerable_held_out_questions_without_their_contexts(tmp_pat
     assert len(blind) == 1 and blind[0][1] == "free"
     assert sorted(p["question"] for p in blind[0][0]) == sorted(r["question"] for r in held)
     assert row["n_blind"] == len(held) and 0 <= row["em_blind"] <= 1
+
+
+def test_cli_resumes_a_stopped_run_to_the_same_adapters(tmp_path, monkeypatch, capsys):
+    """End to end: Ctrl-C during step 3 of 5 (a SIGINT from inside the backend) saves the state
+    and exits 130; --resume 1 finishes the run, deletes the state, writes the adapters an
+    unstopped run writes (byte for byte) and reports the time of both parts (the stopped one made
+    slower than the rest, so that the resumed part alone would be less)."""
+    base = tiny_base(tmp_path)
+    qa = tmp_path / "qa.jsonl"
+    rows = [{"question": q, "answer": a, "split": "test" if i % 3 == 0 else "train"}
+            for i, (q, a) in enumerate(QA)]
+    qa.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    args = ["--base", str(base), "--qa", str(qa), "--max_steps", "5", "--batch_size", "2",
+            "--max_answer_tokens", "3", "--save_interval", "0"]
+    assert F.main(args + ["--out_dir", str(tmp_path / "straight")]) == 0
+    calls, real = [], F.numpy_backend
+
+    def interrupted_backend(mcfg):
+        grad_fn = real(mcfg)
+
+        def grads(*batch):
+            calls.append(1)
+            if len(calls) <= 3:
+                time.sleep(0.3)                          # the stopped part takes longer than the rest
+            if len(calls) == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+            return grad_fn(*batch)
+        return grads
+    monkeypatch.setitem(F.BACKEND, "numpy", interrupted_backend)
+    out = tmp_path / "stopped"
+    assert F.main(args + ["--out_dir", str(out)]) == 130
+    assert "interrupted: saved step 3" in capsys.readouterr().out
+    stopped_seconds = load_checkpoint(out / "lora.state.npz")[1]["seconds"]
+    assert F.main(args + ["--out_dir", str(out), "--resume", "1"]) == 0
+    assert not (out / "lora.state.npz").exists() and len(calls) == 5
+    assert (out / "lora.npz").read_bytes() == (tmp_path / "straight" / "lora.npz").read_bytes()
+    assert stopped_seconds > 0.9
+    assert json.loads((out / "results.jsonl").read_text())["seconds"] > stopped_seconds
 
 
 def test_cli_finetunes_merges_and_answers(tmp_path, capsys):
