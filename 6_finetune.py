@@ -376,7 +376,8 @@ def accumulated_grads(params, trainable, cfg, grad_fn, x, y, mask):
 
 
 def finetune(params, mcfg, cfg, train_examples, grad_fn, progress=True, corpus=None, fresh=None, state=None):
-    """AdamW on the trainable set; returns (trainable dict, losses). full/freeze update params in place.
+    """AdamW on the trainable set; returns (trainable dict, losses, seconds spent training, a stopped
+    part included). full/freeze update params in place.
     With cfg.fresh_copies and fresh (rng -> one new encoded pair), that share of each batch is pairs
     never seen before. With cfg.replay and corpus (train split token ids), each batch also holds
     round(replay x batch) windows of the corpus, their loss the pretraining loss: the model keeps
@@ -418,7 +419,7 @@ def finetune(params, mcfg, cfg, train_examples, grad_fn, progress=True, corpus=N
                 tqdm.write(f"interrupted: saved step {done} to {state}; continue with --resume 1" if state
                            else f"interrupted at step {done}")
                 raise KeyboardInterrupt
-    return trainable, losses
+    return trainable, losses, before + time.time() - t0
 
 
 # What fine-tuning computes depends on every option but these (scoring, where files go, saving):
@@ -767,11 +768,8 @@ def run(cfg, progress=True):
     before = score(params, test)
     print(f"before: held-out EM {100 * before['em']:.1f}%, F1 {100 * before['f1']:.1f}%, "
           f"val BPC {bpc_before:.3f}")
-    earlier = load_checkpoint(state)[1].get("seconds", 0.0) if cfg.resume else 0.0    # before it stopped
-    t0 = time.time()
     grad_fn = BACKEND[cfg.backend](mcfg)
-    trainable, losses = finetune(params, mcfg, cfg, train, grad_fn, progress, corpus, fresh, state)
-    seconds = earlier + time.time() - t0
+    trainable, losses, seconds = finetune(params, mcfg, cfg, train, grad_fn, progress, corpus, fresh, state)
     if cfg.method == "lora":       # the adapters alone are saved
         tuned = apply_lora(params, trainable, cfg.lora_alpha / cfg.lora_rank)
         saved = save_lora(Path(cfg.out_dir) / "lora.npz", trainable, cfg, cfg.base)

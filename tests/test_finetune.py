@@ -311,7 +311,7 @@ def test_freeze_leaves_frozen_parameters_bit_identical(qa_setup):
     params = S3.init_params(mcfg, 0)
     before = {k: v.copy() for k, v in params.items()}
     cfg = F.FinetuneConfig(method="freeze", lr=1e-2, max_steps=5, warmup=1, batch_size=6)
-    trainable, _ = F.finetune(params, mcfg, cfg, examples, F.numpy_backend(mcfg), progress=False)
+    trainable, _, _ = F.finetune(params, mcfg, cfg, examples, F.numpy_backend(mcfg), progress=False)
     frozen = set(F.frozen_names(params, 1))                       # freeze_layers=-1: half of 2 blocks
     assert frozen == {"embed.weight"} | {n for n in params if n.startswith("blocks.0.")}
     assert set(trainable) == set(params) - frozen
@@ -329,7 +329,7 @@ def test_finetuning_raises_exact_match(qa_setup, method, lr, steps):
     params = S3.init_params(mcfg, 0)
     before = F.qa_scores(params, mcfg, tok, pairs, max_new=4)["em"]
     cfg = F.FinetuneConfig(method=method, lr=lr, max_steps=steps, warmup=5, batch_size=6)
-    trainable, losses = F.finetune(params, mcfg, cfg, examples, F.numpy_backend(mcfg), progress=False)
+    trainable, losses, _ = F.finetune(params, mcfg, cfg, examples, F.numpy_backend(mcfg), progress=False)
     tuned = F.apply_lora(params, trainable, cfg.lora_alpha / cfg.lora_rank) if method == "lora" else params
     after = F.qa_scores(tuned, mcfg, tok, pairs, max_new=4)
     assert before == 0.0
@@ -398,7 +398,7 @@ def test_lora_finetuning_equals_numpy_step_for_step(qa_setup, backend, package):
                            lora_targets="wq,wk,wv,wo,w1,w2,embed")
     runs = [F.finetune(dict(base), mcfg, cfg, examples, F.BACKEND[b](mcfg), progress=False)
             for b in ("numpy", backend)]
-    (want, want_losses), (got, got_losses) = runs
+    (want, want_losses, _), (got, got_losses, _) = runs
     assert got_losses == pytest.approx(want_losses, rel=1e-4) and want_losses[-1] < want_losses[0] - 0.5
     for n in want:
         assert np.linalg.norm(got[n] - want[n]) <= 1e-3 * np.linalg.norm(want[n]), n

@@ -311,7 +311,7 @@ def test_lora_with_replay_leaves_the_base_bit_identical(tiny):
     before = {k: v.copy() for k, v in params.items()}
     cfg = F.FinetuneConfig(method="lora", max_steps=3, warmup=1, batch_size=4, replay=0.5,
                            lora_tokens="<q>,<a>,<eos>")
-    trainable, _ = F.finetune(params, mcfg, cfg, examples, F.numpy_backend(mcfg), False, corpus)
+    trainable, _, _ = F.finetune(params, mcfg, cfg, examples, F.numpy_backend(mcfg), False, corpus)
     assert all(np.abs(v).sum() > 0 for k, v in trainable.items() if k.endswith(".A"))     # adapters moved
     rows = [k for k in trainable if k.startswith("embed.weight.row.")]
     assert len(rows) == 3 and all(np.abs(trainable[k]).sum() > 0 for k in rows)           # rows moved
@@ -372,7 +372,7 @@ def test_a_resumed_run_ends_where_an_unstopped_one_does(tiny, tmp_path, method, 
     cfg = F.FinetuneConfig(method=method, max_steps=6, warmup=1, batch_size=4, replay=0.5, lr=1e-2,
                            save_interval=2)
     grad_fn = F.BACKEND[backend](mcfg)
-    want, want_losses = F.finetune(S3.init_params(mcfg, 0), mcfg, cfg, examples, grad_fn, False, corpus)
+    want, want_losses, _ = F.finetune(S3.init_params(mcfg, 0), mcfg, cfg, examples, grad_fn, False, corpus)
     calls = []
 
     def stopping(p, x, y, mask):
@@ -387,8 +387,8 @@ def test_a_resumed_run_ends_where_an_unstopped_one_does(tiny, tmp_path, method, 
     with pytest.raises(KeyboardInterrupt if stop == "ctrl-c" else RuntimeError):
         F.finetune(S3.init_params(mcfg, 0), mcfg, cfg, examples, stopping, False, corpus, state=state)
     assert load_checkpoint(state)[1]["step"] == (3 if stop == "ctrl-c" else 2)
-    got, got_losses = F.finetune(S3.init_params(mcfg, 0), mcfg, replace(cfg, resume=True), examples, grad_fn,
-                                 False, corpus, state=state)
+    got, got_losses, _ = F.finetune(S3.init_params(mcfg, 0), mcfg, replace(cfg, resume=True), examples,
+                                    grad_fn, False, corpus, state=state)
     assert got_losses == want_losses and len(got_losses) == 6
     assert set(got) == set(want)
     for k in want:
