@@ -106,14 +106,14 @@ def test_a_base_that_does_not_load_is_one_line(tmp_path, monkeypatch, capsys):
 def test_the_readmes_stage_5_command_pretrains_the_two_head_base_of_this_script(calls):
     """The README's stage 5 command for the two-head base of the 512-character targets gives the
     model, training and run configs that this script pretrains for them, field for field."""
-    B.main(["--pretrain", "triton", "--backend", "triton", "--pretrain_steps", "1500", "--pretrain_batch", "64",
-            "--pretrain_context", "256", "--pretrain_token_shift", "1", "--pretrain_set", "neuron=ternary",
-            "--pretrain_decay_step", "7", "--pretrain_set", "n_head=2", "--pretrain_set", "decay_start=1",
-            "--base", "out/qa_base/ckpt.npz"])
+    B.main(["--pretrain", "triton", "--backend", "triton", "--pretrain_steps", "1500",
+            "--pretrain_batch", "64", "--pretrain_context", "256", "--pretrain_token_shift", "1",
+            "--pretrain_set", "neuron=ternary", "--pretrain_decay_step", "7", "--pretrain_set", "n_head=2",
+            "--pretrain_set", "decay_start=1", "--base", "out/qa_base/ckpt.npz"])
     [(mcfg, tcfg)] = calls["pretrain"]
     readme = " ".join(word for word in (ROOT / "README.md").read_text().split() if word != "\\")
-    command = readme.split("python 5_spike_llm_triton.py --preset small --max_steps 1500")[1].split(" python ")[0]
-    argv = ["--preset", "small", "--max_steps", "1500"] + command.split()
+    start = "python 5_spike_llm_triton.py --preset small --max_steps 1500"
+    argv = start.split()[2:] + readme.split(start)[1].split(" python ")[0].split()
     S5 = B.load_stage("5_spike_llm_triton")
     args = S5.build_parser().parse_args(argv)
     assert S5.S3.run_configs(args, out_dir="out/triton")[:2] == (mcfg, tcfg)
