@@ -1,6 +1,7 @@
 """benchmarks/bench_finetune.py: every option reaches the base it pretrains and the stage 6 runs,
 and a bad one is one error line before any work (no pretraining, no fine-tuning)."""
 import importlib.util
+from dataclasses import replace
 
 import pytest
 
@@ -118,3 +119,29 @@ def test_the_readmes_stage_5_command_pretrains_the_two_head_base_of_this_script(
     args = S5.build_parser().parse_args(argv)
     assert S5.S3.run_configs(args, out_dir="out/triton")[:2] == (mcfg, tcfg)
     assert S5.config_from_args(S5.RunConfig, args) == S5.RunConfig()       # as pretrain() runs stage 5
+
+
+def readme_command(start):
+    """The README's command that begins with start, as argv after the script, up to its comment."""
+    readme = " ".join(word for word in (ROOT / "README.md").read_text().split() if word != "\\")
+    assert readme.count(start) == 1
+    return start.split()[2:] + readme.split(start)[1].split(" # ")[0].split()
+
+
+@pytest.mark.parametrize("start, row", [
+    ("python 6_finetune.py --preset gpu --base out/finetune/full.npz --context_chars 256 --max_steps 4500",
+     ["--methods", "full", "--lr", "3e-3", "--context_chars", "256", "--max_steps", "4500"]),
+    ("python 6_finetune.py --preset gpu --base out/finetune256/full.npz --method lora",
+     ["--methods", "lora:1", "--lora_targets", "wq,wk,wv,wo,w2,embed", "--lr", "1e-2",
+      "--context_chars", "512", "--max_steps", "4000"])])
+def test_the_readmes_carry_on_commands_fine_tune_as_the_two_head_rows(start, row, calls):
+    """The README's stage 6 commands for the two-head path (128 -> 256 in full, then LoRA rank 1
+    at 512) give the stage 6 config this script ran for those rows, field for field, but for the
+    paths it reads and writes."""
+    B.main(["--pretrain", "triton", "--backend", "triton", "--batch_size", "64", "--replay", "0.5",
+            "--fresh_copies", "0.5", "--prompt_order", "question_first"] + row)
+    [bench] = calls["run"]
+    args = B.F.build_parser().parse_args(readme_command(start))
+    stage6 = B.F.preset_configs(B.F.PRESETS, args.preset, B.F.given_options(args, B.F.FinetuneConfig),
+                                finetune=B.F.FinetuneConfig)[0]
+    assert replace(stage6, base=bench.base, out_dir=bench.out_dir) == bench
