@@ -117,12 +117,10 @@ class FinetuneConfig:
                               ("prompt_order", PROMPT_ORDERS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        targets = [t.strip() for t in self.lora_targets.split(",")]
-        if not all(t in LORA_TARGETS for t in targets):
+        if not all(t in LORA_TARGETS for t in names_in(self.lora_targets)):
             raise ValueError(f"--lora_targets must be a comma-separated list of {', '.join(LORA_TARGETS)}, "
                              f"got {self.lora_targets!r}")
-        tokens = [t.strip() for t in self.lora_tokens.split(",") if t.strip()]
-        if not all(t in SPECIAL_TOKENS for t in tokens):
+        if not all(t in SPECIAL_TOKENS for t in names_in(self.lora_tokens)):
             raise ValueError(f"--lora_tokens must be a comma-separated list of {', '.join(SPECIAL_TOKENS)}, "
                              f"got {self.lora_tokens!r}")
         for name, (allowed, words) in NUMBER_OPTIONS.items():
@@ -138,6 +136,11 @@ class FinetuneConfig:
 
 def at_least(low):
     return lambda v: v >= low
+
+
+def names_in(option):
+    """The names listed in a comma-separated option such as --lora_targets, blanks dropped."""
+    return [t.strip() for t in option.split(",") if t.strip()]
 
 
 # Each numeric option: the test of an allowed value, and the allowed values in words.
@@ -249,7 +252,7 @@ def lora_names(params, targets):
     """The (in, out) matrices that get adapters, e.g. blocks.0.attn.wq for target "wq", and
     embed.weight (vocab, d) for "embed": full fine-tuning's answers need its change to the
     embedding (benchmarks/bench_lora_rank.py), which with tied weights is the readout as well."""
-    wanted = [t.strip() for t in targets.split(",") if t.strip()]
+    wanted = names_in(targets)
     sites = [LORA_SITES[t] for t in wanted if t in LORA_SITES]
     names = [n for n in params if n.startswith("blocks.") and n.split(".", 2)[2] in sites]
     return names + (["embed.weight"] if "embed" in wanted else [])
@@ -325,8 +328,8 @@ def trainable_params(params, cfg, mcfg):
     if not names:
         raise ValueError(f"lora_targets={cfg.lora_targets!r} selects no matrix; "
                          f"use names from {list(LORA_TARGETS)}")
-    tokens = [t.strip() for t in cfg.lora_tokens.split(",") if t.strip()]
-    return init_lora(params, names, cfg.lora_rank, cfg.seed, [SPECIAL_TOKENS.index(t) for t in tokens])
+    token_ids = [SPECIAL_TOKENS.index(t) for t in names_in(cfg.lora_tokens)]
+    return init_lora(params, names, cfg.lora_rank, cfg.seed, token_ids)
 
 # ----------------------------------------------------------------------------- backends
 # A backend turns (parameters, batch) into (masked loss, dL/dparam for every model parameter).
@@ -392,16 +395,16 @@ def finetune(params, mcfg, cfg, train_examples, grad_fn, progress=True, corpus=N
     start, losses, before = load_state(state, trainable, opt, cfg) if cfg.resume else (0, [], 0.0)
     bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc=f"finetune {cfg.method}",
                dynamic_ncols=True, disable=not progress)
+    n_fresh = round(cfg.fresh_copies * cfg.batch_size) if fresh else 0           # new pairs a batch
+    n_win = round(cfg.replay * cfg.batch_size) if corpus is not None else 0       # corpus windows a batch
     t0 = time.time()
     with interrupts_between_steps() as stop:
         for step in bar:
-            n_fresh = round(cfg.fresh_copies * cfg.batch_size) if fresh else 0
             pick = S3.batch_rng(cfg.seed, step).integers(0, len(train_examples), cfg.batch_size - n_fresh)
             batch = [train_examples[i] for i in pick]
             if n_fresh:
                 drill_rng = S3.batch_rng(cfg.seed + 2, step)
                 batch += [fresh(drill_rng) for _ in range(n_fresh)]
-            n_win = round(cfg.replay * cfg.batch_size) if corpus is not None else 0
             if n_win:
                 batch += replay_windows(corpus, n_win, mcfg.context, S3.batch_rng(cfg.seed + 1, step))
             x, y, mask = make_batch(batch, pad_id=0, windows=n_win)

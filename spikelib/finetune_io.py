@@ -231,7 +231,7 @@ def load_lora(path, params):
             raise CheckpointError(f"{path}: lora/{key} is not floating-point")
         if key.startswith(EMBED_ROW):                   # a trained row of the embedding: (d,)
             i = key[len(EMBED_ROW):]
-            if not (i.isdigit() and int(i) < vocab and v.shape == (d,)):
+            if not (i.isdecimal() and int(i) < vocab and v.shape == (d,)):
                 raise CheckpointError(f"{path}: embedding row {key} {v.shape} does not fit the base model")
             continue
         if not key.endswith((".A", ".B")):

@@ -83,7 +83,7 @@ def test_tiny_model_answers_all_its_training_questions(byte_setup, replay):
     params = S3.init_params(mcfg, 0)
     cfg = F.FinetuneConfig(method="full", lr=1e-2, max_steps=200, warmup=5, batch_size=4, replay=replay)
     _, losses, _ = F.finetune(params, mcfg, cfg, examples, F.numpy_backend(mcfg), False,
-                           corpus if replay else None)
+                              corpus if replay else None)
     scores = F.qa_scores(params, mcfg, tok, PAIRS, max_new=12, decode="free")
     assert scores["answers"] == [p["answer"] for p in PAIRS], scores["answers"]
     assert scores["em"] == 1.0 and np.mean(losses[-5:]) < 0.1 * losses[0]
