@@ -16,7 +16,9 @@ argmax gets right in each. Stage 6 needs this ability: an answer is copied from 
     python benchmarks/bench_copy_probe.py --ckpts out/c/base.npz,out/NAME/full/full.npz --gaps 0,64,128
 
 Every checkpoint is read by stage 3's NumPy model in float32 on the CPU, on its own corpus's
-validation split (the dataset folder its tokenizer is in); 2 L + G must fit its context.
+validation split (the dataset folder its tokenizer is in); 2 L + G must fit its context. The
+report first names how far each checkpoint was trained: a run still training is read at the last
+step it saved.
 """
 import argparse
 import sys
@@ -93,6 +95,18 @@ def probe(path, length, gaps, n, batch):
     return out
 
 
+def trained(path):
+    """How far the checkpoint was trained: its pretraining step against its schedule's, then stage 6's
+    steps if it was fine-tuned. A checkpoint of a run still training is its last saved step (stages
+    3 to 5 save at every evaluation), so a probe that reads it early says so here."""
+    config = S3.load_model(path)[-1]
+    train = config.get("train", {})
+    text = f"{path}: pretrained {train.get('step', 0):,} of {train.get('max_steps', 0):,} steps"
+    if "finetune" in config:
+        text += f", then fine-tuned {config['finetune']['max_steps']:,} steps (stage 6)"
+    return text
+
+
 def table(results):
     lines = ["| checkpoint | gap | bits/token, fresh | bits/token, repeat | copy gain | top-1 fresh | "
              "top-1 repeat |", "|---|---|---|---|---|---|---|"]
@@ -123,8 +137,10 @@ def main(argv=None):
                    for path in args.ckpts.split(",")]
     except S3.ERRORS as err:
         return F.fail(err)
+    steps = "\n".join(f"- {trained(path)}" for path, _ in results)         # one line per checkpoint
     text = (f"{args.sequences} passages of {args.passage} tokens from each checkpoint's validation split, "
-            f"stage 3's NumPy model; {cpu_model()}, {usable_cpus()} CPU cores\n\n" + table(results))
+            f"stage 3's NumPy model; {cpu_model()}, {usable_cpus()} CPU cores\n\n"
+            f"{steps}\n\n{table(results)}")
     print(text)
     if args.out:
         write_text_atomic(Path(args.out), text + "\n")

@@ -12,7 +12,8 @@ spec = importlib.util.spec_from_file_location("bench_copy_probe", ROOT / "benchm
 B = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(B)
 S3 = B.S3
-TK = B.F.load_stage("2_tokenizer")
+F = B.F
+TK = F.load_stage("2_tokenizer")
 
 
 def test_rows_end_in_the_same_passage_after_the_same_gap():
@@ -95,6 +96,17 @@ def test_the_real_model_runs_end_to_end(tmp_path, capsys):
                    "--out", str(out)]) == 0
     rows = [line for line in out.read_text().splitlines() if line.startswith(f"| {path}")]
     assert [row.split(" | ")[1] for row in rows] == ["0", "4"]
+    assert f"- {path}: pretrained 0 of 200 steps\n" in out.read_text()
+
+
+def test_the_steps_line_names_the_pretraining_step_and_a_fine_tuning(tmp_path):
+    """A checkpoint saved partway (step 0 of tiny's 200 here) says so; a stage 6 model adds its steps."""
+    path, _ = checkpoint(tmp_path, np.arange(300) % 200 + 10)
+    assert B.trained(path) == f"{path}: pretrained 0 of 200 steps"
+    params, mcfg, _, _, _, config = S3.load_model(path)
+    tuned = tmp_path / "full.npz"
+    F.save_finetuned(tuned, params, mcfg, config, F.FinetuneConfig(base=str(path), max_steps=30))
+    assert B.trained(tuned) == f"{tuned}: pretrained 0 of 200 steps, then fine-tuned 30 steps (stage 6)"
 
 
 @pytest.mark.parametrize("argv, words", [
