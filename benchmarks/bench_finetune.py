@@ -1,6 +1,8 @@
 """Stage 6 results table: pretrain a preset on a corpus (if no base checkpoint), then fine-tune it
 with every method (corpus replay in the batches) and write exact match / F1 with span, free and
 majority decoding, answerable and unanswerable questions apart, and the corpus BPC before and after.
+A base whose pretraining was cut short (stopped before its last step with no time limit) is
+pretrained on from where it stopped before any fine-tuning.
 
     python benchmarks/bench_finetune.py                                  # numpy everywhere (slow on 2 cores)
     python benchmarks/bench_finetune.py --pretrain triton --backend triton --pretrain_steps 1500 \
@@ -69,8 +71,19 @@ def method_configs(args):
     return configs
 
 
-def pretrain(args, mcfg, tcfg):
-    """Stage 3 (numpy) or stage 5 (triton) training of args.preset on args.data."""
+def cut_short(path):
+    """True when the checkpoint at path is a pretraining stopped before its last step with no time
+    limit (killed, or Ctrl-C): stages 3 to 5 save at every evaluation, so such a file exists, and
+    fine-tuning it would start from part of a base. A base stopped by --pretrain_minutes is done."""
+    if not Path(path).is_file():
+        return False
+    train = S3.load_model(path)[2]                       # the pretraining's own record, step included
+    return train.get("step", 0) < train.get("max_steps", 0) and not train.get("max_minutes")
+
+
+def pretrain(args, mcfg, tcfg, resume=False):
+    """Stage 3 (numpy) or stage 5 (triton) training of args.preset on args.data; resume: from the
+    base's own checkpoint, its model config and step."""
     data = Path(args.data)
     if not (data / "tokens.json").exists():           # stages 1 and 2 for data/builtin, data/shakespeare
         S3.prepare_dataset(data.name, str(data.parent))
@@ -79,16 +92,17 @@ def pretrain(args, mcfg, tcfg):
         S5 = load_stage("5_spike_llm_triton")
         from spikelib.torch_io import resolve_run
         run = resolve_run(S5.RunConfig(), have_triton=S5.triton is not None)
-        S5.train(mcfg, tcfg, run, Path(args.data), Path(args.base))
+        S5.train(mcfg, tcfg, run, Path(args.data), Path(args.base), resume=resume)
     else:
-        S3.train(mcfg, tcfg, Path(args.data), Path(args.base))
+        S3.train(mcfg, tcfg, Path(args.data), Path(args.base), resume=resume)
     print(f"pretrained {args.base} in {time.time() - t0:.0f} s")
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--base", default="out/bench_finetune/base.npz",
-                    help="the pretrained checkpoint every method starts from (pretrained here if missing)")
+                    help="the pretrained checkpoint every method starts from (pretrained here if missing, "
+                         "pretrained on if its pretraining was cut short)")
     ap.add_argument("--data", default="data/builtin", help="a prepared dataset dir (stages 1 and 2)")
     ap.add_argument("--pretrain", default="numpy", choices=["numpy", "triton"],
                     help="stage that pretrains a missing base: 3 (numpy) or 5 (triton)")
@@ -154,7 +168,7 @@ def main(argv=None):
         ap.error("--context_chars, --pretrain_decay_step and --pretrain_lr must be >= 0, "
                  "--copy_questions >= 1")
     try:                                         # every option checked before any work: one line
-        base_configs = None if Path(args.base).is_file() else pretrain_configs(args)
+        base_configs = pretrain_configs(args)
     except ValueError as e:                      # stage 3's names: --max_steps is --pretrain_steps here
         ap.error(f"the base to pretrain (--preset, --pretrain_*): {e}")
     try:
@@ -163,8 +177,9 @@ def main(argv=None):
         ap.error(str(e))
     rows = []
     try:                  # a base or dataset that does not fit (its tokenizer, a missing file): one line
-        if base_configs:
-            pretrain(args, *base_configs)
+        resume = cut_short(args.base)
+        if resume or not Path(args.base).is_file():
+            pretrain(args, *base_configs, resume=resume)
         for spec, cfg in configs:
             print(f"\n=== {spec}")
             row = F.run(replace(cfg, resume=args.resume and F.state_path(cfg).is_file()), progress=True)

@@ -16,7 +16,11 @@ spec.loader.exec_module(B)
 def calls(monkeypatch, tmp_path):
     """Pretraining and fine-tuning replaced by recorders: what they would have been given."""
     seen = {"pretrain": [], "run": []}
-    monkeypatch.setattr(B, "pretrain", lambda args, mcfg, tcfg: seen["pretrain"].append((mcfg, tcfg)))
+
+    def pretrain(args, mcfg, tcfg, resume=False):
+        seen["pretrain"].append((mcfg, tcfg))
+        seen.setdefault("resumed", []).append(resume)
+    monkeypatch.setattr(B, "pretrain", pretrain)
     monkeypatch.setattr(B.F, "run", lambda cfg, progress=True: seen["run"].append(cfg) or {})
     monkeypatch.setattr(B, "write_tables", lambda args, rows: None)
     monkeypatch.chdir(tmp_path)                     # out/bench_finetune/base.npz does not exist here
@@ -92,6 +96,35 @@ def test_stage_6s_gpu_preset_is_the_best_command(calls):
     [bench] = calls["run"]
     paths = {"base": bench.base, "out_dir": bench.out_dir}
     assert B.F.preset_configs(B.F.PRESETS, "gpu", paths, finetune=B.F.FinetuneConfig)[0] == bench
+
+
+def saved_base(path, step, max_minutes=0.0):
+    """A tiny byte-level base saved at `step` of a 4-step pretraining, as stages 3 to 5 save it."""
+    tok = B.F.load_stage("2_tokenizer").Tokenizer([])
+    info = {"path": str(path.parent / "tokenizer.json"), "sha256": tok.sha256(), "vocab_size": tok.vocab_size}
+    mcfg, tcfg = B.S3.make_configs("tiny", vocab_size=tok.vocab_size, max_steps=4, max_minutes=max_minutes)
+    B.S3.save_model(path, B.S3.init_params(mcfg, 0), mcfg, tcfg, step, None, info)
+
+
+@pytest.mark.parametrize("step, max_minutes, resumed", [(2, 0.0, [True]), (4, 0.0, []), (2, 1.0, [])])
+def test_a_pretraining_cut_short_is_pretrained_on_before_fine_tuning(step, max_minutes, resumed, calls,
+                                                                       tmp_path):
+    """A base saved before its last step with no time limit (the run was killed) is resumed; a
+    finished one, or one stopped by its --pretrain_minutes, is fine-tuned as it is."""
+    saved_base(tmp_path / "base.npz", step, max_minutes)
+    B.main(["--preset", "tiny", "--base", str(tmp_path / "base.npz"), "--methods", "full"])
+    assert calls.get("resumed", []) == resumed and len(calls["run"]) == 1
+
+
+def test_pretrain_passes_resume_to_the_stage(tmp_path, monkeypatch):
+    """pretrain(..., resume=True) hands resume to stage 3's train (the data folder already made)."""
+    seen = []
+    monkeypatch.setattr(B.S3, "train", lambda mcfg, tcfg, data, ckpt, resume=False: seen.append(resume))
+    (tmp_path / "tokens.json").write_text("{}")
+    args = B.argparse.Namespace(data=str(tmp_path), pretrain="numpy", base=str(tmp_path / "base.npz"))
+    B.pretrain(args, None, None, resume=True)
+    B.pretrain(args, None, None)
+    assert seen == [True, False]
 
 
 def test_a_base_that_does_not_load_is_one_line(tmp_path, monkeypatch, capsys):
