@@ -1,8 +1,8 @@
 """Stage 6 results table: pretrain a preset on a corpus (if no base checkpoint), then fine-tune it
 with every method (corpus replay in the batches) and write exact match / F1 with span, free and
 majority decoding, answerable and unanswerable questions apart, and the corpus BPC before and after.
-A base whose pretraining was cut short (stopped before its last step with no time limit) is
-pretrained on from where it stopped before any fine-tuning.
+A base whose pretraining was cut short (stopped before its last step with no time limit) is not
+fine-tuned: --resume 1 pretrains it on from where it stopped, with its own schedule.
 
     python benchmarks/bench_finetune.py                                  # numpy everywhere (slow on 2 cores)
     python benchmarks/bench_finetune.py --pretrain triton --backend triton --pretrain_steps 1500 \
@@ -19,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from spikelib.cli import field_setting, parse_bool  # noqa: E402
+from spikelib.cli import field_setting, parse_bool, resumed_config  # noqa: E402
 from spikelib.files import write_text_atomic  # noqa: E402
 from spikelib.finetune_io import qa_table  # noqa: E402
 from spikelib.hardware import cpu_model, usable_cpus  # noqa: E402
@@ -72,13 +72,15 @@ def method_configs(args):
 
 
 def cut_short(path):
-    """True when the checkpoint at path is a pretraining stopped before its last step with no time
-    limit (killed, or Ctrl-C): stages 3 to 5 save at every evaluation, so such a file exists, and
-    fine-tuning it would start from part of a base. A base stopped by --pretrain_minutes is done."""
+    """The saved pretraining record (a dict, its step included) of the checkpoint at path when that
+    pretraining stopped before its last step with no time limit (killed, or Ctrl-C), else None.
+    Stages 3 to 5 save at every evaluation, so such a file exists, and fine-tuning it would start
+    from part of a base. A base stopped by its own time limit (--pretrain_minutes) is done."""
     if not Path(path).is_file():
-        return False
-    train = S3.load_model(path)[2]                       # the pretraining's own record, step included
-    return train.get("step", 0) < train.get("max_steps", 0) and not train.get("max_minutes")
+        return None
+    train = S3.load_model(path)[2]
+    cut = train.get("step", 0) < train.get("max_steps", 0) and not train.get("max_minutes")
+    return train if cut else None
 
 
 def pretrain(args, mcfg, tcfg, resume=False):
@@ -101,8 +103,8 @@ def pretrain(args, mcfg, tcfg, resume=False):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--base", default="out/bench_finetune/base.npz",
-                    help="the pretrained checkpoint every method starts from (pretrained here if missing, "
-                         "pretrained on if its pretraining was cut short)")
+                    help="the pretrained checkpoint every method starts from (pretrained here if missing; "
+                         "if its pretraining was cut short, see --resume)")
     ap.add_argument("--data", default="data/builtin", help="a prepared dataset dir (stages 1 and 2)")
     ap.add_argument("--pretrain", default="numpy", choices=["numpy", "triton"],
                     help="stage that pretrains a missing base: 3 (numpy) or 5 (triton)")
@@ -161,8 +163,9 @@ def main(argv=None):
     ap.add_argument("--out", default="", help="also write the markdown tables to this file")
     ap.add_argument("--out_dir", default="out/bench_finetune", help="outputs of each method: OUT_DIR/METHOD")
     ap.add_argument("--resume", type=parse_bool, default=False, metavar="0|1",
-                    help="1: a method stopped by Ctrl-C continues from its saved state (stage 6's --resume); "
-                         "the others run anew (default 0)")
+                    help="1: a method stopped by Ctrl-C continues from its saved state (stage 6's --resume), "
+                         "the others run anew; a base whose pretraining was cut short is pretrained on "
+                         "with its own schedule first (default 0)")
     args = ap.parse_args(argv)
     if min(args.context_chars, args.pretrain_decay_step, args.pretrain_lr) < 0 or args.copy_questions < 1:
         ap.error("--context_chars, --pretrain_decay_step and --pretrain_lr must be >= 0, "
@@ -177,9 +180,16 @@ def main(argv=None):
         ap.error(str(e))
     rows = []
     try:                  # a base or dataset that does not fit (its tokenizer, a missing file): one line
-        resume = cut_short(args.base)
-        if resume or not Path(args.base).is_file():
-            pretrain(args, *base_configs, resume=resume)
+        cut = cut_short(args.base)
+        if cut and not args.resume:
+            raise ValueError(f"{args.base} stopped pretraining at step {cut['step']} of {cut['max_steps']}: "
+                             "pretrain it on with --resume 1, or remove it to pretrain anew")
+        if cut:                  # as stage 3's --resume 1: the run keeps its own schedule, its step on
+            mcfg, tcfg = base_configs
+            pretrain(args, mcfg, resumed_config(S3.TrainConfig, cut, {"out_dir": tcfg.out_dir}, tcfg),
+                     resume=True)
+        elif not Path(args.base).is_file():
+            pretrain(args, *base_configs)
         for spec, cfg in configs:
             print(f"\n=== {spec}")
             row = F.run(replace(cfg, resume=args.resume and F.state_path(cfg).is_file()), progress=True)

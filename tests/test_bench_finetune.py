@@ -106,14 +106,27 @@ def saved_base(path, step, max_minutes=0.0):
     B.S3.save_model(path, B.S3.init_params(mcfg, 0), mcfg, tcfg, step, None, info)
 
 
-@pytest.mark.parametrize("step, max_minutes, resumed", [(2, 0.0, [True]), (4, 0.0, []), (2, 1.0, [])])
-def test_a_pretraining_cut_short_is_pretrained_on_before_fine_tuning(step, max_minutes, resumed, calls,
-                                                                       tmp_path):
-    """A base saved before its last step with no time limit (the run was killed) is resumed; a
-    finished one, or one stopped by its --pretrain_minutes, is fine-tuned as it is."""
+@pytest.mark.parametrize("step, max_minutes", [(4, 0.0), (2, 1.0)])
+def test_a_finished_base_or_one_stopped_by_its_time_limit_is_fine_tuned_as_it_is(step, max_minutes, calls,
+                                                                                 tmp_path):
     saved_base(tmp_path / "base.npz", step, max_minutes)
-    B.main(["--preset", "tiny", "--base", str(tmp_path / "base.npz"), "--methods", "full"])
-    assert calls.get("resumed", []) == resumed and len(calls["run"]) == 1
+    assert B.main(["--preset", "tiny", "--base", str(tmp_path / "base.npz"), "--methods", "full"]) == 0
+    assert calls["pretrain"] == [] and len(calls["run"]) == 1
+
+
+def test_a_pretraining_cut_short_is_one_line_and_resume_pretrains_it_on(calls, tmp_path, capsys):
+    """A base saved before its last step with no time limit (the run was killed) is not fine-tuned:
+    one line says so; --resume 1 pretrains it on with its own schedule (4 steps, not the 500 of
+    --pretrain_steps' default), then fine-tunes."""
+    saved_base(tmp_path / "base.npz", 2)
+    argv = ["--preset", "tiny", "--base", str(tmp_path / "base.npz"), "--methods", "full"]
+    assert B.main(argv) == 1 and calls == {"pretrain": [], "run": []}
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {tmp_path / 'base.npz'} stopped pretraining at step 2 of 4: pretrain it on "
+                   "with --resume 1, or remove it to pretrain anew"]
+    assert B.main(argv + ["--resume", "1"]) == 0
+    [(_, tcfg)] = calls["pretrain"]
+    assert calls["resumed"] == [True] and tcfg.max_steps == 4 and len(calls["run"]) == 1
 
 
 def test_pretrain_passes_resume_to_the_stage(tmp_path, monkeypatch):
