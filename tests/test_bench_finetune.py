@@ -150,6 +150,14 @@ def test_a_base_that_does_not_load_is_one_line(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "table.md").exists()
 
 
+def readme_command(start, until=" # "):
+    """The README's command that begins with start, as argv after the script, up to `until` (its
+    comment, or the next command)."""
+    readme = " ".join(word for word in (ROOT / "README.md").read_text().split() if word != "\\")
+    assert readme.count(start) == 1
+    return start.split()[2:] + readme.split(start)[1].split(until)[0].split()
+
+
 def test_the_readmes_stage_5_command_pretrains_the_two_head_base_of_this_script(calls):
     """The README's stage 5 command for the two-head base of the 512-character targets gives the
     model, training and run configs that this script pretrains for them, field for field."""
@@ -158,20 +166,11 @@ def test_the_readmes_stage_5_command_pretrains_the_two_head_base_of_this_script(
             "--pretrain_set", "neuron=ternary", "--pretrain_decay_step", "7", "--pretrain_set", "n_head=2",
             "--pretrain_set", "decay_start=1", "--base", "out/qa_base/ckpt.npz"])
     [(mcfg, tcfg)] = calls["pretrain"]
-    readme = " ".join(word for word in (ROOT / "README.md").read_text().split() if word != "\\")
-    start = "python 5_spike_llm_triton.py --preset small --max_steps 1500"
-    argv = start.split()[2:] + readme.split(start)[1].split(" python ")[0].split()
+    argv = readme_command("python 5_spike_llm_triton.py --preset small --max_steps 1500", until=" python ")
     S5 = B.load_stage("5_spike_llm_triton")
     args = S5.build_parser().parse_args(argv)
     assert S5.S3.run_configs(args, out_dir="out/triton")[:2] == (mcfg, tcfg)
     assert S5.config_from_args(S5.RunConfig, args) == S5.RunConfig()       # as pretrain() runs stage 5
-
-
-def readme_command(start):
-    """The README's command that begins with start, as argv after the script, up to its comment."""
-    readme = " ".join(word for word in (ROOT / "README.md").read_text().split() if word != "\\")
-    assert readme.count(start) == 1
-    return start.split()[2:] + readme.split(start)[1].split(" # ")[0].split()
 
 
 @pytest.mark.parametrize("start, row", [
