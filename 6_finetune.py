@@ -7,7 +7,8 @@ questions whose answer is a span of a short context from its own corpus.
        questions ("X is Y" definitions, what a function returns, versions, dates, places, who
        speaks a line, what follows three words), data/<name>/qa.jsonl, split by question, with
        --copy_questions N - 1 more copy questions per sentence for training, --fresh_copies a share
-       of each batch drawn anew every step (nothing to learn by heart); or --qa FILE of your own.
+       of each batch drawn anew every step (nothing to learn by heart); or --qa FILE of your own, or
+       --qa DIR: the pairs of another dataset's text (replay and BPC stay on the base's corpus).
     2. Prompts use the tokenizer's role tokens, <q> question \n context <a> answer <eos> (or context
        first, or the question before and after it); the loss is the cross-entropy of the answer
        tokens (and <eos>) only.
@@ -68,7 +69,9 @@ LORA_TARGETS = (*LORA_SITES, "embed")     # embed: the token embedding (with tie
 class FinetuneConfig:
     base: str = "out/numpy/ckpt.npz"   # pretrained checkpoint of stage 3, 4 or 5 (stage 3's default output)
     out_dir: str = "out/finetune"      # where <method>.npz, lora.npz (adapters) and results.jsonl go
-    qa: str = ""                   # your own Q&A JSONL; "" = generate data/<name>/qa.jsonl from the corpus
+    qa: str = ""                   # your own Q&A file (JSONL or SQuAD JSON), or a dataset dir of stage 1
+                                   # whose text gives the generated pairs (DIR/qa.jsonl); "" = the base's
+                                   # corpus. Replay and BPC stay on the base's corpus
     method: str = "lora"           # what trains: full (every weight) | freeze (upper blocks) | lora
     backend: str = "numpy"         # gradients from numpy | mlx | triton (torch on a CPU); triton also scores
     freeze_layers: int = -1        # freeze: blocks 0..k-1 (and the embedding) fixed; -1 = half
@@ -126,9 +129,9 @@ class FinetuneConfig:
         for name, (allowed, words) in NUMBER_OPTIONS.items():
             if not allowed(getattr(self, name)):         # comparisons with NaN are false: refused too
                 raise ValueError(f"--{name} must be {words}, got {getattr(self, name)}")
-        if self.fresh_copies and self.qa:
-            raise ValueError("--fresh_copies draws questions from the base's corpus, held out as the "
-                             "generated pairs are; it does not go with --qa")
+        if self.fresh_copies and self.qa and not Path(self.qa).is_dir():
+            raise ValueError("--fresh_copies draws questions from the text of the generated pairs, held out "
+                             "as they are; it does not go with --qa FILE")
         if self.grad_accum > self.batch_size:
             raise ValueError(f"--grad_accum {self.grad_accum} is more micro-batches than --batch_size "
                              f"{self.batch_size} has pairs")
@@ -676,14 +679,20 @@ def save_finetuned(path, params, mcfg, config, cfg):
     return save_checkpoint(path, params, doc)
 
 
+def qa_text_dir(cfg, config):
+    """The dataset whose text gives the generated pairs: --qa DIR, else the base model's corpus."""
+    return cfg.qa if cfg.qa else config.get("data", {}).get("dir", "")
+
+
 def qa_pairs(cfg, config, mcfg):
-    """The user's JSONL (validated) or the generated pairs of the base model's corpus."""
-    if cfg.qa:
+    """The user's Q&A file (validated) or the generated pairs of a dataset's text (qa_text_dir). The
+    replay and BPC stay on the base's corpus either way: the language model kept is the base's."""
+    if cfg.qa and not Path(cfg.qa).is_dir():
         return read_qa(cfg.qa, cfg.test_fraction), cfg.qa
-    data_dir = config.get("data", {}).get("dir")
+    data_dir = qa_text_dir(cfg, config)
     if not data_dir or not (Path(data_dir) / "train.txt").exists():
-        raise FileNotFoundError(f"the base checkpoint's corpus ({data_dir!r}) has no train.txt; "
-                                "pass --qa FILE")
+        where = f"--qa {data_dir}" if cfg.qa else f"the base checkpoint's corpus ({data_dir!r})"
+        raise FileNotFoundError(f"{where} has no train.txt; pass --qa FILE or a dataset dir of stage 1")
     path, pairs = write_qa(data_dir, cfg, mcfg.context)
     return pairs, str(path)
 
@@ -754,7 +763,7 @@ def run(cfg, progress=True):
     max_len = cfg.max_len or max(128, mcfg.context)
     train, test, train_eval = split_pairs(cfg, tok, pairs, source, max_len)
     memory_note(mcfg, train)
-    fresh = fresh_pairs(cfg, data_dir, mcfg, tok, max_len) if cfg.fresh_copies else None
+    fresh = fresh_pairs(cfg, qa_text_dir(cfg, config), mcfg, tok, max_len) if cfg.fresh_copies else None
     corpus = S3.open_split(data_dir, "train") if cfg.replay and data_dir else None
     if cfg.replay and (corpus is None or len(corpus) < mcfg.context + 2):
         raise ValueError(f"--replay {cfg.replay} needs the base's corpus train split ({data_dir!r})")

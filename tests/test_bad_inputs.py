@@ -117,7 +117,7 @@ CASES = [
          True),
     case("6-negative-seed", "6_finetune", B6 + "--seed -1", "--seed must be >= 0", True),
     case("6-fresh-copies-qa", "6_finetune", B6 + "--fresh_copies 0.5 --qa {w}/latin_qa.jsonl",
-         "--fresh_copies draws questions from the base's corpus", True),
+         "it does not go with --qa FILE", True),
     case("6-latin1-qa", "6_finetune", B6 + "--qa {w}/latin_qa.jsonl", "latin_qa.jsonl: not UTF-8", True),
     case("6-missing-qa", "6_finetune", B6 + "--qa {w}/none.jsonl", "none.jsonl: no such file", True),
     case("6-torn-adapters", "6_finetune", B6 + "--adapters {w}/out/torn_lora.npz --ask Why?",

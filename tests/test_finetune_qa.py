@@ -141,6 +141,36 @@ def test_fresh_pairs_fit_max_len_or_fail_before_training(tmp_path):
         F.fresh_pairs(cfg, tmp_path, mcfg, tok, max_len=20)
 
 
+def test_qa_dir_gives_the_pairs_and_fresh_drills_of_its_own_text(tmp_path, monkeypatch):
+    """--qa DIR: a run's generated pairs and fresh drills come from DIR's train.txt (the pairs
+    written to DIR/qa.jsonl), not from the base's corpus; without --qa both come from the base's
+    corpus; a DIR without train.txt is a FileNotFoundError naming --qa."""
+    own, other = tmp_path / "own", tmp_path / "other"
+    for d, text in ((own, CORPUS), (other, DRILLS)):
+        d.mkdir()
+        (d / "train.txt").write_text(text, encoding="utf-8")
+    tok = TK.Tokenizer([])                             # bytes: the base's corpus is own/
+    tok.save(own / "tokenizer.json")
+    info = {"path": str(own / "tokenizer.json"), "sha256": tok.sha256(), "vocab_size": tok.vocab_size}
+    mcfg, tcfg = S3.make_configs("tiny", vocab_size=tok.vocab_size)
+    base = S3.save_model(tmp_path / "base.npz", S3.init_params(mcfg, 0), mcfg, tcfg, 0, None, info)
+    split_pairs, fresh_drills = F.split_pairs, F.fresh_drills
+    for qa, text, wrote in (("", CORPUS, own), (str(other), DRILLS, other)):
+        scored, read = [], []
+        monkeypatch.setattr(F, "split_pairs", lambda cfg, tok, pairs, *a: scored.append(pairs)
+                            or split_pairs(cfg, tok, pairs, *a))
+        monkeypatch.setattr(F, "fresh_drills", lambda d, *a: read.append(d) or fresh_drills(d, *a))
+        cfg = F.FinetuneConfig(base=str(base), out_dir=str(tmp_path / "out"), qa=qa, method="full",
+                               max_steps=1, batch_size=2, fresh_copies=0.5, context_chars=150,
+                               test_fraction=0.3, max_len=400, eval_questions=4, max_answer_tokens=2)
+        F.run(cfg, progress=False)
+        assert (wrote / "qa.jsonl").is_file() and read == [str(wrote)]
+        assert scored[0] and all(p["context"] in " ".join(text.split()) for p in scored[0] if p["answer"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=f"--qa {tmp_path / 'empty'} has no train.txt"):
+        F.run(replace(cfg, qa=str(tmp_path / "empty")), progress=False)
+
+
 def test_no_answer_is_eos_at_once():
     tok = TK.Tokenizer([])
     prompt, answer = F.encode_pair(tok, {"question": "Q?", "answer": "", "context": "C."})
