@@ -13,15 +13,14 @@ for each order the share of pairs whose last MEMORY prompt tokens equal those of
 another answer.
 """
 import argparse
-import json
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from spikelib.qa_data import generate_qa  # noqa: E402
+from spikelib.qa_data import corpus_text, generate_qa  # noqa: E402
 from spikelib.stages import load_stage  # noqa: E402
 
 S3 = load_stage("3_spike_llm_numpy")
@@ -49,7 +48,9 @@ def measure(tok, text, separator, context_chars, memory):
         if p["answer"]:
             start = p["context"].find(p["answer"])
             answer_gap.append(len(prompt) - 2 - len(tok.encode(p["context"][:start])))   # <q> ... <a>
-    return {"pairs": len(pairs), "median_tokens": float(np.median([len(a) + len(b) for a, b in q_first])),
+    kinds = Counter(p["kind"] for p in pairs).most_common()
+    return {"pairs": len(pairs), "kinds": kinds, "held_out": sum(p["split"] == "test" for p in pairs),
+            "median_tokens": float(np.median([len(a) + len(b) for a, b in q_first])),
             "question_gap": float(np.median(question_gap)), "answer_gap": float(np.median(answer_gap)),
             "answer_within": float(np.mean(np.array(answer_gap) <= memory)),
             "clash_q": clash_share(q_first, memory), "clash_c": clash_share(c_first, memory)}
@@ -78,9 +79,7 @@ def main():
     mcfg = S3.make_configs(args.preset)[0]
     memory = args.memory or round(2 ** (mcfg.decay_start + mcfg.decay_step * (mcfg.n_head - 1)))
     tok = S3.load_dataset_info(data)[1]
-    text = (data / "train.txt").read_text(encoding="utf-8")
-    meta = json.loads((data / "meta.json").read_text()) if (data / "meta.json").exists() else {}
-    separator = meta.get("doc_separator", "\n\n\n")                # as stage 6 splits the corpus
+    text, separator = corpus_text(data)                             # as stage 6 reads the corpus
     print(f"{data}, MEMORY {memory} tokens\n")
     print("| --context_chars | pairs | median tokens | question -> <a> (question first) "
           "| answer start -> <a> (context first) | within MEMORY | clash, question first "
@@ -91,6 +90,8 @@ def main():
         print(f"| {c} | {r['pairs']:,} | {r['median_tokens']:.0f} | {r['question_gap']:.0f} | "
               f"{r['answer_gap']:.0f} | {100 * r['answer_within']:.0f}% | {100 * r['clash_q']:.1f}% | "
               f"{100 * r['clash_c']:.1f}% |")
+    kinds = ", ".join(f"{kind} {n:,}" for kind, n in r["kinds"])         # the same at every width
+    print(f"\npairs by kind: {kinds}; {r['held_out']:,} held out")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,22 @@ PLACE = re.compile(r"^([A-Z]\w+(?: [A-Z]\w+){0,2}) is an? (?:city|town|village|c
                    r"in ([A-Z][\w]+(?: [A-Z]\w+){0,2})")
 YEAR = re.compile(r"^In (\d{3,4}), ([^.]{10,120})\.$")
 NO_ANSWER = ""                     # the gold answer of an unanswerable question: <a> <eos> at once
+PART_CHARS = 10_000                # a single file's text is cut into parts of about this size (documents)
+
+
+def documents(text, separator):
+    """A corpus's documents: its text cut at the separator. A single file has none (separator None,
+    as stage 1 records it): it is cut at paragraphs into parts of about PART_CHARS characters, so that
+    a no-answer question can take the context of another part, as it takes another article's."""
+    if separator:
+        return text.split(separator)
+    parts, part = [], ""
+    for para in text.split("\n\n"):
+        part = f"{part}\n\n{para}" if part else para
+        if len(part) >= PART_CHARS:
+            parts.append(part)
+            part = ""
+    return parts + [part] if part else parts
 
 
 def sentences(paragraph):
@@ -160,7 +176,7 @@ def generate_qa(text, separator="\n\n\n", category="", max_questions=20000, test
     > 0 widens each context with the text around it (widen); a no_answer share of the questions is
     asked again of another document's context, with the answer NO_ANSWER (kind "none"). copies > 1
     adds training-only copy questions (copy_drills); the held-out pairs stay the same."""
-    docs = text.split(separator)
+    docs = documents(text, separator)
     pairs, seen, held = rule_pairs(docs, category, test_fraction, context_chars)
     if len(pairs) > max_questions:       # a fixed subset spread over the corpus, kept in corpus order
         keep = set(sorted(range(len(pairs)), key=lambda i: stable_hash(pairs[i]["question"]))[:max_questions])
@@ -246,7 +262,7 @@ class FreshDrills:
 
     def __init__(self, text, separator="\n\n\n", test_fraction=0.1, context_chars=0, no_answer=0.0,
                  category=""):
-        docs = text.split(separator)
+        docs = documents(text, separator)
         _, _, held = rule_pairs(docs, category, test_fraction, 0)
         self.context_chars, self.no_answer = context_chars, no_answer
         sources = drill_sentences(docs, held, category)
@@ -318,7 +334,7 @@ def fresh_drills(data_dir, cfg, model_context):
 
 
 def corpus_text(data_dir):
-    """(the dataset's train.txt, the separator of its documents from meta.json)."""
+    """(the dataset's train.txt, the separator of its documents from meta.json: None for a single file)."""
     data_dir = Path(data_dir)
     meta = json.loads((data_dir / "meta.json").read_text()) if (data_dir / "meta.json").exists() else {}
     return (data_dir / "train.txt").read_text(encoding="utf-8"), meta.get("doc_separator", "\n\n\n")

@@ -2,6 +2,7 @@
 the SQuAD JSON reader, SQuAD 2.0 scoring, replay batches against a per-sequence reference, and
 LoRA leaving the base bit-identical."""
 import json
+import math
 import os
 import re
 import signal
@@ -12,7 +13,8 @@ import pytest
 
 from spikelib.checkpoint import load_checkpoint
 from spikelib.finetune_io import normalize
-from spikelib.qa_data import FreshDrills, generate_qa, sentences
+from spikelib.qa_data import (PART_CHARS, FreshDrills, corpus_text, documents, fresh_drills, generate_qa,
+                               sentences, write_qa)
 from spikelib.stages import load_stage
 
 F = load_stage("6_finetune")
@@ -139,6 +141,27 @@ def test_fresh_pairs_fit_max_len_or_fail_before_training(tmp_path):
     assert all(len(p) + len(a) <= 400 for p, a in (draw(rng) for _ in range(50)))
     with pytest.raises(ValueError, match="longer than max_len=20"):
         F.fresh_pairs(cfg, tmp_path, mcfg, tok, max_len=20)
+
+
+def test_a_single_file_corpus_is_cut_into_parts_that_give_every_kind_of_question(tmp_path):
+    """A single-file dataset (stage 1 records no doc_separator) is cut at paragraphs into parts of
+    about PART_CHARS characters, which together are its text; its generated pairs include copy,
+    speaker and no-answer questions, and fresh drills draw from it (split at whitespace instead,
+    it gave no pair at all)."""
+    speech = "{0}:\nThe {1} and {2} of our good {3} shall come to {4} before the night is over.\n\n"
+    text = "".join(speech.format(["ROMEO", "JULIET", "NURSE"][i % 3], *(f"w{i}{k}" for k in "abcd"))
+                   for i in range(400)).strip()
+    (tmp_path / "train.txt").write_text(text, encoding="utf-8")
+    (tmp_path / "meta.json").write_text(json.dumps({"doc_separator": None}))
+    parts = documents(*corpus_text(tmp_path))
+    assert "\n\n".join(parts) == text and len(parts) == math.ceil(len(text) / PART_CHARS) > 1
+    assert all(len(part) >= PART_CHARS for part in parts[:-1])
+    _, pairs = write_qa(tmp_path, F.FinetuneConfig(context_chars=150, no_answer=0.2), 64)
+    kinds = {p["kind"] for p in pairs}
+    assert {"next", "speaker", "none"} <= kinds, kinds
+    assert all(normalize(p["answer"]) in normalize(p["context"]) for p in pairs if p["answer"])
+    drills = fresh_drills(tmp_path, F.FinetuneConfig(no_answer=0.3), 64)
+    assert {drills.draw(np.random.default_rng(i))["kind"] for i in range(40)} == {"next", "none"}
 
 
 def test_qa_dir_gives_the_pairs_and_fresh_drills_of_its_own_text(tmp_path, monkeypatch):
