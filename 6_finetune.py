@@ -129,7 +129,7 @@ class FinetuneConfig:
         for name, (allowed, words) in NUMBER_OPTIONS.items():
             if not allowed(getattr(self, name)):         # comparisons with NaN are false: refused too
                 raise ValueError(f"--{name} must be {words}, got {getattr(self, name)}")
-        if self.fresh_copies and self.qa and not Path(self.qa).is_dir():
+        if self.fresh_copies and Path(self.qa).is_file():
             raise ValueError("--fresh_copies draws questions from the text of the generated pairs, held out "
                              "as they are; it does not go with --qa FILE")
         if self.grad_accum > self.batch_size:
