@@ -120,6 +120,8 @@ CASES = [
          "it does not go with --qa FILE", True),
     case("6-latin1-qa", "6_finetune", B6 + "--qa {w}/latin_qa.jsonl", "latin_qa.jsonl: not UTF-8", True),
     case("6-missing-qa", "6_finetune", B6 + "--qa {w}/none.jsonl", "none.jsonl: no such file", True),
+    case("6-qa-dir-without-text", "6_finetune", B6 + "--qa {w}/out",
+         "out has no train.txt; pass --qa FILE or a dataset dir of stage 1", True),
     case("6-torn-adapters", "6_finetune", B6 + "--adapters {w}/out/torn_lora.npz --ask Why?",
          "torn_lora.npz is not a readable LoRA adapter file", True),
     case("6-missing-adapters", "6_finetune", B6 + "--adapters {w}/out/no.npz --merge 1",
