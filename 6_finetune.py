@@ -798,7 +798,7 @@ def run(cfg, progress=True):
     blind = [dict(p, context="") for p in test if p["answer"] and p.get("context")]
     blind_em = score(tuned, blind, "free")["em"] if blind else 0.0
     keep = ("em", "f1", "em_se", "em_has", "f1_has", "n_has", "em_none", "f1_none", "n_none")
-    result = {"method": cfg.method, "backend": cfg.backend, "trained": int(n_trained),
+    result = {"method": cfg.method, "backend": cfg.backend, "qa": source, "trained": int(n_trained),
               "fraction": n_trained / n_total, "seconds": seconds, "steps": cfg.max_steps,
               "replay": cfg.replay, "fresh_copies": cfg.fresh_copies, "prompt_order": cfg.prompt_order,
               "loss_first": losses[0], "loss_last": float(np.mean(losses[-10:])), "decode": cfg.decode,

@@ -166,8 +166,8 @@ def test_a_single_file_corpus_is_cut_into_parts_that_give_every_kind_of_question
 
 def test_qa_dir_gives_the_pairs_and_fresh_drills_of_its_own_text(tmp_path, monkeypatch):
     """--qa DIR: a run's generated pairs and fresh drills come from DIR's train.txt (the pairs
-    written to DIR/qa.jsonl), not from the base's corpus; without --qa both come from the base's
-    corpus; a DIR without train.txt is a FileNotFoundError naming --qa."""
+    written to DIR/qa.jsonl, which its results name), not from the base's corpus; without --qa both
+    come from the base's corpus; a DIR without train.txt is a FileNotFoundError naming --qa."""
     own, other = tmp_path / "own", tmp_path / "other"
     for d, text in ((own, CORPUS), (other, DRILLS)):
         d.mkdir()
@@ -186,8 +186,9 @@ def test_qa_dir_gives_the_pairs_and_fresh_drills_of_its_own_text(tmp_path, monke
         cfg = F.FinetuneConfig(base=str(base), out_dir=str(tmp_path / "out"), qa=qa, method="full",
                                max_steps=1, batch_size=2, fresh_copies=0.5, context_chars=150,
                                test_fraction=0.3, max_len=400, eval_questions=4, max_answer_tokens=2)
-        F.run(cfg, progress=False)
-        assert (wrote / "qa.jsonl").is_file() and read == [str(wrote)]
+        row = F.run(cfg, progress=False)
+        assert row["qa"] == str(wrote / "qa.jsonl") and (wrote / "qa.jsonl").is_file()
+        assert read == [str(wrote)]
         assert scored[0] and all(p["context"] in " ".join(text.split()) for p in scored[0] if p["answer"])
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=f"--qa {tmp_path / 'empty'} has no train.txt"):
