@@ -534,6 +534,15 @@ class NumpyReader:
 READER = {"numpy": NumpyReader, "mlx": NumpyReader, "triton": TorchReader}    # scoring, per backend
 
 
+def span_source(tok, context):
+    """The tokens a span-decoded answer is kept a span of: the context's words, one space before each,
+    as an answer is trained (" " + answer). A word that starts a line, or the context, is encoded
+    without a space ("ELBOW:" after a line break, a speaker's name in a play), and the trained form of
+    that answer would be no span of the context's own tokens. The model still reads the context as
+    it is; only the set of allowed spans changes."""
+    return tok.encode(" " + " ".join(context.split()))
+
+
 def greedy_answers(params, mcfg, prompts, eos_id, max_new=24, batch=64, sources=None, reader=NumpyReader,
                    majority=False):
     """Greedy answers for many prompts at once: each sequence reads its own prompt, then feeds back its
@@ -623,7 +632,8 @@ def qa_scores(params, mcfg, tok, pairs, max_new=24, decode="free", order="questi
     if not pairs:
         return {"em": float("nan"), "f1": float("nan"), "n": 0, "answers": []}
     prompts = [prompt_ids(tok, p["question"], p.get("context", ""), order) for p in pairs]
-    sources = [tok.encode(p["context"]) if decode == "span" and p.get("context") else None for p in pairs]
+    spans = decode == "span"
+    sources = [span_source(tok, p["context"]) if spans and p.get("context") else None for p in pairs]
     ids = greedy_answers(params, mcfg, prompts, tok.eos_id, max_new, sources=sources, reader=reader,
                          majority=decode == "majority")
     answers = [tok.decode(a, skip_special=True).strip() for a in ids]
@@ -838,7 +848,7 @@ def ask(cfg, question, context="", ckpt=None, adapters=None, out=None):
         lora, scale = load_lora(adapters, params)
         params = apply_lora(params, lora, scale)
     ids = prompt_ids(tok, question, context, cfg.prompt_order)
-    source = tok.encode(context) if context and cfg.decode == "span" else None
+    source = span_source(tok, context) if context and cfg.decode == "span" else None
     answer = stream_answer(params, mcfg, ids, tok.eos_id, cfg.max_answer_tokens, source, READER[cfg.backend],
                            cfg.decode == "majority")
     return print_stream(tok, "", [], answer, out).strip()

@@ -556,6 +556,33 @@ def is_span(answer, source):
     return any(source[i:i + len(answer)] == answer for i in range(len(source) - len(answer) + 1))
 
 
+SPEAKERS = [("ELBOW", "duke"), ("DUKE VINCENTIO", "king"), ("ESCALUS", "maid")] * 4
+PLAY = "\n\n".join(f"{name}:\nGood morrow to the {w} of this fair and ancient town, my lord {n}."
+                   for n, (name, w) in enumerate(SPEAKERS))
+
+
+def test_span_decoding_can_give_an_answer_in_the_form_it_is_trained_to_write(monkeypatch):
+    """Answers are trained as " " + answer. A speaker's name starts a line of its context, so the
+    context's own tokens hold it without the space: no trained answer is a span of them. Every
+    answer of the generated pairs is a span of span_source, and scoring hands span_source to the
+    decoder."""
+    tok = TK.Tokenizer.train(PLAY, vocab_size=300, progress=False)
+    pairs = [p for p in generate_qa(PLAY, test_fraction=0.0) if p["answer"]]
+    speakers = [p for p in pairs if p["kind"] == "speaker"]
+    assert speakers and {p["kind"] for p in pairs} > {"speaker"}
+    assert all(is_span(tok.encode(" " + p["answer"]), F.span_source(tok, p["context"])) for p in pairs)
+    assert not any(is_span(tok.encode(" " + p["answer"]), tok.encode(p["context"])) for p in speakers)
+    seen = []
+
+    def no_answers(params, mcfg, prompts, *args, sources=None, **kwargs):
+        seen.append(sources)
+        return [[] for _ in prompts]
+    monkeypatch.setattr(F, "greedy_answers", no_answers)
+    F.qa_scores(None, None, tok, pairs, decode="span")
+    F.qa_scores(None, None, tok, pairs, decode="free")
+    assert seen == [[F.span_source(tok, p["context"]) for p in pairs], [None] * len(pairs)]
+
+
 def test_span_decoding_picks_the_best_span_continuation():
     """Extractive decoding against a brute-force reference on the full (non-recurrent) forward:
     no answer if p(<eos>) beats the summed probability of the tokens that start a span of the
