@@ -10,7 +10,8 @@ positions (small: 2^5.5 ~ 45). Per --context_chars value: the median pair length
 answer), with the question first the median distance from the question's end to <a>, with the
 context first the median distance from the answer's start to <a> and the share within MEMORY, and
 for each order the share of pairs whose last MEMORY prompt tokens equal those of a pair with
-another answer.
+another answer. Then the held-out answers that span decoding cannot give in the form they are
+trained in: no span of stage 6's span_source, and of the context's own tokens.
 """
 import argparse
 import sys
@@ -35,6 +36,24 @@ def clash_share(encoded, memory):
     return float(np.mean([len(answers[tuple(prompt[-memory:])]) > 1 for prompt, _ in encoded]))
 
 
+def is_span(part, tokens):
+    return any(tokens[i:i + len(part)] == part for i in range(len(tokens) - len(part) + 1))
+
+
+def no_spans(tok, pairs):
+    """{kind: [held-out answers, no span of stage 6's span_source, no span of the context's own
+    tokens]}: answers, in the form they are trained (" " + answer), that span decoding cannot give."""
+    out = {}
+    for p in pairs:
+        if p["split"] == "test" and p["answer"]:
+            trained = tok.encode(" " + p["answer"])
+            row = out.setdefault(p["kind"], [0, 0, 0])
+            row[0] += 1
+            row[1] += not is_span(trained, F.span_source(tok, p["context"]))
+            row[2] += not is_span(trained, tok.encode(p["context"]))
+    return out
+
+
 def measure(tok, text, separator, context_chars, memory):
     """One row of figures for pairs generated with context_chars."""
     cfg = F.FinetuneConfig()
@@ -50,6 +69,7 @@ def measure(tok, text, separator, context_chars, memory):
             answer_gap.append(len(prompt) - 2 - len(tok.encode(p["context"][:start])))   # <q> ... <a>
     kinds = Counter(p["kind"] for p in pairs).most_common()
     return {"pairs": len(pairs), "kinds": kinds, "held_out": sum(p["split"] == "test" for p in pairs),
+            "no_spans": no_spans(tok, pairs),
             "median_tokens": float(np.median([len(a) + len(b) for a, b in q_first])),
             "question_gap": float(np.median(question_gap)), "answer_gap": float(np.median(answer_gap)),
             "answer_within": float(np.mean(np.array(answer_gap) <= memory)),
@@ -85,13 +105,20 @@ def main():
           "| answer start -> <a> (context first) | within MEMORY | clash, question first "
           "| clash, context first |")
     print("|---|---|---|---|---|---|---|---|")
-    for c in widths:
-        r = measure(tok, text, separator, c, memory)
+    rows = {c: measure(tok, text, separator, c, memory) for c in widths}
+    for c, r in rows.items():
         print(f"| {c} | {r['pairs']:,} | {r['median_tokens']:.0f} | {r['question_gap']:.0f} | "
               f"{r['answer_gap']:.0f} | {100 * r['answer_within']:.0f}% | {100 * r['clash_q']:.1f}% | "
               f"{100 * r['clash_c']:.1f}% |")
     kinds = ", ".join(f"{kind} {n:,}" for kind, n in r["kinds"])         # the same at every width
     print(f"\npairs by kind: {kinds}; {r['held_out']:,} held out")
+    print("\n| --context_chars | held-out answers | no span of span_source | no span of the context's own "
+          "tokens | by kind: answers, no span of either |")
+    print("|---|---|---|---|---|")
+    for c, r in rows.items():
+        total = [sum(row[i] for row in r["no_spans"].values()) for i in range(3)]
+        kinds = ", ".join(f"{kind} {n:,}: {a:,}, {b:,}" for kind, (n, a, b) in sorted(r["no_spans"].items()))
+        print(f"| {c} | {total[0]:,} | {total[1]:,} | {total[2]:,} | {kinds} |")
 
 
 if __name__ == "__main__":
