@@ -691,7 +691,7 @@ def save_finetuned(path, params, mcfg, config, cfg):
 
 def qa_text_dir(cfg, config):
     """The dataset whose text gives the generated pairs: --qa DIR, else the base model's corpus."""
-    return cfg.qa if cfg.qa else config.get("data", {}).get("dir", "")
+    return cfg.qa or config.get("data", {}).get("dir", "")
 
 
 def qa_pairs(cfg, config, mcfg):

@@ -126,7 +126,7 @@ def qa(args, cfg):
         t0 = time.perf_counter()
         for group in groups.values():
             context = " ".join(OrderedDict.fromkeys(p["context"] for p in group))
-            src = tok.encode(context)
+            src, spans = tok.encode(context), S6.span_source(tok, context)      # read; what answers may copy
             conv.reset()
             if way == "carried":
                 conv.feed([[tok.token_id("<q>")] + src])
@@ -136,7 +136,7 @@ def qa(args, cfg):
                 else:
                     conv.reset()
                     ids = S6.prompt_ids(tok, p["question"], context)
-                reply_ids = answer(conv, ids, S6.span_source(tok, context), S6, args.max_answer_tokens)
+                reply_ids = answer(conv, ids, spans, S6, args.max_answer_tokens)
                 got = tok.decode(reply_ids, skip_special=True).strip()
                 results[way].append((k, S6.normalize(got) == S6.normalize(p["answer"]), got))
         seconds[way] = time.perf_counter() - t0
