@@ -181,6 +181,9 @@ def test_the_readmes_stage_5_command_pretrains_the_two_head_base_of_this_script(
       "--context_chars", "512", "--max_steps", "4000"]),
     ("python 6_finetune.py --preset gpu --base out/reader/full.npz --method lora",
      ["--methods", "lora:1", "--lora_targets", "wq,wk,wv,wo,w2,embed", "--lr", "3e-2",
+      "--context_chars", "128", "--max_steps", "5000"]),
+    ("python 6_finetune.py --preset gpu --base out/reader_mix/full.npz --method lora",
+     ["--methods", "lora:1", "--lora_targets", "wq,wk,wv,wo,w2,embed", "--lr", "3e-2",
       "--context_chars", "128", "--max_steps", "5000"])])
 def test_the_readmes_carry_on_commands_fine_tune_as_the_two_head_rows(start, row, calls):
     """The README's stage 6 commands for the two-head path (128 -> 256 in full, then LoRA rank 1
@@ -195,16 +198,19 @@ def test_the_readmes_carry_on_commands_fine_tune_as_the_two_head_rows(start, row
     assert replace(stage6, base=bench.base, out_dir=bench.out_dir) == bench
 
 
-def test_the_readmes_reader_command_is_the_run_of_the_results_file():
-    """The README's stage 6 command for a reader of other text (the gpu preset, --qa DIR, 5,000
-    steps) gives the config of the run in h200x2_qa_reader_base.md, field for field, but for the
-    paths and how often it saves."""
+@pytest.mark.parametrize("start, qa, save_interval", [
+    ("python 6_finetune.py --preset gpu --base out/qa_base/ckpt.npz --qa", "data/wikitext2_test", 0),
+    ("python 6_finetune.py --preset gpu --base out/reader/full.npz --qa", "data/mix", 500)])
+def test_the_readmes_reader_commands_are_the_runs_of_the_results_file(start, qa, save_interval):
+    """The README's stage 6 commands for a reader of other text and for its longer course on the
+    mixed text (the gpu preset, --qa DIR, 5,000 steps) give the configs of the runs in
+    h200x2_qa_reader_base.md, field for field, but for the paths and how often they save."""
     def stage6(argv):
         args = B.F.build_parser().parse_args(argv)
         return B.F.preset_configs(B.F.PRESETS, args.preset, B.F.given_options(args, B.F.FinetuneConfig),
                                   finetune=B.F.FinetuneConfig)[0]
     run = stage6("--base out/h2/base.npz --method full --backend triton --batch_size 64 --replay 0.5 "
                  "--fresh_copies 0.5 --context_chars 128 --prompt_order question_first --lr 3e-3 "
-                 "--max_steps 5000 --save_interval 0 --qa data/wikitext2_test --out_dir out/wiki".split())
-    readme = stage6(readme_command("python 6_finetune.py --preset gpu --base out/qa_base/ckpt.npz --qa"))
-    assert replace(readme, base=run.base, out_dir=run.out_dir, save_interval=0) == run
+                 f"--max_steps 5000 --save_interval {save_interval} --qa {qa} --out_dir out/run".split())
+    readme = stage6(readme_command(start))
+    assert replace(readme, base=run.base, out_dir=run.out_dir, save_interval=save_interval) == run
