@@ -14,7 +14,8 @@ questions whose answer is a span of a short context from its own corpus.
        tokens (and <eos>) only.
     3. Methods: full, freeze (embedding and the first k blocks fixed), lora (W + s B A on the
        projections, s = alpha / r: dB = s dW A^T, dA = s B^T dW, from any backend's dW; with
-       --lora_tokens the rows of new tokens train in full too: dr_i = dE[i]).
+       --lora_tokens the rows of new tokens train in full too: dr_i = dE[i]; with the target norm
+       every RMSNorm gain does: dd = dg).
     4. Backends (numpy, mlx, triton) only return gradients; the AdamW update is stage 3's. Answers and
        BPC are scored with stage 3's model, or with stage 5's for triton (a GPU's parallel prefill).
     5. Results: exact match and token F1 on held-out questions (--decode span keeps an answer a
@@ -44,8 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from spikelib.checkpoint import data_ref, load_checkpoint, save_checkpoint, tokenizer_path  # noqa: E402
 from spikelib.cli import add_config_options, fail, given_options, parse_bool, preset_configs  # noqa: E402
 from spikelib.finetune_backends import TorchReader, mlx_backend, triton_backend  # noqa: E402
-from spikelib.finetune_io import (EMBED_ROW, append_result, load_lora, normalize, print_result,  # noqa: E402, F401
-                                  print_table, read_qa, save_lora, stable_hash)
+from spikelib.finetune_io import (EMBED_ROW, GAIN_DELTA, append_result, load_lora, normalize,  # noqa: E402, F401
+                                  print_result, print_table, read_qa, save_lora, stable_hash)
 from spikelib.loop import interrupts_between_steps, progress_fields  # noqa: E402
 from spikelib.qa_data import fresh_drills, write_qa  # noqa: E402
 from spikelib.report import print_stream  # noqa: E402
@@ -62,7 +63,8 @@ BACKENDS = ("numpy", "mlx", "triton")
 DECODINGS = ("span", "free", "majority")
 PROMPT_ORDERS = ("question_first", "context_first", "question_twice")
 LORA_SITES = {w: f"attn.{w}" for w in ("wq", "wk", "wv", "wo")} | {w: f"mlp.{w}" for w in ("w1", "w2")}
-LORA_TARGETS = (*LORA_SITES, "embed")     # embed: the token embedding (with tied weights, the readout)
+LORA_TARGETS = (*LORA_SITES, "embed", "norm")   # embed: the token embedding (tied: the readout too);
+                                                # norm: every RMSNorm gain, trained in full
 
 
 @dataclass
@@ -78,7 +80,8 @@ class FinetuneConfig:
     lora_rank: int = 8             # lora: rank r of the adapters B (in, r) and A (r, out)
     lora_alpha: float = 16.0       # lora: W_eff = W + s B A with scale s = alpha / rank
     lora_targets: str = "wq,wk,wv,wo,w1,w2"   # lora: the matrices of every block that get adapters;
-                                              # embed adds the token embedding (the tied readout too)
+                                              # embed adds the token embedding (the tied readout too),
+                                              # norm trains every RMSNorm gain in full (d numbers each)
     lora_tokens: str = ""          # lora: special tokens whose embedding rows also train, in full, e.g.
                                    # <q>,<a>,<eos>: pretraining never read them, and a rank-r adapter
                                    # moves every row of the embedding along the same r directions
@@ -261,10 +264,19 @@ def lora_names(params, targets):
     return names + (["embed.weight"] if "embed" in wanted else [])
 
 
-def init_lora(params, names, rank, seed=0, token_ids=()):
+def norm_names(params):
+    """The RMSNorm gains g (d,) that the target "norm" trains in full: every block's norm1,
+    attn.norm and norm2, and norm_f. The first three scale what a neuron reads (sn1, attn.sn_o, sn2)
+    channel by channel: g_c x_c >= theta is x_c >= theta / g_c, a threshold of its own for each
+    channel, which no low-rank change of the matrices gives."""
+    return [n for n in params if "norm" in n]
+
+
+def init_lora(params, names, rank, seed=0, token_ids=(), gains=()):
     """B (in, r) ~ N(0, 1/in), A (r, out) = 0, so W_eff = W + s B A starts equal to W.
     x @ B projects the input down to r channels, @ A brings it back up. Each token id also gets
-    a row delta r_i (d,) = 0: E_eff[i] = E[i] + r_i trains that row in full."""
+    a row delta r_i (d,) = 0: E_eff[i] = E[i] + r_i trains that row in full; each gain in gains a
+    delta d (d,) = 0: g_eff = g + d."""
     rng = np.random.default_rng(seed)
     lora = {}
     for n in names:
@@ -274,6 +286,8 @@ def init_lora(params, names, rank, seed=0, token_ids=()):
     embed = params["embed.weight"]                        # (V, D)
     for i in token_ids:
         lora[EMBED_ROW + str(i)] = np.zeros(embed.shape[1], embed.dtype)
+    for n in gains:
+        lora[n + GAIN_DELTA] = np.zeros_like(params[n])
     return lora
 
 
@@ -283,13 +297,16 @@ def token_rows(lora):
 
 
 def apply_lora(params, lora, scale):
-    """Parameters with W_eff = W + s B A for every adapted W and E_eff[i] = E[i] + r_i for every
-    trained row (the others shared, not copied)."""
+    """Parameters with W_eff = W + s B A for every adapted W, g_eff = g + d for every trained gain
+    and E_eff[i] = E[i] + r_i for every trained row (the others shared, not copied)."""
     out = dict(params)
     for key in lora:
         if key.endswith(".B"):
             n = key[:-2]
             out[n] = params[n] + scale * (lora[n + ".B"] @ lora[n + ".A"])
+        elif key.endswith(GAIN_DELTA):
+            n = key[:-len(GAIN_DELTA)]
+            out[n] = params[n] + lora[key]
     rows = token_rows(lora)
     if rows:
         embed = out["embed.weight"].copy()               # (V, D): the base's own array stays as it was
@@ -301,13 +318,15 @@ def apply_lora(params, lora, scale):
 
 def lora_grads(grads, lora, scale):
     """Chain rule through W_eff = W + s B A:  dB = s dW_eff A^T,  dA = s B^T dW_eff;
-    through E_eff[i] = E[i] + r_i:  dr_i = dE_eff[i]."""
+    through g_eff = g + d:  dd = dg_eff;  through E_eff[i] = E[i] + r_i:  dr_i = dE_eff[i]."""
     out = {}
     for key in lora:
         if key.endswith(".B"):
             n = key[:-2]
             out[n + ".B"] = scale * (grads[n] @ lora[n + ".A"].T)
             out[n + ".A"] = scale * (lora[n + ".B"].T @ grads[n])
+        elif key.endswith(GAIN_DELTA):
+            out[key] = grads[key[:-len(GAIN_DELTA)]].copy()
     for i, key in token_rows(lora).items():
         out[key] = grads["embed.weight"][i].copy()
     return out
@@ -328,11 +347,12 @@ def trainable_params(params, cfg, mcfg):
         frozen = set(frozen_names(params, k))
         return {n: p for n, p in params.items() if n not in frozen}
     names = lora_names(params, cfg.lora_targets)
-    if not names:
-        raise ValueError(f"lora_targets={cfg.lora_targets!r} selects no matrix; "
+    gains = norm_names(params) if "norm" in names_in(cfg.lora_targets) else []
+    if not names and not gains:
+        raise ValueError(f"lora_targets={cfg.lora_targets!r} selects nothing to adapt; "
                          f"use names from {list(LORA_TARGETS)}")
     token_ids = [SPECIAL_TOKENS.index(t) for t in names_in(cfg.lora_tokens)]
-    return init_lora(params, names, cfg.lora_rank, cfg.seed, token_ids)
+    return init_lora(params, names, cfg.lora_rank, cfg.seed, token_ids, gains)
 
 # ----------------------------------------------------------------------------- backends
 # A backend turns (parameters, batch) into (masked loss, dL/dparam for every model parameter).
@@ -832,9 +852,9 @@ def merge(cfg, adapters):
     lora, scale = load_lora(adapters, params)
     path = Path(cfg.out_dir) / "lora_merged.npz"
     save_finetuned(path, apply_lora(params, lora, scale), mcfg, config, cfg)
-    rows = token_rows(lora)
-    print(f"merged {(len(lora) - len(rows)) // 2} adapters (s = {scale:g}) and {len(rows)} embedding rows "
-          f"into {path}")
+    n_gains = sum(k.endswith(GAIN_DELTA) for k in lora)
+    print(f"merged {sum(k.endswith('.B') for k in lora)} adapters (s = {scale:g}), {len(token_rows(lora))} "
+          f"embedding rows and {n_gains} norm gains into {path}")
     return path
 
 

@@ -13,6 +13,7 @@ from spikelib.checkpoint import CheckpointError, read_npz
 from spikelib.files import atomic_write, write_text_atomic
 
 EMBED_ROW = "embed.weight.row."     # an adapter file's key of a trained embedding row: + its token id
+GAIN_DELTA = ".delta"               # ... and of a trained RMSNorm gain's change: its name + this
 
 
 def append_result(path, result):
@@ -197,7 +198,7 @@ def squad_pair(qa, context, title, where, test_fraction):
 
 def save_lora(path, lora, cfg, base_path):
     """Adapters as a small npz: lora/<name>.B, lora/<name>.A, lora/embed.weight.row.<id> (trained
-    embedding rows) and a JSON config (no pickle)."""
+    embedding rows), lora/<gain name>.delta (trained RMSNorm gains) and a JSON config (no pickle)."""
     doc = {"format": "spike-transformer-lora", "version": 1, "rank": cfg.lora_rank, "alpha": cfg.lora_alpha,
            "targets": cfg.lora_targets, "tokens": cfg.lora_tokens, "base": str(base_path)}
     arrays = {"config.json": np.frombuffer(json.dumps(doc).encode(), np.uint8)}
@@ -234,8 +235,14 @@ def load_lora(path, params):
             if not (i.isdecimal() and int(i) < vocab and v.shape == (d,)):
                 raise CheckpointError(f"{path}: embedding row {key} {v.shape} does not fit the base model")
             continue
+        if key.endswith(GAIN_DELTA):                   # a trained RMSNorm gain's change: as the gain
+            n = key[:-len(GAIN_DELTA)]
+            if not ("norm" in n and n in params and v.shape == params[n].shape == (d,)):
+                raise CheckpointError(f"{path}: norm gain change {key} {v.shape} does not fit the base model")
+            continue
         if not key.endswith((".A", ".B")):
-            raise CheckpointError(f"{path}: lora/{key} is not an .A or .B adapter or an embedding row")
+            raise CheckpointError(f"{path}: lora/{key} is not an .A or .B adapter, an embedding row or a "
+                                  f"norm gain's change")
         n = key[:-2]
         d_in, d_out = params[n].shape if n in params and params[n].ndim == 2 else (None, None)
         want = {".B": (d_in, rank), ".A": (rank, d_out)}.get(key[-2:])

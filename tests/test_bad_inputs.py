@@ -105,7 +105,8 @@ CASES = [
          "cannot reach", False),                           # after stage 2's "running stage 1" line
     case("6-lora-rank-0", "6_finetune", B6 + "--lora_rank 0", "--lora_rank must be >= 1, got 0", True),
     case("6-lora-targets", "6_finetune", B6 + "--lora_targets foo",
-         "--lora_targets must be a comma-separated list of wq, wk, wv, wo, w1, w2, embed, got 'foo'", True),
+         "--lora_targets must be a comma-separated list of wq, wk, wv, wo, w1, w2, embed, norm, got 'foo'",
+         True),
     case("6-lora-tokens", "6_finetune", B6 + "--lora_tokens <q>,<x>",
          "--lora_tokens must be a comma-separated list of <pad>, <bos>, <eos>, <q>, <a>", True),
     case("6-resume-nothing", "6_finetune", B6 + "--resume 1", "--resume 1: no stopped run to continue", True),

@@ -4,7 +4,7 @@ import json
 import os
 import signal
 import time
-from dataclasses import fields
+from dataclasses import fields, replace
 from functools import partial
 
 import numpy as np
@@ -151,17 +151,20 @@ def test_lora_gradients_match_finite_differences(monkeypatch):
     (h = 1e-6) of the masked loss in float64: relative error < 1e-5 for every adapter tensor, all
     entries, the tied embedding's (lookup and readout in one dW) too. Stage 3's smooth forward (each
     spike H(u) replaced by its surrogate S(u), as in its own gradient checks) makes the loss
-    differentiable; A is random so that dB is not zero. Two embedding rows train in full beside
-    the adapters (--lora_tokens): dr_i = dE_eff[i], checked the same way."""
+    differentiable; A is random so that dB is not zero. Two embedding rows (--lora_tokens) and
+    every RMSNorm gain (the target norm) train in full beside the adapters: dr_i = dE_eff[i] and
+    dd = dg_eff, checked the same way."""
     mcfg = S3.make_configs("tiny", vocab_size=11, d_model=8, d_ff=12, n_head=2)[0]
     rng = np.random.default_rng(0)
     params = {k: v.astype(np.float64) + rng.normal(0, 0.1, v.shape) for k, v in S3.init_params(mcfg).items()}
-    lora = F.init_lora(params, F.lora_names(params, "wq,wk,wv,wo,w1,w2,embed"), rank=2, token_ids=(3, 4))
+    lora = F.init_lora(params, F.lora_names(params, "wq,wk,wv,wo,w1,w2,embed"), rank=2, token_ids=(3, 4),
+                       gains=F.norm_names(params))
     for k in lora:
         if k.endswith(".A"):
             lora[k] = rng.normal(0, 0.3, lora[k].shape)
-    assert len(lora) == 2 * (6 * mcfg.n_layer + 1) + 2 and "embed.weight.B" in lora
-    assert lora["embed.weight.row.3"].shape == (mcfg.d_model,)
+    assert len(lora) == 2 * (6 * mcfg.n_layer + 1) + 2 + (3 * mcfg.n_layer + 1) and "embed.weight.B" in lora
+    assert lora["embed.weight.row.3"].shape == lora["norm_f.weight.delta"].shape == (mcfg.d_model,)
+    assert lora["blocks.1.attn.norm.weight.delta"].shape == params["blocks.1.attn.norm.weight"].shape
     x, y = rng.integers(0, mcfg.vocab_size, (2, 2, 5))
     mask = np.array([[0, 0, 1, 1, 1], [0, 1, 1, 1, 0]], np.float64)
     scale = 1.5
@@ -257,13 +260,52 @@ def test_trained_rows_change_their_rows_alone(tmp_path, capsys):
     merged = S3.load_model(F.merge(cfg, tmp_path / "rows.npz"))[0]
     assert np.array_equal(merged["embed.weight"], tuned["embed.weight"])
     n_b = sum(k.endswith(".B") for k in lora)                        # one wq adapter a block
-    assert f"merged {n_b} adapters (s = 8) and 2 embedding rows" in capsys.readouterr().out
+    assert f"merged {n_b} adapters (s = 8), 2 embedding rows and 0 norm gains" in capsys.readouterr().out
     vocab = params["embed.weight"].shape[0]
     for key, row in ((f"embed.weight.row.{vocab}", lora[f"embed.weight.row.{q}"]),     # no such token
                      (f"embed.weight.row.{q}", lora[f"embed.weight.row.{q}"][:-1])):   # a short row
         F.save_lora(tmp_path / "bad.npz", {**lora, key: row}, cfg, base)
         with pytest.raises(CheckpointError, match="does not fit the base model"):
             F.load_lora(tmp_path / "bad.npz", params)
+
+
+def test_trained_gains_change_the_norms_alone(tmp_path, capsys):
+    """--lora_targets ...,norm: g_eff = g + d exactly at every RMSNorm gain (each block's norm1,
+    attn.norm and norm2, and norm_f), every other array and the base untouched; the gains count
+    in the trained set, survive save_lora / load_lora and merge, and a change that fits no gain is
+    refused."""
+    base = tiny_base(tmp_path)
+    params, mcfg = S3.load_model(base)[:2]
+    before = {k: v.copy() for k, v in params.items()}
+    cfg = F.FinetuneConfig(base=str(base), out_dir=str(tmp_path), lora_rank=2, lora_targets="wq,norm")
+    lora = F.trainable_params(params, cfg, mcfg)
+    gains = sorted(k for k in lora if k.endswith(".delta"))
+    assert len(gains) == 3 * mcfg.n_layer + 1 and "norm_f.weight.delta" in gains
+    assert sum(lora[k].size for k in gains) == len(gains) * mcfg.d_model
+    only = F.trainable_params(params, replace(cfg, lora_targets="norm"), mcfg)
+    assert sorted(only) == gains                                      # the gains alone: no matrix needed
+    rng = np.random.default_rng(0)
+    lora = {k: (v + rng.normal(0, 0.3, v.shape)).astype(np.float32) for k, v in lora.items()}
+    tuned = F.apply_lora(params, lora, cfg.lora_alpha / cfg.lora_rank)
+    changed = sorted(n for n in params if not np.array_equal(tuned[n], params[n]))
+    wq = [f"blocks.{i}.attn.wq" for i in range(mcfg.n_layer)]
+    assert changed == sorted([k[:-len(".delta")] for k in gains] + wq)
+    assert np.array_equal(tuned["norm_f.weight"], params["norm_f.weight"] + lora["norm_f.weight.delta"])
+    assert all(params[k].tobytes() == before[k].tobytes() for k in params)
+    F.save_lora(tmp_path / "gains.npz", lora, cfg, base)
+    loaded, _ = F.load_lora(tmp_path / "gains.npz", params)
+    assert set(loaded) == set(lora) and all(np.array_equal(loaded[k], lora[k]) for k in lora)
+    merged = S3.load_model(F.merge(cfg, tmp_path / "gains.npz"))[0]
+    assert all(np.array_equal(merged[n], tuned[n]) for n in params)
+    assert f"merged {mcfg.n_layer} adapters (s = 8), 0 embedding rows and {len(gains)} norm gains" \
+        in capsys.readouterr().out
+    d = mcfg.d_model
+    plif = {**params, "blocks.0.sn1.theta": np.ones(d, np.float32)}   # a PLIF base's threshold: (d,), no gain
+    for key, v in (("blocks.0.sn1.theta.delta", np.zeros(d)), ("blocks.0.attn.wq.delta", np.zeros(d)),
+                   ("norm_f.weight.delta", np.zeros(d - 1))):           # a short change
+        F.save_lora(tmp_path / "bad.npz", {**lora, key: v}, cfg, base)
+        with pytest.raises(CheckpointError, match="does not fit the base model"):
+            F.load_lora(tmp_path / "bad.npz", plif)
 
 
 def test_load_lora_rejects_adapters_of_another_model(tmp_path):
@@ -387,15 +429,15 @@ def test_backend_gradients_equal_numpy(qa_setup, backend, package):
 @pytest.mark.parametrize("backend, package", [("mlx", "mlx.core"), ("triton", "torch")])
 def test_lora_finetuning_equals_numpy_step_for_step(qa_setup, backend, package):
     """Twenty LoRA steps (the chain rule and AdamW of stage 6 on each backend's dW_eff), the
-    embedding adapted too, end in the same adapters and losses as with the numpy backend: relative
-    error < 1e-3 (float32, ANN twin)."""
+    embedding adapted and the norm gains trained too, end in the same adapters and losses as with
+    the numpy backend: relative error < 1e-3 (float32, ANN twin)."""
     pytest.importorskip(package)
     _, _, examples, spiking = qa_setup
     mcfg = S3.make_configs("tiny", vocab_size=spiking.vocab_size, spiking=False)[0]
     rng = np.random.default_rng(0)
     base = {k: (v + rng.normal(0, 0.1, v.shape)).astype(np.float32) for k, v in S3.init_params(mcfg).items()}
     cfg = F.FinetuneConfig(method="lora", max_steps=20, warmup=2, batch_size=4, lora_rank=2, lora_alpha=4.0,
-                           lora_targets="wq,wk,wv,wo,w1,w2,embed")
+                           lora_targets="wq,wk,wv,wo,w1,w2,embed,norm")
     runs = [F.finetune(dict(base), mcfg, cfg, examples, F.BACKEND[b](mcfg), progress=False)
             for b in ("numpy", backend)]
     (want, want_losses, _), (got, got_losses, _) = runs
@@ -483,8 +525,8 @@ def test_cli_resumes_a_stopped_run_to_the_same_adapters(tmp_path, monkeypatch, c
 
 
 def test_cli_finetunes_merges_and_answers(tmp_path, capsys):
-    """End to end on a user file: LoRA writes adapters and a results row, --merge a checkpoint
-    that loads with the base's tokenizer, --ask answers with the adapters."""
+    """End to end on a user file: LoRA (with the norm gains) writes adapters and a results row,
+    --merge a checkpoint that loads with the base's tokenizer, --ask answers with the adapters."""
     base = tiny_base(tmp_path)
     qa = tmp_path / "qa.jsonl"
     rows = [{"question": q, "answer": a, "split": "test" if i % 3 == 0 else "train"}
@@ -492,7 +534,7 @@ def test_cli_finetunes_merges_and_answers(tmp_path, capsys):
     qa.write_text("".join(json.dumps(row) + "\n" for row in rows))
     out = tmp_path / "out"
     args = ["--base", str(base), "--out_dir", str(out), "--qa", str(qa), "--max_steps", "3",
-            "--batch_size", "2", "--max_answer_tokens", "3"]
+            "--batch_size", "2", "--max_answer_tokens", "3", "--lora_targets", "wq,wv,norm"]
     assert F.main(args) == 0
     row = json.loads((out / "results.jsonl").read_text())
     got = (row["method"], row["steps"], row["n_test"], row["output"])
