@@ -96,7 +96,7 @@ class FinetuneConfig:
     layer_lr_decay: float = 1.0    # < 1: lower learning rates for layers nearer the input
     seed: int = 0                  # LoRA initialization, the batches, fresh questions, replay windows
     save_interval: int = 500       # save the run's state (OUT_DIR/<method>.state.npz) every N steps and on
-                                   # Ctrl-C; 0 = on Ctrl-C only. A finished run deletes it
+                                   # Ctrl-C or SIGTERM; 0 = on those only. A finished run deletes it
     resume: bool = False           # continue the stopped run of --method in OUT_DIR from its state,
                                    # exactly as if it had not stopped (the batches are drawn by step)
     max_len: int = 0               # longest prompt + answer in tokens (longer: skipped); 0 = max(128, ctx)
@@ -163,7 +163,7 @@ NUMBER_OPTIONS = {
     "no_answer": (lambda v: 0 <= v <= 1, "in [0, 1]"), "copy_questions": (at_least(1), ">= 1"),
     "replay": (at_least(0), ">= 0"), "fresh_copies": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "seed": (at_least(0), ">= 0 (numpy's generators take no negative seed)"),
-    "save_interval": (at_least(0), ">= 0 (0 = on Ctrl-C only)"),
+    "save_interval": (at_least(0), ">= 0 (0 = on Ctrl-C or SIGTERM only)"),
     "test_fraction": (lambda v: 0 <= v <= 1, "in [0, 1]"), "eval_questions": (at_least(1), ">= 1"),
     "max_answer_tokens": (at_least(1), ">= 1"), "eval_tokens": (at_least(0), ">= 0"),
 }
@@ -409,7 +409,7 @@ def finetune(params, mcfg, cfg, train_examples, grad_fn, progress=True, corpus=N
     never seen before. With cfg.replay and corpus (train split token ids), each batch also holds
     round(replay x batch) windows of the corpus, their loss the pretraining loss: the model keeps
     modelling language. With state (a path) the run is saved there every cfg.save_interval steps
-    and on Ctrl-C (after the step under way), and cfg.resume continues from it."""
+    and on Ctrl-C or SIGTERM (after the step under way), and cfg.resume continues from it."""
     trainable = trainable_params(params, cfg, mcfg)
     lr, min_lr = resolved_lr(cfg)
     sched = S3.TrainConfig(lr=lr, min_lr=min_lr, warmup=cfg.warmup, max_steps=cfg.max_steps,

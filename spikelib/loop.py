@@ -4,8 +4,9 @@ A stage's `train_step(step)` is the lesson (batch, forward, backward, optimizer 
 module runs it from `start` to `max_steps` with what every run needs and no run should rewrite:
 a progress bar, evaluation and an atomic checkpoint every `eval_interval` steps, a wall-clock
 limit, a guard against a non-finite loss, and Ctrl-C that finishes the step under way, saves it
-and stops. An interrupt is only acted on between steps, so a checkpoint never holds half an
-optimizer update and `--resume 1` continues exactly.
+and stops; a SIGTERM (what `kill`, `timeout` and job schedulers send before they kill) does the
+same. An interrupt is only acted on between steps, so a checkpoint never holds half an optimizer
+update and `--resume 1` continues exactly.
 """
 import math
 import signal
@@ -20,7 +21,7 @@ from spikelib.metrics import MetricsLog
 
 
 class StopRequest:
-    """Set by the first Ctrl-C; the loop reads it between steps."""
+    """Set by the first Ctrl-C or SIGTERM; the loop reads it between steps."""
 
     def __init__(self):
         self.requested = False
@@ -28,28 +29,31 @@ class StopRequest:
 
 @contextmanager
 def interrupts_between_steps(again_quits=True):
-    """Within the block the first SIGINT only sets a flag (the step under way finishes and is
-    saved); a second one raises KeyboardInterrupt at once, leaving the last checkpoint as it was
-    (unless again_quits is False: under torchrun each process gets the terminal's SIGINT and
-    torchrun's copy of it). Outside the main thread signals cannot be caught, and Ctrl-C behaves
-    as usual."""
+    """Within the block the first SIGINT or SIGTERM only sets a flag (the step under way finishes
+    and is saved); a second one raises KeyboardInterrupt at once, leaving the last checkpoint as it
+    was (unless again_quits is False: under torchrun each process gets the terminal's SIGINT and
+    torchrun's copy of it). A scheduler's SIGTERM leaves a grace period before its SIGKILL (SLURM
+    30 s, torchrun 30 s, `timeout -k`): time for one step and a save. Outside the main thread
+    signals cannot be caught, and both behave as usual."""
     stop = StopRequest()
     if threading.current_thread() is not threading.main_thread():
         yield stop
         return
 
-    def on_sigint(signum, frame):
+    def on_signal(signum, frame):
         if stop.requested and again_quits:
             raise KeyboardInterrupt
         stop.requested = True
-        print("\ninterrupt: finishing this step, then saving (Ctrl-C again quits without saving)",
+        what = "interrupt" if signum == signal.SIGINT else "SIGTERM"
+        print(f"\n{what}: finishing this step, then saving (a second one quits without saving)",
               file=sys.stderr, flush=True)
 
-    previous = signal.signal(signal.SIGINT, on_sigint)
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield stop
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def progress_fields(loss, stats, tokens_per_s):
@@ -65,11 +69,11 @@ def run_steps(train_step, start, tcfg, tokens_per_step, evaluate, save, ckpt_pat
     After a step completes (done = step + 1): every eval_interval steps, at the last step and when
     tcfg.max_minutes has passed, evaluate(done) then save(done); what evaluate returns (a list of
     eval_result dicts) goes to the run's metrics.jsonl beside the checkpoint (spikelib.metrics).
-    A non-finite loss raises FloatingPointError before anything is saved. Ctrl-C: the step
-    finishes, save(done), then KeyboardInterrupt. Returns the number of completed steps. With group
+    A non-finite loss raises FloatingPointError before anything is saved. Ctrl-C or SIGTERM: the
+    step finishes, save(done), then KeyboardInterrupt. Returns the number of completed steps. With group
     (several processes, spikelib.distributed.Group) only rank 0 shows the bar and writes the log,
     and the ranks stop on the same step: after each step they agree whether any is out of time or
-    has seen Ctrl-C.
+    has seen Ctrl-C or SIGTERM.
     """
     t0, done = time.time(), start
     main_rank = group is None or group.main

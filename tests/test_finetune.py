@@ -486,11 +486,12 @@ def test_run_scores_answerable_held_out_questions_without_their_contexts(tmp_pat
     assert row["n_blind"] == len(held) and 0 <= row["em_blind"] <= 1
 
 
-def test_cli_resumes_a_stopped_run_to_the_same_adapters(tmp_path, monkeypatch, capsys):
-    """End to end: Ctrl-C during step 3 of 5 (a SIGINT from inside the backend) saves the state
-    and exits 130; --resume 1 finishes the run, deletes the state, writes the adapters an
-    unstopped run writes (byte for byte) and reports the time of both parts (the stopped one made
-    slower than the rest, so that the resumed part alone would be less)."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_cli_resumes_a_stopped_run_to_the_same_adapters(tmp_path, monkeypatch, capsys, sig):
+    """End to end: Ctrl-C during step 3 of 5 (a SIGINT from inside the backend), or a scheduler's
+    SIGTERM, saves the state and exits 130; --resume 1 finishes the run, deletes the state, writes
+    the adapters an unstopped run writes (byte for byte) and reports the time of both parts (the
+    stopped one made slower than the rest, so that the resumed part alone would be less)."""
     base = tiny_base(tmp_path)
     qa = tmp_path / "qa.jsonl"
     rows = [{"question": q, "answer": a, "split": "test" if i % 3 == 0 else "train"}
@@ -509,7 +510,7 @@ def test_cli_resumes_a_stopped_run_to_the_same_adapters(tmp_path, monkeypatch, c
             if len(calls) <= 3:
                 time.sleep(0.3)                          # the stopped part takes longer than the rest
             if len(calls) == 3:
-                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), sig)
             return grad_fn(*batch)
         return grads
     monkeypatch.setitem(F.BACKEND, "numpy", interrupted_backend)

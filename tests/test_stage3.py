@@ -3,11 +3,13 @@ checkpoints and exact resume, optimizer and schedule vs hand computations, overf
 import math
 import os
 import signal
+import time
 
 import numpy as np
 import pytest
 
 from spikelib.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from spikelib.loop import interrupts_between_steps
 from spikelib.stages import load_stage
 
 m = load_stage("3_spike_llm_numpy")
@@ -352,10 +354,12 @@ def run_main(source, root, *extra):
     return m.main(args + [str(a) for a in extra])
 
 
-def test_main_interrupt_resume_and_generate(text_source, tmp_path, monkeypatch, capsys):
-    """End to end: Ctrl-C (a real SIGINT) arriving in the middle of step 6, between the backward
-    pass and the optimizer update, lets the step finish and saves step 7 whole; --resume finishes
-    with the same parameters as an uninterrupted run; --generate streams text from the checkpoint."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_main_interrupt_resume_and_generate(text_source, tmp_path, monkeypatch, capsys, sig):
+    """End to end: Ctrl-C (a real SIGINT), or a SIGTERM as a job scheduler sends, arriving in the
+    middle of step 6, between the backward pass and the optimizer update, lets the step finish and
+    saves step 7 whole; --resume finishes with the same parameters as an uninterrupted run;
+    --generate streams text from the checkpoint."""
     assert run_main(text_source, tmp_path / "straight") == 0
     straight, _, _, step, _, _ = m.load_model(tmp_path / "straight/out/ckpt.npz")
     assert step == 12
@@ -366,7 +370,7 @@ def test_main_interrupt_resume_and_generate(text_source, tmp_path, monkeypatch, 
 
     def interrupted_update(params, grads, opt, step, *args):
         if step == 6:
-            os.kill(os.getpid(), signal.SIGINT)         # the handler runs here, mid-step
+            os.kill(os.getpid(), sig)                   # the handler runs here, mid-step
         return real_update(params, grads, opt, step, *args)
 
     monkeypatch.setattr(m, "adamw_step", interrupted_update)
@@ -381,6 +385,21 @@ def test_main_interrupt_resume_and_generate(text_source, tmp_path, monkeypatch, 
     capsys.readouterr()
     assert run_main(text_source, tmp_path / "cut", "--generate", "The king") == 0
     assert capsys.readouterr().out.startswith("The king")
+
+
+def test_a_second_signal_quits_at_once_and_the_handlers_come_back():
+    """Inside the loop's block the first SIGINT or SIGTERM only asks to stop; a second one raises
+    KeyboardInterrupt at once; after the block both signals have their handlers of before."""
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in before:
+        with interrupts_between_steps() as stop:
+            os.kill(os.getpid(), sig)
+            time.sleep(0.01)                             # Python runs the handler between bytecodes
+            assert stop.requested
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), sig)
+                time.sleep(0.01)
+        assert {s: signal.getsignal(s) for s in before} == before
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(text_source, tmp_path, monkeypatch, capsys):
