@@ -22,6 +22,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from spikelib.cli import fail  # noqa: E402
 from spikelib.files import write_text_atomic  # noqa: E402
+from spikelib.stages import load_stage  # noqa: E402
+
+S1 = load_stage("1_data")
 
 MIN_CHARS = 500          # WikiText-2 pieces this short are the file's blank start, not articles
 PART_CHARS = 10_000      # a TinyShakespeare part closes at the first blank line past this length
@@ -46,8 +49,8 @@ def parts(text):
 
 def write_documents(wikitext, shakespeare, out):
     """Write every article and part to its own file in out; return the (wiki, play) counts."""
-    docs = [("w", a) for path in wikitext for a in articles(Path(path).read_text(encoding="utf-8"))]
-    play = parts(Path(shakespeare).read_text(encoding="utf-8")) if shakespeare else []
+    docs = [("w", a) for path in wikitext for a in articles(S1.read_text_file(Path(path)))]
+    play = parts(S1.read_text_file(Path(shakespeare))) if shakespeare else []
     docs += [("s", p) for p in play]
     for i, (prefix, doc) in enumerate(docs):
         write_text_atomic(Path(out) / f"{prefix}{i:05d}.txt", doc)
@@ -67,9 +70,14 @@ def main(argv=None):
     for path in [*args.wikitext, *([args.shakespeare] if args.shakespeare else [])]:
         if not Path(path).is_file():
             return fail(f"no such file: {path}")
-    if Path(args.out).exists() and any(Path(args.out).iterdir()):
-        return fail(f"{args.out} is not empty; give a new folder (stage 1 reads every file in it)")
-    n_wiki, n_play = write_documents(args.wikitext, args.shakespeare, args.out)
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        return fail(f"{args.out} is a file or a folder that is not empty; give a new folder "
+                    f"(stage 1 reads every file in it)")
+    try:
+        n_wiki, n_play = write_documents(args.wikitext, args.shakespeare, out)
+    except (OSError, ValueError) as err:              # an unreadable or non-UTF-8 input, a full disk
+        return fail(err)
     print(f"{args.out}: {n_wiki:,} articles and {n_play:,} play parts, one file each")
     return 0
 

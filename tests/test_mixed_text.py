@@ -57,5 +57,10 @@ def test_bad_inputs_are_one_line_and_keep_what_is_there(tmp_path, capsys):
     (tmp_path / "play.txt").write_text("KING:\nGo.")
     assert M.main(["--shakespeare", str(tmp_path / "play.txt"), "--out", str(kept.parent)]) == 1
     assert kept.read_text() == "mine" and len(list(kept.parent.iterdir())) == 1
+    assert M.main(["--shakespeare", str(tmp_path / "play.txt"), "--out", str(kept)]) == 1   # a file
+    assert kept.read_text() == "mine"
+    (tmp_path / "latin1.txt").write_bytes("ROM\u00c9O:\nAh.".encode("latin-1"))          # not UTF-8
+    assert M.main(["--shakespeare", str(tmp_path / "latin1.txt"), "--out", str(tmp_path / "c")]) == 1
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 3 and all(line.startswith("error: ") for line in err)
+    assert len(err) == 5 and all(line.startswith("error: ") for line in err)
+    assert "latin1.txt: not UTF-8 text" in err[-1] and not (tmp_path / "c").exists()
