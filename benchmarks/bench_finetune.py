@@ -73,7 +73,7 @@ def method_configs(args):
 
 def cut_short(path):
     """The saved pretraining record (a dict, its step included) of the checkpoint at path when that
-    pretraining stopped before its last step with no time limit (killed, or Ctrl-C), else None.
+    pretraining stopped before its last step with no time limit (killed, Ctrl-C or SIGTERM), else None.
     Stages 3 to 5 save at every evaluation, so such a file exists, and fine-tuning it would start
     from part of a base. A base stopped by its own time limit (--pretrain_minutes) is done."""
     if not Path(path).is_file():
@@ -163,9 +163,9 @@ def main(argv=None):
     ap.add_argument("--out", default="", help="also write the markdown tables to this file")
     ap.add_argument("--out_dir", default="out/bench_finetune", help="outputs of each method: OUT_DIR/METHOD")
     ap.add_argument("--resume", type=parse_bool, default=False, metavar="0|1",
-                    help="1: a method stopped by Ctrl-C continues from its saved state (stage 6's --resume), "
-                         "the others run anew; a base whose pretraining was cut short is pretrained on "
-                         "with its own schedule first (default 0)")
+                    help="1: a method stopped by Ctrl-C or SIGTERM continues from its saved state (stage 6's "
+                         "--resume), the others run anew; a base whose pretraining was cut short is "
+                         "pretrained on with its own schedule first (default 0)")
     args = ap.parse_args(argv)
     if min(args.context_chars, args.pretrain_decay_step, args.pretrain_lr) < 0 or args.copy_questions < 1:
         ap.error("--context_chars, --pretrain_decay_step and --pretrain_lr must be >= 0, "
