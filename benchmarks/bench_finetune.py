@@ -198,6 +198,8 @@ def main(argv=None):
             write_tables(args, rows)                    # after every method: a cut-short run keeps its rows
     except F.S3.ERRORS as err:
         return F.fail(err)
+    except KeyboardInterrupt:    # Ctrl-C or SIGTERM: stage 6 has saved the method and said how to go on
+        return 130
     return 0
 
 

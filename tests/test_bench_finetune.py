@@ -114,6 +114,28 @@ def test_a_finished_base_or_one_stopped_by_its_time_limit_is_fine_tuned_as_it_is
     assert calls["pretrain"] == [] and len(calls["run"]) == 1
 
 
+def test_a_stopped_method_ends_the_run_with_130_and_keeps_the_rows_before_it(calls, monkeypatch, capsys):
+    """Ctrl-C or SIGTERM in a method (stage 6 has saved its state and said so, then raised
+    KeyboardInterrupt): exit status 130 and no traceback; the methods finished before it keep their
+    rows in the tables, and the methods after it do not run."""
+    tables = []
+    monkeypatch.setattr(B, "write_tables", lambda args, rows: tables.append(list(rows)))
+
+    def run(cfg, progress=True):
+        calls["run"].append(cfg)
+        if cfg.method == "lora":
+            raise KeyboardInterrupt
+        return {"method": cfg.method}
+    monkeypatch.setattr(B.F, "run", run)
+    try:
+        rc = B.main(["--base", "ckpt.npz", "--methods", "full,lora:1,freeze"])
+    except KeyboardInterrupt:
+        pytest.fail("the KeyboardInterrupt reached the caller: a traceback, not exit status 130")
+    assert rc == 130
+    assert [cfg.method for cfg in calls["run"]] == ["full", "lora"]
+    assert tables == [[{"method": "full"}]]
+
+
 def test_a_pretraining_cut_short_is_one_line_and_resume_pretrains_it_on(calls, tmp_path, capsys):
     """A base saved before its last step with no time limit (the run was killed) is not fine-tuned:
     one line says so; --resume 1 pretrains it on with its own schedule (4 steps, not the 500 of
