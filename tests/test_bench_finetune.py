@@ -114,7 +114,7 @@ def test_a_finished_base_or_one_stopped_by_its_time_limit_is_fine_tuned_as_it_is
     assert calls["pretrain"] == [] and len(calls["run"]) == 1
 
 
-def test_a_stopped_method_ends_the_run_with_130_and_keeps_the_rows_before_it(calls, monkeypatch, capsys):
+def test_a_stopped_method_ends_the_run_with_130_and_keeps_the_rows_before_it(calls, monkeypatch):
     """Ctrl-C or SIGTERM in a method (stage 6 has saved its state and said so, then raised
     KeyboardInterrupt): exit status 130 and no traceback; the methods finished before it keep their
     rows in the tables, and the methods after it do not run."""
