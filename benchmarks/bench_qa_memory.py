@@ -110,8 +110,10 @@ def main():
         print(f"| {c} | {r['pairs']:,} | {r['median_tokens']:.0f} | {r['question_gap']:.0f} | "
               f"{r['answer_gap']:.0f} | {100 * r['answer_within']:.0f}% | {100 * r['clash_q']:.1f}% | "
               f"{100 * r['clash_c']:.1f}% |")
-    kinds = ", ".join(f"{kind} {n:,}" for kind, n in r["kinds"])         # the same at every width
-    print(f"\npairs by kind: {kinds}; {r['held_out']:,} held out")
+    print()
+    for c, r in rows.items():   # "none" depends on the width: a wider context holds the answer more often
+        kinds = ", ".join(f"{kind} {n:,}" for kind, n in r["kinds"])
+        print(f"pairs by kind at --context_chars {c}: {kinds}; {r['held_out']:,} held out")
     print("\n| --context_chars | held-out answers | no span of span_source | no span of the context's own "
           "tokens | by kind: answers, no span of either |")
     print("|---|---|---|---|---|")
