@@ -492,30 +492,30 @@ def _quiet_import(name):
             return None
 
 
+def module_names(top):
+    """The module top and every importable public module under it, packages walked, in walk order."""
+    mod = _quiet_import(top)
+    if mod is None:
+        return []
+    names, stack = [top], [mod] if hasattr(mod, "__path__") else []
+    while stack:                   # a package: walk its submodules without executing __main__
+        pkg = stack.pop()
+        for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
+            full = pkg.__name__ + "." + info.name
+            if _skip(full):
+                continue
+            sub = _quiet_import(full)
+            if sub is not None:
+                names.append(full)
+                if info.ispkg and hasattr(sub, "__path__"):
+                    stack.append(sub)
+    return names
+
+
 def stdlib_module_names():
     """Every importable public stdlib module, packages walked, in sorted order."""
-    names = []
-    for top in sorted(sys.stdlib_module_names):
-        if _skip(top):
-            continue
-        mod = _quiet_import(top)
-        if mod is None:
-            continue
-        names.append(top)
-        if hasattr(mod, "__path__"):   # a package: walk its submodules without executing __main__
-            stack = [mod]
-            while stack:
-                pkg = stack.pop()
-                for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
-                    full = pkg.__name__ + "." + info.name
-                    if _skip(full):
-                        continue
-                    sub = _quiet_import(full)
-                    if sub is not None:
-                        names.append(full)
-                        if info.ispkg:
-                            stack.append(sub)
-    return sorted(names)
+    tops = [top for top in sorted(sys.stdlib_module_names) if not _skip(top)]
+    return sorted(name for top in tops for name in module_names(top))
 
 
 def _own_doc(obj):
