@@ -206,6 +206,9 @@ def test_the_readmes_stage_5_command_pretrains_the_two_head_base_of_this_script(
       "--context_chars", "128", "--max_steps", "5000"]),
     ("python 6_finetune.py --preset gpu --base out/reader_mix/full.npz --method lora",
      ["--methods", "lora:1", "--lora_targets", "wq,wk,wv,wo,w2,embed", "--lr", "3e-2",
+      "--context_chars", "128", "--max_steps", "5000"]),
+    ("python 6_finetune.py --preset gpu --base out/reader_docs/full.npz --method lora",
+     ["--methods", "lora:1", "--lora_targets", "wq,wk,wv,wo,w2,embed", "--lr", "3e-2",
       "--context_chars", "128", "--max_steps", "5000"])])
 def test_the_readmes_carry_on_commands_fine_tune_as_the_two_head_rows(start, row, calls):
     """The README's stage 6 commands for the two-head path (128 -> 256 in full, then LoRA rank 1
@@ -222,10 +225,11 @@ def test_the_readmes_carry_on_commands_fine_tune_as_the_two_head_rows(start, row
 
 @pytest.mark.parametrize("start, qa, save_interval", [
     ("python 6_finetune.py --preset gpu --base out/qa_base/ckpt.npz --qa", "data/wikitext2_test", 0),
-    ("python 6_finetune.py --preset gpu --base out/reader/full.npz --qa", "data/mix", 500)])
+    ("python 6_finetune.py --preset gpu --base out/reader/full.npz --qa", "data/mix", 500),
+    ("python 6_finetune.py --preset gpu --base out/reader_mix/full.npz --qa", "data/docs", 500)])
 def test_the_readmes_reader_commands_are_the_runs_of_the_results_file(start, qa, save_interval):
-    """The README's stage 6 commands for a reader of other text and for its longer course on the
-    mixed text (the gpu preset, --qa DIR, 5,000 steps) give the configs of the runs in
+    """The README's stage 6 commands for a reader of other text and for its courses on the mixed
+    text and on API docs (the gpu preset, --qa DIR, 5,000 steps) give the configs of the runs in
     h200x2_qa_reader_base.md, field for field, but for the paths and how often they save."""
     def stage6(argv):
         args = B.F.build_parser().parse_args(argv)
