@@ -6,8 +6,8 @@ for a reader's course of questions on text of the builtin corpus's kind (stage 6
     python 1_data.py --source files:docs                        # -> data/docs, one document per file
 
 The builtin corpus is Python's own documentation, written by stage 1's module_document: a module's
-docstring, then those of the classes and functions it defines. Its questions ask what a function
-returns and what a term is, and a reader trained on stories or articles has never been asked that.
+docstring, then those of the classes and functions it defines. Some of its questions ask what a
+function returns, which articles and plays never ask (mixed_text.py's folder has no such question).
 This script applies the same module_document to other packages' modules (every public module,
 packages walked as stage 1 walks the standard library), so their docstrings hold questions of the
 same kinds about text the builtin corpus does not have.
@@ -16,9 +16,9 @@ same kinds about text the builtin corpus does not have.
 stripped) that also occurs in those files, so a course on this text holds none of the target
 corpus's paragraphs: stage 6 asks its held-out questions of the builtin corpus's val text, and a
 reader must not have read it. Modules with MIN_CHARS characters of docstrings or fewer are left out.
-Which text comes out depends on the packages' installed versions (the first line printed names
-them). Files are named by module (numpy.linalg.txt); a docstring two modules share is written only
-in the first, the packages taken in the order given and each one's modules in sorted order.
+Which text comes out depends on the packages' installed versions (printed at the end). Files are
+named by module (numpy.linalg.txt); a docstring two modules share is written only in the first,
+the packages taken in the order given and each one's modules in sorted order.
 """
 import argparse
 import re
@@ -60,7 +60,10 @@ def package_documents(packages, known):
     with warnings.catch_warnings():        # deprecated attributes warn when inspected
         warnings.simplefilter("ignore")
         for top in packages:
-            for name in sorted(S1.module_names(top)):
+            names = S1.module_names(top)
+            if not names:
+                raise ValueError(f"cannot import {top}: install it, or give another package")
+            for name in sorted(names):
                 text = ADDRESS.sub(">", S1.module_document(name, seen))
                 if len(text) > MIN_CHARS:
                     doc, n = without_paragraphs(text + "\n", known)
@@ -92,10 +95,6 @@ def main(argv=None):
     for path in args.exclude:
         if not Path(path).is_file():
             return fail(f"no such file: {path}")
-    missing = [p for p in args.packages if S1._quiet_import(p) is None]
-    if missing:
-        return fail(f"cannot import {', '.join(missing)}: install it, or give another package")
-    print("packages: " + ", ".join(f"{p} {version_of(p)}" for p in args.packages))
     try:
         docs, dropped = package_documents(args.packages, paragraphs_of(args.exclude))
         for name, doc in docs:
@@ -103,6 +102,7 @@ def main(argv=None):
     except (OSError, ValueError) as err:              # an unreadable or non-UTF-8 file, a full disk
         return fail(err)
     chars = sum(len(doc) for _, doc in docs)
+    print("packages: " + ", ".join(f"{p} {version_of(p)}" for p in args.packages))
     print(f"{len(docs)} documents, {chars:,} characters, in {args.out}; "
           f"{dropped} paragraphs shared with --exclude dropped")
     return 0
