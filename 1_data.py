@@ -497,8 +497,9 @@ def module_names(top):
     mod = _quiet_import(top)
     if mod is None:
         return []
-    names, stack = [top], [mod] if hasattr(mod, "__path__") else []
-    while stack:                   # a package: walk its submodules without executing __main__
+    names = [top]
+    stack = [mod] if hasattr(mod, "__path__") else []   # a package: walk its submodules
+    while stack:                                        # (without executing __main__)
         pkg = stack.pop()
         for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
             full = pkg.__name__ + "." + info.name

@@ -99,7 +99,7 @@ def main(argv=None):
         docs, dropped = package_documents(args.packages, paragraphs_of(args.exclude))
         for name, doc in docs:
             write_text_atomic(out / f"{name}.txt", doc)
-    except (OSError, ValueError) as err:              # an unreadable or non-UTF-8 file, a full disk
+    except (OSError, ValueError) as err:   # a package that does not import, a non-UTF-8 file, a full disk
         return fail(err)
     chars = sum(len(doc) for _, doc in docs)
     print("packages: " + ", ".join(f"{p} {version_of(p)}" for p in args.packages))
